@@ -1,0 +1,38 @@
+"""backchannel: a reverse-invoke proxy. An on-premise connector dials out to a cloud gateway;
+cloud applications reach on-premise systems through the tunnel, subject to the connector's
+access control.
+
+The public API is what this module exports; everything in underscore modules may change.
+"""
+
+from ._audit import AuditLog as AuditLog
+from ._config import ConnectorConfig as ConnectorConfig
+from ._config import GatewayConfig as GatewayConfig
+from ._configutil import HostPort as HostPort
+from ._configutil import Secret as Secret
+from ._configutil import TableReader as TableReader
+from ._connector import Connector as Connector
+from ._connector import open_connector as open_connector
+from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import BackchannelError as BackchannelError
+from ._exceptions import ConfigError as ConfigError
+from ._exceptions import NotConnectedError as NotConnectedError
+from ._exceptions import StreamError as StreamError
+from ._exceptions import TunnelError as TunnelError
+from ._gateway import Gateway as Gateway
+from ._gateway import open_gateway as open_gateway
+from ._plugin_api import AppIdentity as AppIdentity
+from ._plugin_api import ConnectorContext as ConnectorContext
+from ._plugin_api import ConnectorHandler as ConnectorHandler
+from ._plugin_api import FrontDoor as FrontDoor
+from ._plugin_api import GatewayContext as GatewayContext
+from ._plugin_api import GatewayServices as GatewayServices
+from ._plugin_api import PluginInfo as PluginInfo
+from ._plugin_api import Role as Role
+from ._plugin_api import Session as Session
+from ._plugin_api import SystemMapping as SystemMapping
+from ._proto._errors import ResetCode as ResetCode
+from ._stream import TunnelStream as TunnelStream
+from ._tunnel import TunnelSettings as TunnelSettings
+from ._version import __version__ as __version__
+from .hookspecs import hookimpl as hookimpl

@@ -1,0 +1,320 @@
+"""gateway.toml and connector.toml, validated into frozen objects before anything listens."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._configutil import HostPort, Secret, TableReader
+from ._dial import ProxySettings
+from ._exceptions import ConfigError
+from ._plugins import PluginSelection, plugin_table_names
+from ._proto._mux import MuxSettings
+from ._transport import GatewayAddress
+from ._tunnel import TunnelSettings
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LOCATION = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+
+
+def check_name(reader: TableReader, key: str, value: str, what: str) -> str:
+    """Subaccount and app names: 1-64 of letters, digits, '.', '_', '-'."""
+    if not _NAME.match(value):
+        raise reader.error(key, f"{what} {value!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def check_location(reader: TableReader, key: str, value: str) -> str:
+    """Location ids: up to 64 letters, digits, '.', '_', '-' ('' is the default location)."""
+    if not _LOCATION.match(value):
+        raise reader.error(
+            key, f"location id {value!r} must be up to 64 letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Where audit lines go."""
+
+    file: Path | None = None
+    include_allowed: bool = False
+
+    @classmethod
+    def read(cls, reader: TableReader) -> AuditConfig:
+        """Parse an ``[audit]`` table."""
+        file = reader.path("file", must_exist=False)
+        config = cls(file, reader.boolean("include_allowed", False))
+        reader.finish()
+        return config
+
+
+def read_tunnel_settings(reader: TableReader) -> TunnelSettings:
+    """Parse a ``[tunnel]`` table (timing, windows, limits)."""
+    defaults = TunnelSettings()
+    mux_defaults = MuxSettings()
+    interval = reader.number(
+        "heartbeat_interval", defaults.heartbeat_interval, minimum=0.05, maximum=3600
+    )
+    timeout = reader.number(
+        "heartbeat_timeout", defaults.heartbeat_timeout, minimum=0.1, maximum=7200
+    )
+    if timeout <= interval:
+        raise reader.error("heartbeat_timeout", "must be longer than heartbeat_interval")
+    return TunnelSettings(
+        mux=MuxSettings(
+            initial_window=reader.integer(
+                "initial_window", mux_defaults.initial_window, minimum=16 * 1024, maximum=2**31 - 1
+            ),
+            max_frame_size=reader.integer(
+                "max_frame_size",
+                mux_defaults.max_frame_size,
+                minimum=16 * 1024,
+                maximum=16 * 1024 * 1024,
+            ),
+            max_concurrent_streams=reader.integer(
+                "max_concurrent_streams",
+                mux_defaults.max_concurrent_streams,
+                minimum=1,
+                maximum=1_000_000,
+            ),
+        ),
+        heartbeat_interval=interval,
+        heartbeat_timeout=timeout,
+        handshake_timeout=reader.number(
+            "handshake_timeout", defaults.handshake_timeout, minimum=0.1, maximum=600
+        ),
+        max_message_size=reader.integer(
+            "max_message_size",
+            defaults.max_message_size,
+            minimum=16 * 1024,
+            maximum=8 * 1024 * 1024,
+        ),
+        output_high_water=reader.integer(
+            "output_high_water",
+            defaults.output_high_water,
+            minimum=16 * 1024,
+            maximum=256 * 1024 * 1024,
+        ),
+    )
+
+
+def _read_plugins(reader: TableReader) -> tuple[PluginSelection, dict[str, dict[str, Any]]]:
+    plugins = reader.table("plugins")
+    enable = plugins.string_list("enable") if "enable" in plugins else None
+    disable = plugins.string_list("disable")
+    tables: dict[str, dict[str, Any]] = {}
+    for name in plugin_table_names(plugins._table):
+        tables[name] = plugins.raw_table(name)
+    plugins.finish()
+    return PluginSelection(tuple(enable) if enable is not None else None, tuple(disable)), tables
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- gateway
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    """A cloud application's credentials for the front doors."""
+
+    name: str
+    secret: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySubaccount:
+    """A tenant on the gateway."""
+
+    name: str
+    connector_token: Secret
+    apps: Mapping[str, AppConfig]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """Everything the gateway needs; build with :meth:`from_file` or :meth:`from_mapping`."""
+
+    source: str
+    base_dir: Path
+    listen: HostPort
+    path: str
+    tls_cert: Path
+    tls_key: Path
+    tunnel: TunnelSettings
+    audit: AuditConfig
+    subaccounts: Mapping[str, GatewaySubaccount]
+    plugins: PluginSelection = field(default_factory=PluginSelection)
+    plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: Path) -> GatewayConfig:
+        """Load and validate a gateway.toml."""
+        return cls.from_mapping(_load_toml(path), source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+    ) -> GatewayConfig:
+        """Validate an already-parsed TOML document."""
+        root = TableReader(source, "", data, base_dir or Path.cwd())
+        gateway = root.table("gateway")
+        listen = gateway.host_port("listen")
+        path = gateway.string("path", "/tunnel")
+        if not path.startswith("/"):
+            raise gateway.error("path", "must start with '/'")
+        tls_cert = gateway.path("tls_cert", required=True)
+        tls_key = gateway.path("tls_key", required=True)
+        assert tls_cert is not None
+        assert tls_key is not None
+        gateway.finish()
+        tunnel = read_tunnel_settings(root.table("tunnel"))
+        audit = AuditConfig.read(root.table("audit"))
+        subaccounts: dict[str, GatewaySubaccount] = {}
+        for name, sub in root.named_tables("subaccounts"):
+            check_name(sub, "", name, "subaccount")
+            token = sub.secret("connector_token")
+            assert token is not None
+            apps: dict[str, AppConfig] = {}
+            for app_name, app in sub.named_tables("apps"):
+                check_name(app, "", app_name, "app")
+                secret = app.secret("secret")
+                assert secret is not None
+                app.finish()
+                apps[app_name] = AppConfig(app_name, secret)
+            sub.finish()
+            subaccounts[name] = GatewaySubaccount(name, token, apps)
+        if not subaccounts:
+            raise root.error("subaccounts", "at least one [subaccounts.<name>] table is required")
+        selection, tables = _read_plugins(root)
+        root.finish()
+        return cls(
+            source,
+            root.base_dir,
+            listen,
+            path,
+            tls_cert,
+            tls_key,
+            tunnel,
+            audit,
+            subaccounts,
+            selection,
+            tables,
+        )
+
+
+# ----------------------------------------------------------------------------- connector
+
+
+@dataclass(frozen=True, slots=True)
+class MappingEntry:
+    """A ``[[subaccounts.<name>.mappings]]`` table, checked by the access-control builder."""
+
+    subaccount: str
+    reader: TableReader
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorSubaccount:
+    """One tunnel the connector keeps: gateway, identity, trust and proxy."""
+
+    name: str
+    gateway: GatewayAddress
+    location: str
+    token: Secret
+    ca_file: Path | None
+    proxy: ProxySettings | None
+    use_environment_proxy: bool
+    mappings: tuple[MappingEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    """Everything the connector needs; build with :meth:`from_file` or :meth:`from_mapping`."""
+
+    source: str
+    base_dir: Path
+    tunnel: TunnelSettings
+    reconnect_min_delay: float
+    reconnect_max_delay: float
+    audit: AuditConfig
+    subaccounts: Mapping[str, ConnectorSubaccount]
+    plugins: PluginSelection = field(default_factory=PluginSelection)
+    plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ConnectorConfig:
+        """Load and validate a connector.toml."""
+        return cls.from_mapping(_load_toml(path), source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, source: str = "<config>", base_dir: Path | None = None
+    ) -> ConnectorConfig:
+        """Validate an already-parsed TOML document."""
+        root = TableReader(source, "", data, base_dir or Path.cwd())
+        tunnel_table = root.table("tunnel")
+        reconnect_min = tunnel_table.number("reconnect_min_delay", 0.1, minimum=0.01, maximum=60)
+        reconnect_max = tunnel_table.number("reconnect_max_delay", 2.0, minimum=0.01, maximum=3600)
+        if reconnect_max < reconnect_min:
+            raise tunnel_table.error("reconnect_max_delay", "must not be below reconnect_min_delay")
+        tunnel = read_tunnel_settings(tunnel_table)
+        tunnel_table.finish()
+        audit = AuditConfig.read(root.table("audit"))
+        subaccounts: dict[str, ConnectorSubaccount] = {}
+        for name, sub in root.named_tables("subaccounts"):
+            subaccounts[name] = _read_connector_subaccount(name, sub)
+        if not subaccounts:
+            raise root.error("subaccounts", "at least one [subaccounts.<name>] table is required")
+        selection, tables = _read_plugins(root)
+        root.finish()
+        return cls(
+            source,
+            root.base_dir,
+            tunnel,
+            reconnect_min,
+            reconnect_max,
+            audit,
+            subaccounts,
+            selection,
+            tables,
+        )
+
+
+def _read_connector_subaccount(name: str, sub: TableReader) -> ConnectorSubaccount:
+    check_name(sub, "", name, "subaccount")
+    url = sub.string("gateway", required=True)
+    try:
+        gateway = GatewayAddress.parse(url)
+    except ValueError as exc:
+        raise sub.error("gateway", str(exc)) from None
+    location = check_location(sub, "location", sub.string("location", ""))
+    token = sub.secret("token")
+    assert token is not None
+    ca_file = sub.path("ca_file")
+    proxy_url = sub.optional_string("https_proxy")
+    proxy: ProxySettings | None = None
+    if proxy_url:
+        try:
+            proxy = ProxySettings.parse(proxy_url)
+        except ValueError as exc:
+            raise sub.error("https_proxy", str(exc)) from None
+    use_env = sub.boolean("use_environment_proxy", True)
+    mappings = tuple(MappingEntry(name, m) for m in sub.tables("mappings"))
+    sub.finish()
+    return ConnectorSubaccount(name, gateway, location, token, ca_file, proxy, use_env, mappings)

@@ -1,0 +1,258 @@
+"""The connector: keeps a tunnel to each configured gateway and serves the streams it opens."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import trio
+
+from ._access import AccessControl, Denied
+from ._audit import AuditLog
+from ._config import ConnectorConfig, ConnectorSubaccount
+from ._configutil import HostPort, TableReader
+from ._dial import proxy_from_environment
+from ._exceptions import ConfigError, StreamError, TunnelError
+from ._plugin_api import ConnectorContext, ConnectorHandler, Role, Session
+from ._plugins import get_plugin_manager, plugin_infos
+from ._proto._errors import ResetCode
+from ._stream import TunnelStream
+from ._transport import client_ssl_context, closed_reason, dial_gateway
+from ._tunnel import Tunnel
+from ._version import __version__
+
+log = logging.getLogger("backchannel.connector")
+
+
+@dataclass(slots=True)
+class TunnelStatus:
+    """What the connector knows about one subaccount's tunnel."""
+
+    subaccount: str
+    connected: bool = False
+    attempts: int = 0
+    connects: int = 0
+    last_error: str = ""
+    tunnel: Tunnel | None = None
+
+
+class Connector:
+    """A connector instance. Use :func:`open_connector`, or ``await nursery.start(c.serve)``."""
+
+    def __init__(
+        self, config: ConnectorConfig, *, plugin_manager: pluggy.PluginManager | None = None
+    ) -> None:
+        self.config = config
+        self._plugins = plugin_manager or get_plugin_manager(config.plugins, source=config.source)
+        self.handlers = self._build_handlers()
+        entries = [entry for sub in config.subaccounts.values() for entry in sub.mappings]
+        self.access = AccessControl.build(entries, self.handlers)
+        self.audit = AuditLog(Role.CONNECTOR, config.audit)
+        self.status = {name: TunnelStatus(name) for name in config.subaccounts}
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def _build_handlers(self) -> dict[str, ConnectorHandler]:
+        """Mapping protocol → handler; config errors surface here, before any dialling."""
+        infos = plugin_infos(self._plugins)
+        for name in self.config.plugin_tables:
+            if name not in infos:
+                raise ConfigError(
+                    self.config.source, f"plugins.{name}", "no such plugin is enabled"
+                )
+        readers = {
+            name: TableReader(
+                self.config.source,
+                f"plugins.{name}",
+                self.config.plugin_tables.get(name, {}),
+                self.config.base_dir,
+            )
+            for name in infos
+        }
+        handlers: dict[str, ConnectorHandler] = {}
+        for result in self._plugins.hook.backchannel_connector_handlers(
+            context=ConnectorContext(readers)
+        ):
+            for handler in result:
+                for protocol in handler.mapping_protocols:
+                    if protocol in handlers:
+                        raise ConfigError(
+                            self.config.source,
+                            "plugins",
+                            f"mapping protocol {protocol!r} is claimed by two plugins: "
+                            f"{handlers[protocol].name} and {handler.name}",
+                        )
+                    handlers[protocol] = handler
+        return handlers
+
+    # ---------------------------------------------------------------- running
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep every tunnel up until cancelled (reconnecting with back-off and jitter)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                for sub in self.config.subaccounts.values():
+                    nursery.start_soon(self._keep_tunnel, sub)
+                task_status.started()
+        finally:
+            self.audit.close()
+
+    async def wait_connected(self, subaccount: str | None = None) -> Tunnel:
+        """Wait until the tunnel of ``subaccount`` (default: the only one) is up."""
+        name = subaccount or next(iter(self.status))
+        while True:
+            status = self.status[name]
+            if status.connected and status.tunnel is not None:
+                return status.tunnel
+            await self._changed.park()
+
+    async def wait_disconnected(self, subaccount: str | None = None) -> None:
+        """Wait until the tunnel of ``subaccount`` is down."""
+        name = subaccount or next(iter(self.status))
+        while self.status[name].connected:
+            await self._changed.park()
+
+    async def _keep_tunnel(self, sub: ConnectorSubaccount) -> None:
+        status = self.status[sub.name]
+        ssl_context = client_ssl_context(sub.ca_file)
+        proxy = sub.proxy
+        if proxy is None and sub.use_environment_proxy:
+            proxy = proxy_from_environment(sub.gateway.host)
+        hello = {
+            "role": "connector",
+            "subaccount": sub.name,
+            "location": sub.location,
+            "token": sub.token.reveal(),
+            "software": f"backchannel {__version__}",
+        }
+        delay = self.config.reconnect_min_delay
+        label = f"{sub.name}/{sub.location or '-'} → {sub.gateway}"
+        while True:
+            status.attempts += 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    ws, mux, info = await dial_gateway(
+                        nursery,
+                        sub.gateway,
+                        ssl_context=ssl_context,
+                        proxy=proxy,
+                        hello=hello,
+                        settings=self.config.tunnel,
+                    )
+                    tunnel = Tunnel(
+                        ws,
+                        mux,
+                        settings=self.config.tunnel,
+                        peer_info=info,
+                        label=label,
+                        stream_handler=lambda stream, sub=sub: self._serve_stream(sub, stream),  # type: ignore[misc]
+                        closed_translator=closed_reason,
+                    )
+                    self._set_connected(status, tunnel)
+                    delay = self.config.reconnect_min_delay
+                    log.info(
+                        "tunnel %s up%s", label, f" via proxy {proxy.redacted()}" if proxy else ""
+                    )
+                    try:
+                        await tunnel.run()
+                    finally:
+                        self._set_disconnected(status, tunnel.close_reason)
+                        nursery.cancel_scope.cancel()
+                log.warning("tunnel %s lost: %s", label, tunnel.close_reason)
+            except TunnelError as exc:
+                status.last_error = str(exc)
+                log.warning("tunnel %s: %s", label, exc)
+            # Full jitter between half and all of the delay: many connectors restarting at
+            # once (after a gateway restart) must not reconnect in lock-step.
+            await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  (not for security)
+            delay = min(delay * 2, self.config.reconnect_max_delay)
+
+    def _set_connected(self, status: TunnelStatus, tunnel: Tunnel) -> None:
+        status.connected = True
+        status.connects += 1
+        status.tunnel = tunnel
+        status.last_error = ""
+        self._changed.unpark_all()
+
+    def _set_disconnected(self, status: TunnelStatus, reason: str) -> None:
+        status.connected = False
+        status.tunnel = None
+        status.last_error = reason
+        self._changed.unpark_all()
+
+    # ---------------------------------------------------------------- streams
+
+    async def _serve_stream(self, sub: ConnectorSubaccount, stream: TunnelStream) -> None:
+        meta = stream.metadata
+        protocol, host, port = meta.get("protocol"), meta.get("host"), meta.get("port")
+        app = str(meta["app"]) if isinstance(meta.get("app"), str) else "?"
+        location = sub.location
+        fields: dict[str, Any] = {"subaccount": sub.name, "location": location, "app": app}
+        if (
+            not isinstance(protocol, str)
+            or not isinstance(host, str)
+            or not isinstance(port, int)
+            or isinstance(port, bool)
+            or not 1 <= port <= 65535
+        ):
+            reason = "OPEN must carry protocol, host and port"
+            self.audit.denied("stream", reason, **fields)
+            await stream.reset(ResetCode.PROTOCOL_ERROR, reason)
+            return
+        target = HostPort(host, port)
+        fields.update(protocol=protocol, target=str(target))
+        decision = self.access.resolve(sub.name, protocol, host, port, self.handlers)
+        if isinstance(decision, Denied):
+            self.audit.denied("stream", decision.reason, **fields)
+            await stream.reset(ResetCode.ACCESS_DENIED, decision.reason)
+            return
+        self.audit.allowed("stream", **fields, mapping=decision.virtual_text)
+        principal = meta.get("principal")
+        attributes = meta.get("attributes")
+        session = Session(
+            protocol=protocol,
+            subaccount=sub.name,
+            location=location,
+            app=app,
+            virtual=target,
+            internal=decision.internal_for(port),
+            mapping=decision,
+            audit=self.audit,
+            principal=principal if isinstance(principal, str) else None,
+            attributes=attributes if isinstance(attributes, dict) else {},
+        )
+        handler = self.handlers[decision.protocol]
+        try:
+            await handler.handle(session, stream)
+        except StreamError as exc:
+            log.info("stream to %s (%s) refused: %s", target, sub.name, exc)
+            await stream.reset(exc.code, exc.reason)
+
+
+@asynccontextmanager
+async def open_connector(
+    config: ConnectorConfig | Path | str,
+    *,
+    plugin_manager: pluggy.PluginManager | None = None,
+    extra_plugins: Mapping[str, object] | None = None,
+) -> AsyncIterator[Connector]:
+    """Run a connector inside your own trio program; it stops when the block exits.
+
+    ``config`` is a :class:`ConnectorConfig` or the path of a connector.toml.
+    """
+    if not isinstance(config, ConnectorConfig):
+        config = ConnectorConfig.from_file(Path(config))
+    if plugin_manager is None and extra_plugins:
+        plugin_manager = get_plugin_manager(
+            config.plugins, extra_plugins=extra_plugins, source=config.source
+        )
+    connector = Connector(config, plugin_manager=plugin_manager)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(connector.serve)
+        yield connector
+        nursery.cancel_scope.cancel()

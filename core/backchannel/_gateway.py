@@ -1,0 +1,301 @@
+"""The gateway: accepts connector tunnels, authenticates them, and serves cloud front doors."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pluggy
+import trio
+
+from ._apptoken import verify_app_token
+from ._audit import AuditLog
+from ._config import GatewayConfig
+from ._configutil import HostPort, Secret, TableReader
+from ._exceptions import (
+    AuthenticationError,
+    ConfigError,
+    NotConnectedError,
+    StreamError,
+    TunnelError,
+)
+from ._plugin_api import AppIdentity, FrontDoor, GatewayContext, Role
+from ._plugins import get_plugin_manager, plugin_infos
+from ._proto._errors import ResetCode
+from ._registry import InMemoryTunnelRegistry, TunnelEntry, TunnelRegistry
+from ._stream import TunnelStream
+from ._transport import accept_tunnel, closed_reason, server_ssl_context
+from ._tunnel import Tunnel
+from ._version import __version__
+
+log = logging.getLogger("backchannel.gateway")
+
+#: Compared against when the user name is unknown, so that a wrong name costs as much as a
+#: wrong secret (no timing oracle for which subaccounts and apps exist).
+_DUMMY_SECRET = b"\x00" * 32
+
+
+class Gateway:
+    """A gateway instance. Use :func:`open_gateway`, or ``await nursery.start(gw.serve)``."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        registry: TunnelRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.registry: TunnelRegistry = registry or InMemoryTunnelRegistry()
+        self._plugins = plugin_manager or get_plugin_manager(config.plugins, source=config.source)
+        self.audit = AuditLog(Role.GATEWAY, config.audit)
+        self.tunnel_address: HostPort | None = None
+        self.front_door_addresses: dict[str, list[HostPort]] = {}
+        self._front_doors = self._build_front_doors()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _build_front_doors(self) -> list[FrontDoor]:
+        """Ask plugins for front doors; all config errors surface here, before listening."""
+        infos = plugin_infos(self._plugins)
+        readers = {
+            name: TableReader(
+                self.config.source,
+                f"plugins.{name}",
+                self.config.plugin_tables.get(name, {}),
+                self.config.base_dir,
+            )
+            for name in infos
+        }
+        for name in self.config.plugin_tables:
+            if name not in infos:
+                raise ConfigError(
+                    self.config.source, f"plugins.{name}", "no such plugin is enabled"
+                )
+        context = GatewayContext(self, readers)
+        doors: list[FrontDoor] = []
+        for result in self._plugins.hook.backchannel_gateway_front_doors(context=context):
+            doors.extend(result)
+        return doors
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen for tunnels and run the front doors until cancelled."""
+        ssl_context = server_ssl_context(self.config.tls_cert, self.config.tls_key)
+        listen = self.config.listen
+        try:
+            async with trio.open_nursery() as nursery:
+                listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+                sockname = listeners[0].socket.getsockname()
+                self.tunnel_address = HostPort(listen.host, sockname[1])
+                nursery.start_soon(
+                    trio.serve_listeners, self._tunnel_connection(ssl_context), listeners
+                )
+                log.info("tunnel endpoint on wss://%s%s", self.tunnel_address, self.config.path)
+                for door in self._front_doors:
+                    addresses = await nursery.start(door.serve)
+                    self.front_door_addresses[door.name] = list(addresses)
+                    log.info("front door %s on %s", door.name, ", ".join(map(str, addresses)))
+                task_status.started()
+        finally:
+            self.audit.close()
+
+    def _tunnel_connection(self, ssl_context: Any) -> Any:
+        async def handle(tcp: trio.SocketStream) -> None:
+            entry_holder: list[TunnelEntry] = []
+
+            async def authenticate(hello: dict[str, Any], peer: str) -> dict[str, Any]:
+                entry = self._authenticate_connector(hello, peer)
+                entry_holder.append(entry)
+                return {"role": "gateway", "software": f"backchannel {__version__}"}
+
+            async with trio.open_nursery() as nursery:
+                try:
+                    result = await accept_tunnel(
+                        nursery,
+                        tcp,
+                        ssl_context=ssl_context,
+                        path=self.config.path,
+                        settings=self.config.tunnel,
+                        authenticate=authenticate,
+                    )
+                    if result is None:
+                        return
+                    ws, mux, hello = result
+                    entry = entry_holder[0]
+                    label = f"{entry.subaccount}/{entry.location or '-'}@{entry.peer}"
+                    tunnel = Tunnel(
+                        ws,
+                        mux,
+                        settings=self.config.tunnel,
+                        peer_info=hello,
+                        label=label,
+                        closed_translator=closed_reason,
+                    )
+                    entry.tunnel = tunnel
+                    log.info("connector %s connected (%s)", label, entry.software)
+                    await tunnel.run()
+                    log.info("connector %s disconnected: %s", label, tunnel.close_reason)
+                except Exception:
+                    # One broken connection must never take the gateway's listener down.
+                    log.exception("tunnel connection failed unexpectedly")
+                finally:
+                    for entry in entry_holder:
+                        self.registry.release(entry)
+                    nursery.cancel_scope.cancel()
+
+        return handle
+
+    def _authenticate_connector(self, hello: Mapping[str, Any], peer: str) -> TunnelEntry:
+        subaccount = hello.get("subaccount")
+        location = hello.get("location", "")
+        token = hello.get("token")
+        if (
+            not isinstance(subaccount, str)
+            or not isinstance(location, str)
+            or not isinstance(token, str)
+        ):
+            raise TunnelError(
+                "HELLO must carry subaccount, location and token as strings",
+                ResetCode.UNAUTHENTICATED,
+            )
+        sub = self.config.subaccounts.get(subaccount)
+        expected = sub.connector_token.reveal().encode() if sub is not None else _DUMMY_SECRET
+        token_ok = hmac.compare_digest(expected, token.encode())
+        if sub is None or not token_ok:
+            problem = "unknown subaccount" if sub is None else "wrong connector token"
+            self.audit.denied(
+                "connector_register", problem, subaccount=subaccount, location=location, peer=peer
+            )
+            raise TunnelError(
+                f"authentication failed for subaccount {subaccount!r}: unknown subaccount or wrong "
+                "token (check subaccount and token_file in connector.toml)",
+                ResetCode.UNAUTHENTICATED,
+            )
+        software = hello.get("software")
+        entry = TunnelEntry(
+            subaccount, location, peer, software if isinstance(software, str) else "?"
+        )
+        try:
+            self.registry.reserve(entry)
+        except TunnelError as exc:
+            self.audit.denied(
+                "connector_register",
+                "already connected",
+                subaccount=subaccount,
+                location=location,
+                peer=peer,
+            )
+            log.warning("refused connector from %s: %s", peer, exc)
+            raise
+        return entry
+
+    # ---------------------------------------------------------------- GatewayServices
+
+    def has_subaccount(self, subaccount: str) -> bool:
+        """Whether ``subaccount`` is configured."""
+        return subaccount in self.config.subaccounts
+
+    def authenticate_basic(self, username: str, password: str) -> AppIdentity:
+        """Check ``subaccount/app`` and its secret in constant time."""
+        subaccount, _, app = username.partition("/")
+        sub = self.config.subaccounts.get(subaccount)
+        app_config = sub.apps.get(app) if sub is not None else None
+        expected = app_config.secret.reveal().encode() if app_config is not None else _DUMMY_SECRET
+        ok = hmac.compare_digest(expected, password.encode())
+        if app_config is None or not ok:
+            raise AuthenticationError(
+                f"invalid app credentials for {username!r} (user names are subaccount/app)"
+            )
+        return AppIdentity(subaccount, app)
+
+    def authenticate_bearer(self, token: str) -> AppIdentity:
+        """Check an app token (see ``backchannel app-token``)."""
+
+        def secret_for(subaccount: str, app: str) -> Secret | None:
+            sub = self.config.subaccounts.get(subaccount)
+            app_config = sub.apps.get(app) if sub is not None else None
+            return app_config.secret if app_config is not None else None
+
+        return verify_app_token(token, secret_for)
+
+    def app_for_forward(self, subaccount: str, name: str) -> AppIdentity:
+        """Identity of a static port forward (configured by the operator, so trusted)."""
+        return AppIdentity(subaccount, f"forward:{name}")
+
+    async def open_stream(
+        self,
+        app: AppIdentity,
+        *,
+        protocol: str,
+        target: HostPort,
+        location: str = "",
+        principal: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        wait_accepted: bool = True,
+    ) -> TunnelStream:
+        """See :class:`backchannel.GatewayServices`."""
+        entry = self.registry.lookup(app.subaccount, location)
+        fields = {
+            "subaccount": app.subaccount,
+            "location": location,
+            "app": app.app,
+            "protocol": protocol,
+            "target": str(target),
+        }
+        if entry is None or entry.tunnel is None:
+            error = NotConnectedError(app.subaccount, location)
+            self.audit.denied("open_stream", error.reason, **fields)
+            raise error
+        metadata: dict[str, Any] = {
+            "protocol": protocol,
+            "host": target.host,
+            "port": target.port,
+            "subaccount": app.subaccount,
+            "location": location,
+            "app": app.app,
+            "attributes": dict(attributes or {}),
+        }
+        if principal is not None:
+            metadata["principal"] = principal
+        try:
+            stream = await entry.tunnel.open_stream(metadata, wait_accepted=wait_accepted)
+        except StreamError as exc:
+            self.audit.denied("open_stream", f"{exc.code.name}: {exc.reason}", **fields)
+            raise
+        self.audit.allowed("open_stream", **fields)
+        return stream
+
+    def connected(self) -> list[TunnelEntry]:
+        """Registered connectors (for status output)."""
+        return self.registry.entries()
+
+
+@asynccontextmanager
+async def open_gateway(
+    config: GatewayConfig | Path | str,
+    *,
+    plugin_manager: pluggy.PluginManager | None = None,
+    extra_plugins: Mapping[str, object] | None = None,
+) -> AsyncIterator[Gateway]:
+    """Run a gateway inside your own trio program; it stops when the block exits.
+
+    ``config`` is a :class:`GatewayConfig` or the path of a gateway.toml.
+    """
+    if not isinstance(config, GatewayConfig):
+        config = GatewayConfig.from_file(Path(config))
+    if plugin_manager is None and extra_plugins:
+        plugin_manager = get_plugin_manager(
+            config.plugins, extra_plugins=extra_plugins, source=config.source
+        )
+    gateway = Gateway(config, plugin_manager=plugin_manager)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        yield gateway
+        nursery.cancel_scope.cancel()
+
+
+__all__: Sequence[str] = ["Gateway", "open_gateway"]

@@ -1,0 +1,186 @@
+"""Types that plugins implement or receive: the contract between the core and plugins."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ._configutil import HostPort, TableReader
+
+if TYPE_CHECKING:
+    from ._audit import AuditLog
+    from ._stream import TunnelStream
+
+
+class Role(enum.Enum):
+    """Which side a process plays."""
+
+    GATEWAY = "gateway"
+    CONNECTOR = "connector"
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """What a plugin says about itself (shown by ``backchannel plugins``)."""
+
+    name: str
+    version: str
+    description: str
+    roles: frozenset[Role]
+    #: Mapping protocols on the connector this plugin serves, e.g. ("tcp", "tcps").
+    mapping_protocols: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppIdentity:
+    """An authenticated cloud application (or a static port forward) of one subaccount."""
+
+    subaccount: str
+    app: str
+
+
+@dataclass(frozen=True, slots=True)
+class SystemMapping:
+    """One connector access-control entry: virtual host:port(s) → internal host:port(s)."""
+
+    subaccount: str
+    protocol: str
+    virtual_host: str
+    virtual_ports: range
+    internal_host: str
+    internal_first_port: int
+    description: str = ""
+    #: What the serving plugin parsed from the mapping's extra keys (TLS settings, resources).
+    options: object = None
+
+    def internal_for(self, virtual_port: int) -> HostPort:
+        """The internal address a virtual port maps to (ranges map offset by offset)."""
+        return HostPort(
+            self.internal_host, self.internal_first_port + virtual_port - self.virtual_ports.start
+        )
+
+    @property
+    def virtual_text(self) -> str:
+        """``host:port`` or ``host:first-last`` as configured."""
+        ports = self.virtual_ports
+        if len(ports) == 1:
+            return f"{self.virtual_host}:{ports.start}"
+        return f"{self.virtual_host}:{ports.start}-{ports.stop - 1}"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """Everything a connector-side handler knows about one stream, after the access check."""
+
+    protocol: str
+    subaccount: str
+    location: str
+    app: str
+    virtual: HostPort
+    internal: HostPort
+    mapping: SystemMapping
+    audit: AuditLog
+    principal: str | None = None
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def mapping_protocol(self) -> str:
+        """The mapping's protocol (``tcp`` or ``tcps`` for the TCP plugin, for instance)."""
+        return self.mapping.protocol
+
+
+class ConnectorHandler(Protocol):
+    """Connector side of a plugin: takes accepted-for-routing streams to the backend."""
+
+    #: The stream protocol it handles (the plugin name; the ``protocol`` field of OPEN).
+    name: str
+    #: Mapping protocols whose streams it handles.
+    mapping_protocols: tuple[str, ...]
+
+    def parse_mapping_options(self, mapping: TableReader) -> object:
+        """Read the plugin's own keys of a ``[[...mappings]]`` entry (call ``mapping.finish()``)."""
+        ...
+
+    async def handle(self, session: Session, stream: TunnelStream) -> None:
+        """Serve one stream: accept it (``stream.accept()``) once the backend is reached, or
+        raise :class:`backchannel.StreamError` with the reset code for the gateway.
+
+        The core resets the stream with INTERNAL if this returns without answering.
+        """
+        ...
+
+
+class GatewayServices(Protocol):
+    """What the gateway offers its front doors."""
+
+    audit: AuditLog
+
+    def authenticate_basic(self, username: str, password: str) -> AppIdentity:
+        """Check app credentials (``subaccount/app`` + secret); raises AuthenticationError."""
+        ...
+
+    def authenticate_bearer(self, token: str) -> AppIdentity:
+        """Check an app token (JWT); raises AuthenticationError."""
+        ...
+
+    def app_for_forward(self, subaccount: str, name: str) -> AppIdentity:
+        """The identity under which a static forward opens streams."""
+        ...
+
+    def has_subaccount(self, subaccount: str) -> bool:
+        """Whether the subaccount is configured."""
+        ...
+
+    async def open_stream(
+        self,
+        app: AppIdentity,
+        *,
+        protocol: str,
+        target: HostPort,
+        location: str = "",
+        principal: str | None = None,
+        attributes: Mapping[str, Any] | None = None,
+        wait_accepted: bool = True,
+    ) -> TunnelStream:
+        """Open a stream to ``target`` (a virtual host:port) through the app's subaccount's
+        connector at ``location``. Raises NotConnectedError or StreamError."""
+        ...
+
+
+class FrontDoor(Protocol):
+    """Gateway side of a plugin: a listener for cloud applications."""
+
+    name: str
+
+    async def serve(self, *, task_status: trio.TaskStatus[Sequence[HostPort]]) -> None:
+        """Bind, report the bound addresses through ``task_status.started``, serve until
+        cancelled."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayContext:
+    """Passed to ``backchannel_gateway_front_doors``."""
+
+    services: GatewayServices
+    #: The plugin's own ``[plugins.<name>]`` table reader (call ``finish()`` when done).
+    plugin_config: Mapping[str, TableReader]
+
+    def config_for(self, plugin_name: str) -> TableReader:
+        """This plugin's config table (empty if absent)."""
+        return self.plugin_config[plugin_name]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """Passed to ``backchannel_connector_handlers``."""
+
+    plugin_config: Mapping[str, TableReader]
+
+    def config_for(self, plugin_name: str) -> TableReader:
+        """This plugin's config table (empty if absent)."""
+        return self.plugin_config[plugin_name]

@@ -1,0 +1,535 @@
+"""The multiplexer: many flow-controlled streams over one ordered byte channel, sans-IO.
+
+Feed received bytes to :meth:`Mux.receive_data` and act on the events it returns; call the
+``send_*`` / ``open_stream`` / ``reset_stream`` methods and ship :meth:`Mux.data_to_send` to the
+peer. The mux never blocks, sleeps, or reads a clock; all waiting is the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import ProtocolError, ResetCode
+from ._events import (
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    PingReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from ._frames import (
+    MAX_STREAM_ID,
+    MAX_WINDOW,
+    PING_PAYLOAD_SIZE,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    decode_go_away,
+    decode_reset,
+    decode_window_increment,
+    encode_frame,
+    encode_go_away,
+    encode_reset,
+    encode_window_update,
+)
+from ._streamstate import Action, Role, StreamState, StreamStateError
+
+PROTOCOL_NAME = "backchannel/1"
+#: A HELLO is read before the peer is authenticated, so it gets a small ceiling of its own.
+MAX_HELLO_SIZE = 16 * 1024
+MIN_FRAME_SIZE = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MuxSettings:
+    """What this side promises the peer (sent in HELLO) and how it sends."""
+
+    initial_window: int = 1024 * 1024
+    max_frame_size: int = 1024 * 1024
+    max_concurrent_streams: int = 10_000
+    data_chunk_size: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.initial_window <= MAX_WINDOW:
+            raise ValueError(f"initial_window must be in 1..{MAX_WINDOW}")
+        if not MIN_FRAME_SIZE <= self.max_frame_size <= 16 * 1024 * 1024:
+            raise ValueError(f"max_frame_size must be in {MIN_FRAME_SIZE}..16 MiB")
+        if not 1 <= self.max_concurrent_streams <= 2**31:
+            raise ValueError("max_concurrent_streams must be positive")
+        if self.data_chunk_size < 1:
+            raise ValueError("data_chunk_size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerSettings:
+    """What the peer promised in its HELLO."""
+
+    initial_window: int
+    max_frame_size: int
+    max_concurrent_streams: int
+
+
+class Mux:
+    """One side of a tunnel. ``initiator`` is the side that dialled (the connector).
+
+    The initiator opens odd stream ids and sends HELLO first; the other side opens even ids.
+    """
+
+    def __init__(self, *, initiator: bool, settings: MuxSettings | None = None) -> None:
+        self.settings = settings or MuxSettings()
+        self.initiator = initiator
+        self.peer: PeerSettings | None = None
+        self._decoder = FrameDecoder(max_payload=MAX_HELLO_SIZE)
+        self._ordered: list[bytes] = []
+        self._urgent: list[bytes] = []
+        self._pending_bytes = 0
+        self._streams: dict[int, StreamState] = {}
+        self._next_local_id = 1 if initiator else 2
+        self._highest_remote_id = 0
+        self._hello_sent = False
+        self._going_away = False
+        self._peer_going_away = False
+        self._terminated = False
+        self._local_stream_count = 0
+        self._remote_stream_count = 0
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def ready(self) -> bool:
+        """Both HELLOs exchanged: streams may be opened."""
+        return self._hello_sent and self.peer is not None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for the peer and not yet taken by :meth:`data_to_send`."""
+        return self._pending_bytes
+
+    @property
+    def open_stream_count(self) -> int:
+        """Streams not yet finished or reset."""
+        return len(self._streams)
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """No partial frame is buffered (transports that frame messages check this)."""
+        return self._decoder.at_frame_boundary
+
+    @property
+    def accepting_streams(self) -> bool:
+        """False once either side sent GO_AWAY or the tunnel died."""
+        return self.ready and not (self._going_away or self._peer_going_away or self._terminated)
+
+    def send_window(self, stream_id: int) -> int:
+        """Credit left for sending on ``stream_id`` (0 for unknown or closed streams)."""
+        state = self._streams.get(stream_id)
+        return state.send_window if state is not None and state.local_open else 0
+
+    def is_open(self, stream_id: int) -> bool:
+        """The stream is neither finished nor reset."""
+        return stream_id in self._streams
+
+    # ----------------------------------------------------------------- output
+
+    def data_to_send(self, max_bytes: int | None = None) -> bytes:
+        """Whole frames to ship, urgent ones (credit, pings) first; at least one frame if any."""
+        frames: list[bytes] = []
+        size = 0
+        for queue in (self._urgent, self._ordered):
+            taken = 0
+            for frame in queue:
+                if frames and max_bytes is not None and size + len(frame) > max_bytes:
+                    break
+                frames.append(frame)
+                size += len(frame)
+                taken += 1
+            limit_reached = taken < len(queue)
+            del queue[:taken]
+            if limit_reached:
+                break
+        self._pending_bytes -= size
+        return b"".join(frames)
+
+    def _queue(self, frame: bytes, *, urgent: bool = False) -> None:
+        (self._urgent if urgent else self._ordered).append(frame)
+        self._pending_bytes += len(frame)
+
+    # ----------------------------------------------------------------- local actions
+
+    def send_hello(self, info: Mapping[str, Any]) -> None:
+        """Queue our HELLO: ``info`` plus the protocol name and our settings."""
+        if self._hello_sent:
+            raise ProtocolError("HELLO already sent")
+        if not self.initiator and self.peer is None:
+            raise ProtocolError("the accepting side answers HELLO, it does not send it first")
+        document = dict(info)
+        document.update(
+            protocol=PROTOCOL_NAME,
+            initial_window=self.settings.initial_window,
+            max_frame_size=self.settings.max_frame_size,
+            max_concurrent_streams=self.settings.max_concurrent_streams,
+        )
+        payload = _encode_json(document)
+        if len(payload) > MAX_HELLO_SIZE:
+            raise ValueError(f"HELLO of {len(payload)} bytes exceeds {MAX_HELLO_SIZE}")
+        self._queue(encode_frame(FrameType.HELLO, 0, payload))
+        self._hello_sent = True
+
+    def open_stream(self, metadata: Mapping[str, Any]) -> int:
+        """Queue OPEN for a new stream and return its id."""
+        self._require_ready()
+        assert self.peer is not None
+        if self._going_away or self._peer_going_away:
+            raise ProtocolError("tunnel is going away: no new streams", ResetCode.REFUSED)
+        if self._local_stream_count >= self.peer.max_concurrent_streams:
+            raise ProtocolError(
+                f"peer allows at most {self.peer.max_concurrent_streams} concurrent streams",
+                ResetCode.REFUSED,
+            )
+        stream_id = self._next_local_id
+        if stream_id > MAX_STREAM_ID:
+            raise ProtocolError("stream ids exhausted: reconnect", ResetCode.REFUSED)
+        payload = self._checked_payload(_encode_json(dict(metadata)), "OPEN")
+        self._next_local_id += 2
+        self._streams[stream_id] = StreamState(
+            stream_id,
+            Role.OPENER,
+            send_window=self.peer.initial_window,
+            receive_window=self.settings.initial_window,
+        )
+        self._local_stream_count += 1
+        self._queue(encode_frame(FrameType.OPEN, stream_id, payload))
+        return stream_id
+
+    def accept_stream(self, stream_id: int, attributes: Mapping[str, Any] | None = None) -> None:
+        """Queue ACCEPT for a stream the peer opened."""
+        state = self._local_state(stream_id)
+        state.apply(Action.SEND_ACCEPT)
+        payload = self._checked_payload(_encode_json(dict(attributes or {})), "ACCEPT")
+        self._queue(encode_frame(FrameType.ACCEPT, stream_id, payload))
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Queue as much of ``data`` as the credit allows; returns how many bytes were taken."""
+        state = self._local_state(stream_id)
+        state.apply(Action.SEND_DATA)
+        assert self.peer is not None
+        count = min(len(data), state.send_window)
+        if count == 0:
+            return 0
+        chunk_size = min(self.settings.data_chunk_size, self.peer.max_frame_size)
+        view = memoryview(data)
+        for start in range(0, count, chunk_size):
+            chunk = view[start : min(start + chunk_size, count)]
+            self._queue(encode_frame(FrameType.DATA, stream_id, bytes(chunk)))
+        state.send_window -= count
+        return count
+
+    def send_fin(self, stream_id: int) -> None:
+        """Half-close our direction of the stream."""
+        state = self._local_state(stream_id)
+        state.apply(Action.SEND_FIN)
+        self._queue(encode_frame(FrameType.FIN, stream_id))
+        self._forget_if_finished(state)
+
+    def reset_stream(self, stream_id: int, code: ResetCode, reason: str = "") -> None:
+        """Abort the stream in both directions (no-op if it is already gone)."""
+        state = self._streams.get(stream_id)
+        if state is None or self._terminated:
+            return
+        self._queue(encode_reset(stream_id, code, reason))
+        self._forget(state)
+
+    def acknowledge(self, stream_id: int, count: int) -> None:
+        """The application consumed ``count`` received bytes: return credit when it adds up."""
+        state = self._streams.get(stream_id)
+        if state is None or not state.remote_open or count <= 0:
+            return
+        state.unacknowledged += count
+        # Batch credit: one WINDOW_UPDATE per half window keeps control traffic small while
+        # the sender never runs dry on a fast link.
+        if state.unacknowledged >= self.settings.initial_window // 2:
+            self._queue(encode_window_update(stream_id, state.unacknowledged), urgent=True)
+            state.receive_window += state.unacknowledged
+            state.unacknowledged = 0
+
+    def ping(self, payload: bytes) -> None:
+        """Queue a PING with an 8-byte opaque payload."""
+        if len(payload) != PING_PAYLOAD_SIZE:
+            raise ValueError("ping payload must be 8 bytes")
+        self._queue(encode_frame(FrameType.PING, 0, payload), urgent=True)
+
+    def send_control(self, payload: Mapping[str, Any]) -> None:
+        """Queue a CONTROL document."""
+        self._require_ready()
+        encoded = self._checked_payload(_encode_json(dict(payload)), "CONTROL")
+        self._queue(encode_frame(FrameType.CONTROL, 0, encoded))
+
+    def go_away(self, code: ResetCode = ResetCode.NO_ERROR, reason: str = "") -> None:
+        """Tell the peer no new streams will be accepted; existing ones go on."""
+        if self._going_away:
+            return
+        self._going_away = True
+        self._queue(encode_go_away(self._highest_remote_id, code, reason))
+
+    def _require_ready(self) -> None:
+        if self._terminated:
+            raise ProtocolError("tunnel is closed", ResetCode.NOT_CONNECTED)
+        if not self.ready:
+            raise ProtocolError("handshake not complete")
+
+    def _checked_payload(self, payload: bytes, what: str) -> bytes:
+        assert self.peer is not None
+        if len(payload) > self.peer.max_frame_size:
+            raise ValueError(f"{what} payload of {len(payload)} bytes exceeds the peer's limit")
+        return payload
+
+    def _local_state(self, stream_id: int) -> StreamState:
+        state = self._streams.get(stream_id)
+        if state is None:
+            raise StreamStateError(f"stream {stream_id} is not open")
+        return state
+
+    # ----------------------------------------------------------------- input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Process received bytes; returns the events they caused.
+
+        Raises :class:`ProtocolError` when the peer broke the protocol; a GO_AWAY carrying the
+        error is then queued, and the caller should flush it and close the transport.
+        """
+        if self._terminated:
+            return []
+        events: list[Event] = []
+        try:
+            while True:
+                # Until the peer's HELLO is in, decode one frame at a time: HELLO raises the
+                # decoder's payload limit, and frames after it in the same bytes need the new one.
+                before_hello = self.peer is None
+                frames = self._decoder.feed(data, max_frames=1 if before_hello else None)
+                data = b""
+                for frame in frames:
+                    self._handle_frame(frame, events)
+                if not (before_hello and frames):
+                    break
+        except ProtocolError as exc:
+            self._terminate(exc.code, str(exc))
+            raise
+        return events
+
+    def _terminate(self, code: ResetCode, reason: str) -> None:
+        if not self._going_away:
+            self.go_away(code, reason)
+        self._terminated = True
+        self._streams.clear()
+
+    def _handle_frame(self, frame: Frame, events: list[Event]) -> None:
+        if self.peer is None and frame.type not in (FrameType.HELLO, FrameType.GO_AWAY):
+            raise ProtocolError(f"{frame.type.name} before HELLO")
+        if frame.type in _CONNECTION_HANDLERS:
+            if frame.stream_id != 0:
+                raise ProtocolError(f"{frame.type.name} on stream {frame.stream_id}")
+            _CONNECTION_HANDLERS[frame.type](self, frame, events)
+        else:
+            if frame.stream_id == 0:
+                raise ProtocolError(f"{frame.type.name} on stream 0")
+            _STREAM_HANDLERS[frame.type](self, frame, events)
+
+    def _on_hello(self, frame: Frame, events: list[Event]) -> None:
+        if self.peer is not None:
+            raise ProtocolError("second HELLO")
+        if self.initiator and not self._hello_sent:
+            raise ProtocolError("HELLO from the accepting side before ours")
+        info = _decode_json(frame.payload, "HELLO")
+        if info.get("protocol") != PROTOCOL_NAME:
+            raise ProtocolError(
+                f"peer speaks {info.get('protocol')!r}, this side speaks {PROTOCOL_NAME!r}"
+            )
+        self.peer = PeerSettings(
+            initial_window=_int_setting(info, "initial_window", 1, MAX_WINDOW),
+            max_frame_size=_int_setting(info, "max_frame_size", MIN_FRAME_SIZE, 16 * 1024 * 1024),
+            max_concurrent_streams=_int_setting(info, "max_concurrent_streams", 1, 2**31),
+        )
+        self._decoder.max_payload = self.settings.max_frame_size
+        events.append(HelloReceived(info))
+
+    def _on_open(self, frame: Frame, events: list[Event]) -> None:
+        stream_id = frame.stream_id
+        if (stream_id % 2 == 1) == self.initiator:
+            raise ProtocolError(f"OPEN with stream id {stream_id} of the wrong parity")
+        if stream_id <= self._highest_remote_id:
+            raise ProtocolError(f"OPEN reuses stream id {stream_id}")
+        metadata = _decode_json(frame.payload, "OPEN")
+        self._highest_remote_id = stream_id
+        if self._going_away or self._terminated:
+            self._queue(encode_reset(stream_id, ResetCode.REFUSED, "tunnel is going away"))
+            return
+        if self._remote_stream_count >= self.settings.max_concurrent_streams:
+            reason = f"too many concurrent streams (limit {self.settings.max_concurrent_streams})"
+            self._queue(encode_reset(stream_id, ResetCode.REFUSED, reason))
+            return
+        assert self.peer is not None
+        self._streams[stream_id] = StreamState(
+            stream_id,
+            Role.ACCEPTOR,
+            send_window=self.peer.initial_window,
+            receive_window=self.settings.initial_window,
+        )
+        self._remote_stream_count += 1
+        events.append(StreamOpened(stream_id, metadata))
+
+    def _on_accept(self, frame: Frame, events: list[Event]) -> None:
+        state = self._remote_state(frame)
+        if state is None:
+            return
+        state.apply(Action.RECV_ACCEPT)
+        events.append(StreamAccepted(frame.stream_id, _decode_json(frame.payload, "ACCEPT")))
+        self._forget_if_finished(state)
+
+    def _on_data(self, frame: Frame, events: list[Event]) -> None:
+        state = self._remote_state(frame)
+        if state is None:
+            return
+        state.apply(Action.RECV_DATA)
+        size = len(frame.payload)
+        if size > state.receive_window:
+            raise ProtocolError(
+                f"stream {frame.stream_id}: {size} bytes of DATA exceed the window of "
+                f"{state.receive_window}",
+                ResetCode.FLOW_CONTROL_ERROR,
+            )
+        state.receive_window -= size
+        if size:
+            events.append(DataReceived(frame.stream_id, frame.payload))
+
+    def _on_window_update(self, frame: Frame, events: list[Event]) -> None:
+        increment = decode_window_increment(frame.payload)
+        state = self._remote_state(frame)
+        if state is None:
+            return
+        state.send_window += increment
+        if state.send_window > MAX_WINDOW:
+            raise ProtocolError(
+                f"stream {frame.stream_id}: window grew past {MAX_WINDOW}",
+                ResetCode.FLOW_CONTROL_ERROR,
+            )
+        events.append(WindowUpdated(frame.stream_id))
+
+    def _on_fin(self, frame: Frame, events: list[Event]) -> None:
+        state = self._remote_state(frame)
+        if state is None:
+            return
+        if frame.payload:
+            raise ProtocolError("FIN with a payload")
+        state.apply(Action.RECV_FIN)
+        events.append(StreamEnded(frame.stream_id))
+        self._forget_if_finished(state)
+
+    def _on_reset(self, frame: Frame, events: list[Event]) -> None:
+        code, reason = decode_reset(frame.payload)
+        state = self._remote_state(frame)
+        if state is None:
+            return
+        self._forget(state)
+        events.append(StreamReset(frame.stream_id, ResetCode.from_wire(code), reason))
+
+    def _on_ping(self, frame: Frame, events: list[Event]) -> None:
+        if len(frame.payload) != PING_PAYLOAD_SIZE:
+            raise ProtocolError("PING payload must be 8 bytes")
+        self._queue(encode_frame(FrameType.PONG, 0, frame.payload), urgent=True)
+        events.append(PingReceived(frame.payload))
+
+    def _on_pong(self, frame: Frame, events: list[Event]) -> None:
+        if len(frame.payload) != PING_PAYLOAD_SIZE:
+            raise ProtocolError("PONG payload must be 8 bytes")
+        events.append(PongReceived(frame.payload))
+
+    def _on_go_away(self, frame: Frame, events: list[Event]) -> None:
+        last_stream_id, code, reason = decode_go_away(frame.payload)
+        self._peer_going_away = True
+        events.append(GoAwayReceived(last_stream_id, ResetCode.from_wire(code), reason))
+        # Streams we opened above the peer's last id were never seen by its application.
+        for stream_id in [s for s, st in self._streams.items() if st.role is Role.OPENER]:
+            if stream_id > last_stream_id:
+                self._forget(self._streams[stream_id])
+                events.append(
+                    StreamReset(
+                        stream_id, ResetCode.REFUSED, f"peer is going away: {reason}", False
+                    )
+                )
+
+    def _on_control(self, frame: Frame, events: list[Event]) -> None:
+        events.append(ControlReceived(_decode_json(frame.payload, "CONTROL")))
+
+    def _remote_state(self, frame: Frame) -> StreamState | None:
+        """The stream a received frame is for; None for one already closed (frames in flight)."""
+        stream_id = frame.stream_id
+        state = self._streams.get(stream_id)
+        if state is not None:
+            return state
+        opened_by_us = (stream_id % 2 == 1) == self.initiator
+        highest = self._next_local_id - 2 if opened_by_us else self._highest_remote_id
+        if stream_id > highest:
+            raise ProtocolError(f"{frame.type.name} for stream {stream_id}, which was never opened")
+        return None
+
+    def _forget_if_finished(self, state: StreamState) -> None:
+        if state.finished:
+            self._forget(state)
+
+    def _forget(self, state: StreamState) -> None:
+        if self._streams.pop(state.stream_id, None) is None:
+            return
+        if state.role is Role.OPENER:
+            self._local_stream_count -= 1
+        else:
+            self._remote_stream_count -= 1
+
+
+_CONNECTION_HANDLERS = {
+    FrameType.HELLO: Mux._on_hello,
+    FrameType.PING: Mux._on_ping,
+    FrameType.PONG: Mux._on_pong,
+    FrameType.GO_AWAY: Mux._on_go_away,
+    FrameType.CONTROL: Mux._on_control,
+}
+_STREAM_HANDLERS = {
+    FrameType.OPEN: Mux._on_open,
+    FrameType.ACCEPT: Mux._on_accept,
+    FrameType.DATA: Mux._on_data,
+    FrameType.WINDOW_UPDATE: Mux._on_window_update,
+    FrameType.FIN: Mux._on_fin,
+    FrameType.RESET: Mux._on_reset,
+}
+
+
+def _encode_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _decode_json(payload: bytes, what: str) -> dict[str, Any]:
+    if not payload:
+        return {}
+    try:
+        document = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{what} payload is not valid UTF-8 JSON") from exc
+    if not isinstance(document, dict):
+        raise ProtocolError(f"{what} payload must be a JSON object")
+    return document
+
+
+def _int_setting(info: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = info.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError(f"HELLO setting {key}={value!r} is not an integer in {low}..{high}")
+    return value

@@ -1,0 +1,264 @@
+"""TunnelStream: one multiplexed stream as a trio HalfCloseableStream (the plugin contract)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._exceptions import StreamError
+from ._proto._errors import ProtocolError, ResetCode
+
+if TYPE_CHECKING:
+    from ._tunnel import Tunnel
+
+
+class TunnelStream(trio.abc.HalfCloseableStream):
+    """A stream inside a tunnel. Send and receive respect the peer's and our credit windows.
+
+    ``metadata`` is the OPEN document (protocol, virtual target, app, attributes). A stream the
+    peer opened must be accepted (:meth:`accept`) or refused (:meth:`reset`); sending data
+    accepts it implicitly.
+    """
+
+    def __init__(
+        self, tunnel: Tunnel, stream_id: int, metadata: dict[str, Any], *, opened_locally: bool
+    ) -> None:
+        self._tunnel = tunnel
+        self.stream_id = stream_id
+        self.metadata = metadata
+        self.opened_locally = opened_locally
+        self.accept_attributes: dict[str, Any] = {}
+        self._accepted = trio.Event()
+        self._peer_accepted = False
+        self._accepted_locally = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof_received = False
+        self._fin_sent = False
+        self._closed = False
+        self._error: StreamError | None = None
+        self._receive_waiters = trio.lowlevel.ParkingLot()
+        self._send_waiters = trio.lowlevel.ParkingLot()
+        self._sending = False
+        self._receiving = False
+
+    # ---------------------------------------------------------------- state queries
+
+    @property
+    def error(self) -> StreamError | None:
+        """Why the stream was reset, if it was."""
+        return self._error
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not yet read by the application."""
+        return self._buffered
+
+    # ---------------------------------------------------------------- acceptance
+
+    async def accept(self, attributes: dict[str, Any] | None = None) -> None:
+        """Accept a stream the peer opened (no-op if it already is)."""
+        await trio.lowlevel.checkpoint()
+        self._accept_now(attributes)
+
+    def _accept_now(self, attributes: dict[str, Any] | None = None) -> None:
+        if self.opened_locally or self._accepted_locally:
+            return
+        self._raise_if_unusable()
+        self._accepted_locally = True
+        self._tunnel._mux_accept(self.stream_id, attributes)
+
+    async def wait_accepted(self) -> None:
+        """Wait until the peer accepts a stream we opened; raises StreamError if it refused."""
+        await self._accepted.wait()
+        if not self._peer_accepted:
+            assert self._error is not None
+            raise self._error
+
+    async def reset(self, code: ResetCode, reason: str = "") -> None:
+        """Abort both directions and tell the peer why."""
+        await trio.lowlevel.checkpoint()
+        self.reset_nowait(code, reason)
+
+    def reset_nowait(self, code: ResetCode, reason: str = "") -> None:
+        """Synchronous :meth:`reset`, for cleanup paths that cannot await."""
+        if self._error is None:
+            self._tunnel._mux_reset(self.stream_id, code, reason)
+            self._fail(StreamError(code, reason))
+
+    # ---------------------------------------------------------------- receiving
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Read up to ``max_bytes``; b"" after the peer's FIN."""
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            parked = False
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._chunks:
+                    data = self._take(max_bytes)
+                    break
+                if self._eof_received:
+                    data = b""
+                    break
+                if self._error is not None:
+                    raise trio.BrokenResourceError(str(self._error)) from self._error
+                parked = True
+                await self._receive_waiters.park()
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        chunk = self._chunks.popleft()
+        if max_bytes is not None and len(chunk) > max_bytes:
+            self._chunks.appendleft(chunk[max_bytes:])
+            chunk = chunk[:max_bytes]
+        self._buffered -= len(chunk)
+        self._tunnel._mux_acknowledge(self.stream_id, len(chunk))
+        return chunk
+
+    # ---------------------------------------------------------------- sending
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, waiting for credit as needed."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._raise_if_cannot_send()
+            self._accept_now()
+            view = memoryview(data)
+            offset = 0
+            parked = False
+            while offset < len(view):
+                if self._tunnel._send_blocked(self):
+                    parked = True
+                    await self._send_waiters.park()
+                    self._raise_if_cannot_send()
+                    continue
+                offset += self._tunnel._mux_send(self.stream_id, view[offset:])
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return once there is credit to send (or the stream is unusable)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            parked = False
+            while not self._closed and self._error is None and self._tunnel._send_blocked(self):
+                parked = True
+                await self._send_waiters.park()
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            if not parked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer reads b"" after what we sent; we can still receive."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._fin_sent:
+            return
+        if self._error is not None:
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+        self._accept_now()
+        self._fin_sent = True
+        self._tunnel._mux_fin(self.stream_id)
+
+    def _raise_if_cannot_send(self) -> None:
+        if self._closed or self._fin_sent:
+            raise trio.ClosedResourceError("stream was closed for sending")
+        if self._error is not None:
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+
+    def _raise_if_unusable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._error is not None:
+            raise trio.BrokenResourceError(str(self._error)) from self._error
+
+    # ---------------------------------------------------------------- closing
+
+    async def aclose(self) -> None:
+        """Close both directions: FIN what we sent; reset what the peer may still send."""
+        if not self._closed:
+            self._closed = True
+            if self._error is None:
+                try:
+                    if not self.opened_locally and not self._accepted_locally:
+                        self._tunnel._mux_reset(
+                            self.stream_id, ResetCode.CANCELLED, "closed before accepting"
+                        )
+                    else:
+                        if not self._fin_sent:
+                            self._fin_sent = True
+                            self._tunnel._mux_fin(self.stream_id)
+                        if not self._eof_received:
+                            self._tunnel._mux_reset(
+                                self.stream_id, ResetCode.CANCELLED, "receiver closed the stream"
+                            )
+                except ProtocolError:
+                    pass  # the tunnel is already gone; nothing to tell the peer
+            self._chunks.clear()
+            self._buffered = 0
+            self._tunnel._forget_stream(self.stream_id)
+            self._receive_waiters.unpark_all()
+            self._send_waiters.unpark_all()
+        await trio.lowlevel.checkpoint()
+
+    # ---------------------------------------------------------------- called by the tunnel
+
+    def _on_data(self, data: bytes) -> None:
+        if self._closed:
+            self._tunnel._mux_acknowledge(self.stream_id, len(data))
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._receive_waiters.unpark_all()
+
+    def _on_eof(self) -> None:
+        self._eof_received = True
+        self._receive_waiters.unpark_all()
+
+    def _on_accepted(self, attributes: dict[str, Any]) -> None:
+        self.accept_attributes = attributes
+        self._peer_accepted = True
+        self._accepted.set()
+
+    def _on_window(self) -> None:
+        self._send_waiters.unpark_all()
+
+    def _fail(self, error: StreamError) -> None:
+        """Reset by the peer, by the mux, or the tunnel died."""
+        if self._error is not None:
+            return
+        self._error = error
+        if not self._eof_received:
+            # Without the FIN the data received so far is a fragment: do not hand it out.
+            self._chunks.clear()
+            self._buffered = 0
+        self._accepted.set()
+        self._receive_waiters.unpark_all()
+        self._send_waiters.unpark_all()

@@ -1,0 +1,269 @@
+"""TLS + WebSocket under the tunnel, and the HELLO handshake on each side.
+
+The connector dials ``wss://host:port/path`` (optionally through an HTTPS proxy), verifies the
+gateway's certificate, and sends HELLO. The gateway terminates TLS, accepts the WebSocket upgrade
+on its tunnel path only, reads HELLO, authenticates it, and answers HELLO or GO_AWAY.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+
+from ._dial import DialError, ProxySettings, open_tcp
+from ._exceptions import TunnelError
+from ._proto._errors import ProtocolError, ResetCode
+from ._proto._events import GoAwayReceived, HelloReceived
+from ._proto._mux import Mux
+from ._tunnel import TunnelSettings
+
+log = logging.getLogger("backchannel.transport")
+
+RECEIVE_BUFFER_SIZE = 256 * 1024
+#: Accept messages well above what we send (max_message_size) so a peer with other settings
+#: still fits; the mux's own limits bound what each message may hold.
+MAX_RECEIVED_MESSAGE = 16 * 1024 * 1024
+MESSAGE_QUEUE_SIZE = 4
+
+
+def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify the gateway against ``ca_file``, or the system trust store when None."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+def server_ssl_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """TLS for the gateway's tunnel endpoint."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAddress:
+    """A parsed ``wss://host:port/path`` tunnel URL."""
+
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> GatewayAddress:
+        """Parse and check a tunnel URL (only wss:// is accepted)."""
+        parts = urlsplit(url)
+        if parts.scheme != "wss":
+            raise ValueError(f"tunnel URL must start with wss:// (got {url!r})")
+        if not parts.hostname:
+            raise ValueError(f"tunnel URL {url!r} has no host")
+        if parts.username or parts.password:
+            raise ValueError("tunnel URL must not carry credentials; use token_file/token_env")
+        try:
+            port = parts.port or 443
+        except ValueError as exc:
+            raise ValueError(f"tunnel URL {url!r} has an invalid port") from exc
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return cls(parts.hostname, port, path)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"wss://{host}:{self.port}{self.path}"
+
+
+def closed_reason(exc: BaseException) -> str | None:
+    """Describe a transport failure for logs, or None if ``exc`` is not one."""
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        reason = exc.reason
+        if reason is None:
+            return "WebSocket closed"
+        detail = f": {reason.reason}" if reason.reason else ""
+        return f"WebSocket closed with code {reason.code} ({reason.name}){detail}"
+    if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+        return f"connection lost: {exc or type(exc).__name__}"
+    return None
+
+
+async def dial_gateway(
+    nursery: trio.Nursery,
+    address: GatewayAddress,
+    *,
+    ssl_context: ssl.SSLContext,
+    proxy: ProxySettings | None,
+    hello: dict[str, Any],
+    settings: TunnelSettings,
+) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]]:
+    """Open TCP (maybe via proxy), TLS, WebSocket, and complete the HELLO exchange.
+
+    Raises :class:`TunnelError` with a message that says what to check.
+    """
+    with trio.move_on_after(settings.handshake_timeout) as scope:
+        try:
+            tcp = await open_tcp(address.host, address.port, proxy=proxy)
+        except DialError as exc:
+            raise TunnelError(f"cannot reach gateway {address}: {exc}") from exc
+        tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(tls)
+            cause = exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise TunnelError(
+                    f"gateway {address} presented a certificate that is not trusted "
+                    f"({cause.verify_message}); set ca_file to the CA that signed it",
+                    ResetCode.UNAUTHENTICATED,
+                ) from exc
+            raise TunnelError(
+                f"TLS handshake with gateway {address} failed: {cause or exc}"
+            ) from exc
+        try:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                tls,  # type: ignore[arg-type]  # any trio stream works; the hint is too narrow
+                address.host,
+                address.path,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                max_message_size=MAX_RECEIVED_MESSAGE,
+                receive_buffer_size=RECEIVE_BUFFER_SIZE,
+            )
+        except trio_websocket.HandshakeError as exc:
+            await trio.aclose_forcefully(tls)
+            raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
+        mux = Mux(initiator=True, settings=settings.mux)
+        mux.send_hello(hello)
+        try:
+            await ws.send_message(mux.data_to_send())
+            peer_info = await _await_hello(ws, mux, address)
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await ws.aclose()
+            raise
+        return ws, mux, peer_info
+    assert scope.cancelled_caught
+    raise TunnelError(
+        f"gateway {address} did not complete the handshake within {settings.handshake_timeout:g} s"
+    )
+
+
+async def _await_hello(
+    ws: trio_websocket.WebSocketConnection, mux: Mux, address: GatewayAddress
+) -> dict[str, Any]:
+    while True:
+        try:
+            message = await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise TunnelError(f"gateway {address} closed the tunnel: {closed_reason(exc)}") from exc
+        if isinstance(message, str):
+            raise TunnelError(
+                f"gateway {address} sent a text message; is this a backchannel gateway?"
+            )
+        try:
+            events = mux.receive_data(message)
+        except ProtocolError as exc:
+            raise TunnelError(f"gateway {address} broke the protocol: {exc}") from exc
+        for event in events:
+            if isinstance(event, HelloReceived):
+                return event.info
+            if isinstance(event, GoAwayReceived):
+                raise TunnelError(
+                    f"gateway {address} refused the connector: {event.reason}", event.code
+                )
+
+
+Authenticator = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+
+
+async def accept_tunnel(
+    nursery: trio.Nursery,
+    tcp: trio.SocketStream,
+    *,
+    ssl_context: ssl.SSLContext,
+    path: str,
+    settings: TunnelSettings,
+    authenticate: Authenticator,
+) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None:
+    """Server side: TLS, WebSocket upgrade on ``path``, HELLO, authentication.
+
+    ``authenticate(hello, peer_address)`` returns the HELLO to answer with, or raises
+    :class:`TunnelError` whose message is sent to the connector in GO_AWAY. Returns None when
+    the peer failed before a tunnel existed (already logged).
+    """
+    peer = _peer_name(tcp)
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tls = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
+    ws: trio_websocket.WebSocketConnection | None = None
+    with trio.move_on_after(settings.handshake_timeout):
+        try:
+            await tls.do_handshake()
+            request = await trio_websocket.wrap_server_stream(
+                nursery,
+                tls,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                max_message_size=MAX_RECEIVED_MESSAGE,
+                receive_buffer_size=RECEIVE_BUFFER_SIZE,
+            )
+            if request.path != path:
+                await request.reject(404, body=b"no backchannel tunnel endpoint here\n")
+                log.info(
+                    "tunnel endpoint: %s asked for %r, not %r: refused", peer, request.path, path
+                )
+                return None
+            ws = await request.accept()
+            mux = Mux(initiator=False, settings=settings.mux)
+            hello = await _receive_hello(ws, mux)
+            try:
+                answer = await authenticate(hello, peer)
+            except TunnelError as exc:
+                mux.go_away(exc.code, str(exc))
+                await ws.send_message(mux.data_to_send())
+                await ws.aclose(1008, "refused")
+                return None
+            mux.send_hello(answer)
+            await ws.send_message(mux.data_to_send())
+            return ws, mux, hello
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("tunnel endpoint: %s failed before the handshake completed: %s", peer, exc)
+        except trio_websocket.ConnectionClosed as exc:
+            log.info(
+                "tunnel endpoint: %s closed during the handshake: %s", peer, closed_reason(exc)
+            )
+        except (ProtocolError, TunnelError) as exc:
+            log.warning("tunnel endpoint: %s broke the handshake: %s", peer, exc)
+    if ws is not None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await ws.aclose(1002, "handshake failed")
+    await trio.aclose_forcefully(tls)
+    return None
+
+
+async def _receive_hello(ws: trio_websocket.WebSocketConnection, mux: Mux) -> dict[str, Any]:
+    while True:
+        message = await ws.get_message()
+        if isinstance(message, str):
+            raise ProtocolError("text message during the handshake")
+        for event in mux.receive_data(message):
+            if isinstance(event, HelloReceived):
+                return event.info
+            raise ProtocolError(f"unexpected {type(event).__name__} during the handshake")
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "unknown peer"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,366 @@
+"""Tunnel: drives one Mux over a message transport (a WebSocket) with trio tasks.
+
+One reader task always drains the transport into the mux (so the WebSocket library's own queue
+never becomes the back-pressure), one writer task batches queued frames into messages, and a
+heartbeat task pings the peer and declares it dead when nothing arrives for too long.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from ._exceptions import StreamError
+from ._proto._errors import ProtocolError, ResetCode
+from ._proto._events import (
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PingReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from ._proto._mux import Mux, MuxSettings
+from ._stream import TunnelStream
+
+log = logging.getLogger("backchannel.tunnel")
+
+
+class MessageTransport(Protocol):
+    """What a tunnel needs from its transport; trio-websocket's WebSocketConnection fits."""
+
+    async def send_message(self, message: bytes) -> None: ...
+
+    async def get_message(self) -> bytes | str: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class TransportClosed(Exception):
+    """Raised by transport adapters when the peer went away; message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    """Timing and buffering of a tunnel; the mux settings are what is promised to the peer."""
+
+    mux: MuxSettings = field(default_factory=MuxSettings)
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    max_message_size: int = 512 * 1024
+    output_high_water: int = 1024 * 1024
+
+
+StreamHandler = Callable[[TunnelStream], Awaitable[None]]
+
+
+class Tunnel:
+    """A live, handshaken tunnel. Run it with :meth:`run`; open streams with :meth:`open_stream`."""
+
+    def __init__(
+        self,
+        transport: MessageTransport,
+        mux: Mux,
+        *,
+        settings: TunnelSettings,
+        peer_info: dict[str, Any],
+        label: str,
+        stream_handler: StreamHandler | None = None,
+        closed_translator: Callable[[BaseException], str | None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._mux = mux
+        self._settings = settings
+        self.peer_info = peer_info
+        self.label = label
+        self._stream_handler = stream_handler
+        self._translate_closed = closed_translator or (lambda exc: None)
+        self._streams: dict[int, TunnelStream] = {}
+        self._writer_waiters = trio.lowlevel.ParkingLot()
+        self._output_blocked: set[TunnelStream] = set()
+        self._nursery: trio.Nursery | None = None
+        self._closed = trio.Event()
+        self._close_reason = ""
+        self._aborted_here = False
+        self._last_received = trio.current_time()
+        self.peer_going_away = False
+        self.going_away = False
+        self.handler_tasks = 0
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def closed(self) -> bool:
+        """The transport is gone; no stream can make progress."""
+        return self._closed.is_set()
+
+    @property
+    def close_reason(self) -> str:
+        """Why the tunnel closed ("" while open)."""
+        return self._close_reason
+
+    @property
+    def accepting_streams(self) -> bool:
+        """New streams may be opened (open, and no GO_AWAY either way)."""
+        return not self.closed and self._mux.accepting_streams
+
+    @property
+    def stream_count(self) -> int:
+        """Streams the application still holds."""
+        return len(self._streams)
+
+    async def wait_closed(self) -> None:
+        """Wait until the tunnel is closed."""
+        await self._closed.wait()
+
+    async def open_stream(
+        self, metadata: dict[str, Any], *, wait_accepted: bool = True
+    ) -> TunnelStream:
+        """Open a stream; by default wait for the peer to accept (StreamError if it refuses)."""
+        if self.closed:
+            raise StreamError(ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}")
+        try:
+            stream_id = self._mux.open_stream(metadata)
+        except ProtocolError as exc:
+            raise StreamError(exc.code, str(exc)) from exc
+        stream = TunnelStream(self, stream_id, metadata, opened_locally=True)
+        self._streams[stream_id] = stream
+        self._wake_writer()
+        if wait_accepted:
+            try:
+                await stream.wait_accepted()
+            except BaseException:
+                stream.reset_nowait(ResetCode.CANCELLED, "opener gave up waiting")
+                await stream.aclose()
+                raise
+        return stream
+
+    def send_control(self, payload: dict[str, Any]) -> None:
+        """Queue a CONTROL document for the peer."""
+        self._mux.send_control(payload)
+        self._wake_writer()
+
+    def go_away(self, code: ResetCode = ResetCode.NO_ERROR, reason: str = "") -> None:
+        """Accept no new streams; the tunnel closes when the open ones are done."""
+        self.going_away = True
+        self._mux.go_away(code, reason)
+        self._wake_writer()
+        self._close_if_drained()
+
+    def abort(self, reason: str) -> None:
+        """Close now; every open stream fails with NOT_CONNECTED."""
+        if not self._close_reason:
+            self._close_reason = reason
+        self._aborted_here = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def run(self) -> None:
+        """Run reader, writer and heartbeat until the tunnel closes, then fail leftover streams."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._heartbeat)
+                nursery.start_soon(self._reader)
+        finally:
+            if not self._close_reason:
+                self._close_reason = "tunnel stopped"
+            self._closed.set()
+            error = StreamError(ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}")
+            for stream in list(self._streams.values()):
+                stream._fail(error)
+            self._streams.clear()
+            # When we closed the tunnel ourselves the transport's reader still runs and sees
+            # the peer's close reply; when the whole program is being cancelled it does not,
+            # so waiting for that reply would only stall shutdown.
+            grace = 2.0 if self._aborted_here else 0.1
+            with trio.CancelScope(shield=True), trio.move_on_after(grace):
+                await self._transport.aclose()
+
+    # ---------------------------------------------------------------- tasks
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                message = await self._transport.get_message()
+            except Exception as exc:
+                reason = self._translate_closed(exc)
+                if reason is None:
+                    raise
+                self.abort(reason)
+                return
+            self._last_received = trio.current_time()
+            if isinstance(message, str):
+                self._protocol_failure(ProtocolError("text message on the tunnel"))
+                return
+            try:
+                events = self._mux.receive_data(message)
+                if not self._mux.at_frame_boundary:
+                    raise ProtocolError("message ended inside a frame")
+            except ProtocolError as exc:
+                self._protocol_failure(exc)
+                return
+            for event in events:
+                self._dispatch(event)
+            if self._mux.pending_bytes:
+                self._wake_writer()
+
+    def _protocol_failure(self, exc: ProtocolError) -> None:
+        log.warning("tunnel %s: protocol error from peer: %s", self.label, exc)
+        # The mux queued a GO_AWAY naming the error: let the writer flush it before we go.
+        self._close_reason = f"protocol error: {exc}"
+        assert self._nursery is not None
+        self._nursery.start_soon(self._flush_then_abort)
+
+    async def _flush_then_abort(self) -> None:
+        with trio.move_on_after(1):
+            while self._mux.pending_bytes:
+                await self._transport.send_message(self._mux.data_to_send())
+        self.abort(self._close_reason)
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._mux.pending_bytes:
+                await self._writer_waiters.park()
+            data = self._mux.data_to_send(self._settings.max_message_size)
+            try:
+                await self._transport.send_message(data)
+            except Exception as exc:
+                reason = self._translate_closed(exc)
+                if reason is None:
+                    raise
+                self.abort(reason)
+                return
+            if self._output_blocked and self._mux.pending_bytes < self._settings.output_high_water:
+                for stream in self._output_blocked:
+                    stream._on_window()
+                self._output_blocked.clear()
+
+    async def _heartbeat(self) -> None:
+        interval = self._settings.heartbeat_interval
+        while True:
+            await trio.sleep(interval)
+            idle = trio.current_time() - self._last_received
+            if idle >= self._settings.heartbeat_timeout:
+                self.abort(f"peer sent nothing for {idle:.0f} s (heartbeat timeout)")
+                return
+            if idle >= interval:
+                self._mux.ping(os.urandom(8))
+                self._wake_writer()
+
+    async def _run_handler(self, stream: TunnelStream) -> None:
+        assert self._stream_handler is not None
+        self.handler_tasks += 1
+        try:
+            await self._stream_handler(stream)
+        except Exception:
+            log.exception("tunnel %s: handler for stream %d failed", self.label, stream.stream_id)
+            stream.reset_nowait(ResetCode.INTERNAL, "the connector's handler failed")
+        finally:
+            self.handler_tasks -= 1
+            if not stream._accepted_locally and stream.error is None:
+                stream.reset_nowait(ResetCode.INTERNAL, "handler ended without answering")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # ---------------------------------------------------------------- events
+
+    def _dispatch(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            stream = self._streams.get(event.stream_id)
+            if stream is None:
+                self._mux.acknowledge(event.stream_id, len(event.data))
+            else:
+                stream._on_data(event.data)
+        elif isinstance(event, WindowUpdated):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_window()
+        elif isinstance(event, StreamOpened):
+            self._on_stream_opened(event)
+        elif isinstance(event, StreamAccepted):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_accepted(event.attributes)
+        elif isinstance(event, StreamEnded):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._on_eof()
+        elif isinstance(event, StreamReset):
+            if (stream := self._streams.get(event.stream_id)) is not None:
+                stream._fail(StreamError(event.code, event.reason))
+        elif isinstance(event, GoAwayReceived):
+            self.peer_going_away = True
+            log.info(
+                "tunnel %s: peer is going away (%s: %s)",
+                self.label,
+                event.code.name,
+                event.reason,
+            )
+            self._close_if_drained()
+        elif isinstance(event, ControlReceived):
+            log.debug("tunnel %s: control document with keys %s", self.label, sorted(event.payload))
+        elif isinstance(event, PingReceived | PongReceived):
+            pass  # _last_received already moved; the mux answered pings itself
+
+    def _on_stream_opened(self, event: StreamOpened) -> None:
+        if self._stream_handler is None or self._nursery is None:
+            self._mux.reset_stream(event.stream_id, ResetCode.REFUSED, "this side opens no streams")
+            return
+        stream = TunnelStream(self, event.stream_id, event.metadata, opened_locally=False)
+        self._streams[event.stream_id] = stream
+        self._nursery.start_soon(self._run_handler, stream)
+
+    def _close_if_drained(self) -> None:
+        if (self.going_away or self.peer_going_away) and not self._streams:
+            self._close_reason = self._close_reason or "tunnel went away gracefully"
+            if self._nursery is not None:
+                self._nursery.start_soon(self._flush_then_abort)
+
+    # ---------------------------------------------------------------- used by TunnelStream
+
+    def _wake_writer(self) -> None:
+        self._writer_waiters.unpark_all()
+
+    def _send_blocked(self, stream: TunnelStream) -> bool:
+        if self._mux.pending_bytes >= self._settings.output_high_water:
+            self._output_blocked.add(stream)
+            return True
+        return self._mux.send_window(stream.stream_id) == 0
+
+    def _mux_send(self, stream_id: int, data: memoryview) -> int:
+        sent = self._mux.send_data(stream_id, data)
+        self._wake_writer()
+        return sent
+
+    def _mux_accept(self, stream_id: int, attributes: dict[str, Any] | None) -> None:
+        self._mux.accept_stream(stream_id, attributes)
+        self._wake_writer()
+
+    def _mux_fin(self, stream_id: int) -> None:
+        self._mux.send_fin(stream_id)
+        self._wake_writer()
+
+    def _mux_reset(self, stream_id: int, code: ResetCode, reason: str) -> None:
+        self._mux.reset_stream(stream_id, code, reason)
+        self._wake_writer()
+
+    def _mux_acknowledge(self, stream_id: int, count: int) -> None:
+        self._mux.acknowledge(stream_id, count)
+        if self._mux.pending_bytes:
+            self._wake_writer()
+
+    def _forget_stream(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._output_blocked.discard(stream)
+        self._close_if_drained()

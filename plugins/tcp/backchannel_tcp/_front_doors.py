@@ -1,0 +1,287 @@
+"""Gateway side: the SOCKS5 front door and static port forwards."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from backchannel import (
+    AppIdentity,
+    AuthenticationError,
+    GatewayServices,
+    HostPort,
+    NotConnectedError,
+    ResetCode,
+    StreamError,
+    TunnelStream,
+)
+
+from ._socks5 import (
+    AuthMethod,
+    Command,
+    ConnectRequest,
+    Greeting,
+    ReplyCode,
+    SapToken,
+    Socks5Event,
+    Socks5ServerConnection,
+    SocksError,
+    UsernamePassword,
+)
+from ._splice import splice
+
+log = logging.getLogger("backchannel.tcp")
+
+#: How each reset code reaches a SOCKS5 client (SAP Cloud Connector's conventions for 2-5).
+REPLY_FOR_RESET = {
+    ResetCode.ACCESS_DENIED: ReplyCode.NOT_ALLOWED,
+    ResetCode.NOT_CONNECTED: ReplyCode.NETWORK_UNREACHABLE,
+    ResetCode.BACKEND_UNREACHABLE: ReplyCode.HOST_UNREACHABLE,
+    ResetCode.BACKEND_TIMEOUT: ReplyCode.HOST_UNREACHABLE,
+    ResetCode.UNAUTHENTICATED: ReplyCode.CONNECTION_REFUSED,
+    ResetCode.UNSUPPORTED_PROTOCOL: ReplyCode.NOT_ALLOWED,
+}
+
+
+async def _bind(listen: HostPort) -> list[trio.SocketListener]:
+    return await trio.open_tcp_listeners(listen.port, host=listen.host)
+
+
+def _bound(listeners: Sequence[trio.SocketListener]) -> list[HostPort]:
+    addresses = []
+    for listener in listeners:
+        host, port, *_ = listener.socket.getsockname()
+        addresses.append(HostPort(host, port))
+    return addresses
+
+
+def _nodelay(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def split_socks_username(username: str) -> tuple[str, str]:
+    """``subaccount/app[/location]`` → (``subaccount/app``, location id)."""
+    subaccount, _, rest = username.partition("/")
+    app, _, location = rest.partition("/")
+    return f"{subaccount}/{app}", location
+
+
+@dataclass(slots=True)
+class _Negotiated:
+    app: AppIdentity | None
+    location: str
+    failure: str
+    request: ConnectRequest
+
+
+class Socks5FrontDoor:
+    """RFC 1928 CONNECT with RFC 1929 user/password (``subaccount/app[/location]``) or SAP's
+    method 0x80 (app token plus location id). Bad credentials are answered with reply 0x05
+    after the request, as SAP's proxy does, so clients see a specific code."""
+
+    name = "tcp.socks5"
+
+    def __init__(
+        self, services: GatewayServices, listen: HostPort, *, handshake_timeout: float
+    ) -> None:
+        self._services = services
+        self._listen = listen
+        self._handshake_timeout = handshake_timeout
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Sequence[HostPort]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve SOCKS5 clients until cancelled."""
+        listeners = await _bind(self._listen)
+        task_status.started(_bound(listeners))
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        _nodelay(client)
+        peer = _peer(client)
+        try:
+            negotiated = None
+            with trio.move_on_after(self._handshake_timeout):
+                negotiated, connection = await self._negotiate(client)
+            if negotiated is None:
+                log.info(
+                    "socks5 %s: no complete handshake within %g s", peer, self._handshake_timeout
+                )
+                return
+            stream = await self._open(client, negotiated, connection, peer)
+            if stream is None:
+                return
+            async with stream:
+                trailing = connection.trailing_data
+                if trailing:
+                    await stream.send_all(trailing)
+                await splice(stream, client, label=f"socks5 {peer} → {negotiated.request.host}")
+        except SocksError as exc:
+            log.info("socks5 %s: %s", peer, exc)
+            if exc.reply:
+                await _send_quietly(client, exc.reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("socks5 %s: client went away: %s", peer, exc)
+        except Exception:
+            log.exception("socks5 %s: unexpected failure", peer)
+        finally:
+            await trio.aclose_forcefully(client)
+
+    async def _negotiate(
+        self, client: trio.SocketStream
+    ) -> tuple[_Negotiated, Socks5ServerConnection]:
+        connection = Socks5ServerConnection(
+            accepted_methods=(AuthMethod.USERNAME_PASSWORD, AuthMethod.SAP_TOKEN)
+        )
+        app: AppIdentity | None = None
+        location = ""
+        failure = "no credentials"
+        while True:
+            for event in await _next_events(client, connection):
+                if isinstance(event, Greeting):
+                    await client.send_all(connection.choose_method(connection.preferred_method()))
+                elif isinstance(event, UsernamePassword):
+                    username, location = split_socks_username(event.username)
+                    app, failure = self._check(
+                        self._services.authenticate_basic, username, event.password
+                    )
+                    # Answer "success" either way: the precise refusal (0x05) comes as the reply
+                    # to the request, where clients report its code.
+                    await client.send_all(connection.auth_reply(True))
+                elif isinstance(event, SapToken):
+                    location = event.location_id
+                    app, failure = self._check(self._services.authenticate_bearer, event.token)
+                    await client.send_all(connection.auth_reply(True))
+                elif isinstance(event, ConnectRequest):
+                    return _Negotiated(app, location, failure, event), connection
+
+    @staticmethod
+    def _check(
+        authenticate: Callable[..., AppIdentity], *credentials: str
+    ) -> tuple[AppIdentity | None, str]:
+        try:
+            return authenticate(*credentials), ""
+        except AuthenticationError as exc:
+            return None, str(exc)
+
+    async def _open(
+        self,
+        client: trio.SocketStream,
+        negotiated: _Negotiated,
+        connection: Socks5ServerConnection,
+        peer: str,
+    ) -> TunnelStream | None:
+        request = negotiated.request
+        target = HostPort(request.host, request.port)
+        if request.command != Command.CONNECT:
+            await client.send_all(connection.reply(ReplyCode.COMMAND_NOT_SUPPORTED))
+            return None
+        if negotiated.app is None:
+            self._services.audit.denied(
+                "socks5_auth",
+                negotiated.failure,
+                peer=peer,
+                target=str(target),
+                location=negotiated.location,
+            )
+            await client.send_all(connection.reply(ReplyCode.CONNECTION_REFUSED))
+            return None
+        try:
+            stream = await self._services.open_stream(
+                negotiated.app, protocol="tcp", target=target, location=negotiated.location
+            )
+        except NotConnectedError as exc:
+            log.info("socks5 %s → %s: %s", peer, target, exc.reason)
+            await client.send_all(connection.reply(ReplyCode.NETWORK_UNREACHABLE))
+            return None
+        except StreamError as exc:
+            log.info("socks5 %s → %s refused: %s", peer, target, exc)
+            await client.send_all(
+                connection.reply(REPLY_FOR_RESET.get(exc.code, ReplyCode.GENERAL_FAILURE))
+            )
+            return None
+        try:
+            await client.send_all(connection.reply(ReplyCode.SUCCEEDED))
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+
+class PortForward:
+    """A static listener: every connection becomes a stream to one virtual target."""
+
+    def __init__(
+        self,
+        services: GatewayServices,
+        listen: HostPort,
+        *,
+        subaccount: str,
+        location: str,
+        target: HostPort,
+    ) -> None:
+        self._services = services
+        self._listen = listen
+        self._app = services.app_for_forward(subaccount, str(listen))
+        self._location = location
+        self._target = target
+        self.name = f"tcp.forward[{listen}→{target}]"
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Sequence[HostPort]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and forward until cancelled."""
+        listeners = await _bind(self._listen)
+        task_status.started(_bound(listeners))
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        _nodelay(client)
+        peer = _peer(client)
+        try:
+            try:
+                stream = await self._services.open_stream(
+                    self._app, protocol="tcp", target=self._target, location=self._location
+                )
+            except StreamError as exc:
+                # A raw TCP client has no error channel: say it in the log, close the socket.
+                log.warning("forward %s from %s: %s", self.name, peer, exc)
+                return
+            async with stream:
+                await splice(stream, client, label=f"forward {peer} → {self._target}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("forward %s: %s went away: %s", self.name, peer, exc)
+        except Exception:
+            log.exception("forward %s: unexpected failure", self.name)
+        finally:
+            await trio.aclose_forcefully(client)
+
+
+async def _next_events(
+    client: trio.SocketStream, connection: Socks5ServerConnection
+) -> list[Socks5Event]:
+    events = connection.pending_events()
+    while not events:
+        data = await client.receive_some(4096)
+        events = connection.receive_data(data)
+        if not data and not events:
+            raise SocksError("client closed the connection during the handshake", None)
+    return events
+
+
+async def _send_quietly(client: trio.SocketStream, data: bytes) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await client.send_all(data)
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{host}:{port}"

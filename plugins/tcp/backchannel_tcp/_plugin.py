@@ -1,0 +1,80 @@
+"""The TCP plugin's hooks (entry point ``tcp`` in the group ``backchannel.plugins``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from backchannel import (
+    ConnectorContext,
+    ConnectorHandler,
+    FrontDoor,
+    GatewayContext,
+    PluginInfo,
+    Role,
+    TableReader,
+    __version__,
+    hookimpl,
+)
+
+from ._front_doors import PortForward, Socks5FrontDoor
+from ._handler import TcpHandler
+
+NAME = "tcp"
+
+
+@hookimpl
+def backchannel_plugin_info() -> PluginInfo:
+    """Describe the TCP plugin."""
+    return PluginInfo(
+        name=NAME,
+        version=__version__,
+        description="raw TCP: SOCKS5 and port-forward front doors; tcp/tcps backends",
+        roles=frozenset({Role.GATEWAY, Role.CONNECTOR}),
+        mapping_protocols=("tcp", "tcps"),
+    )
+
+
+def _read_common(table: TableReader) -> tuple[float, float]:
+    handshake = table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600)
+    connect = table.number("connect_timeout", 10.0, minimum=0.1, maximum=600)
+    return handshake, connect
+
+
+@hookimpl
+def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[ConnectorHandler]:
+    """The tcp/tcps backend handler."""
+    table = context.config_for(NAME)
+    _, connect_timeout = _read_common(table)
+    # Gateway-side keys may share the file in a combined set-up; they are checked there.
+    table.optional_string("socks5_listen")
+    list(table.tables("forwards"))
+    table.finish()
+    return [TcpHandler(connect_timeout=connect_timeout)]
+
+
+@hookimpl
+def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDoor]:
+    """SOCKS5 (if ``socks5_listen`` is set) and one listener per ``[[plugins.tcp.forwards]]``."""
+    table = context.config_for(NAME)
+    handshake_timeout, _ = _read_common(table)
+    services = context.services
+    doors: list[FrontDoor] = []
+    if "socks5_listen" in table:
+        doors.append(
+            Socks5FrontDoor(
+                services, table.host_port("socks5_listen"), handshake_timeout=handshake_timeout
+            )
+        )
+    for forward in table.tables("forwards"):
+        listen = forward.host_port("listen")
+        subaccount = forward.string("subaccount", required=True)
+        if not services.has_subaccount(subaccount):
+            raise forward.error("subaccount", f"subaccount {subaccount!r} is not configured")
+        location = forward.string("location", "")
+        target = forward.host_port("target", allow_port_zero=False)
+        forward.finish()
+        doors.append(
+            PortForward(services, listen, subaccount=subaccount, location=location, target=target)
+        )
+    table.finish()
+    return doors
