@@ -51,7 +51,7 @@ class AuditLog:
             **fields,
         }
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
-        log.log(logging.WARNING if decision == "deny" else logging.INFO, "audit %s", line)
+        log.info("audit %s", line)
         if self._file is not None:
             # Small appends to a line-buffered file: the cost is a write(2) per denial, which is
             # what makes the trail survive a crash.

@@ -1,0 +1,318 @@
+"""``backchannel demo``: gateway, connector and sample backends in one process, self-checked.
+
+The configuration is embedded below (``GATEWAY_TOML`` / ``CONNECTOR_TOML``); only ports,
+throwaway certificate paths and a random app secret are filled in at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import struct
+import tempfile
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import h11
+import trio
+
+from ._config import ConnectorConfig, GatewayConfig
+from ._configutil import HostPort
+from ._connector import open_connector
+from ._gateway import Gateway, open_gateway
+from ._pki import write_throwaway_tls_material
+
+log = logging.getLogger("backchannel.demo")
+
+GATEWAY_TOML = """\
+# The demo gateway (cloud side). Secrets come from files, as they should.
+[gateway]
+listen = "127.0.0.1:{tunnel_port}"
+path = "/tunnel"
+tls_cert = "{tls_dir}/server.pem"
+tls_key = "{tls_dir}/server.key"
+
+[audit]
+file = "{work_dir}/gateway-audit.jsonl"
+
+[subaccounts.demo]
+connector_token_file = "{work_dir}/connector.token"
+
+[subaccounts.demo.apps.app]
+secret_file = "{work_dir}/app.secret"
+
+[plugins.tcp]
+socks5_listen = "127.0.0.1:{socks_port}"
+
+[[plugins.tcp.forwards]]
+listen = "127.0.0.1:{forward_port}"
+subaccount = "demo"
+target = "echo.virtual:7"
+"""
+
+CONNECTOR_TOML = """\
+# The demo connector (on-premise side): dials out, maps virtual names to real backends.
+[audit]
+file = "{work_dir}/connector-audit.jsonl"
+
+[subaccounts.demo]
+gateway = "wss://127.0.0.1:{tunnel_port}/tunnel"
+token_file = "{work_dir}/connector.token"
+ca_file = "{tls_dir}/ca.pem"
+use_environment_proxy = false
+
+[[subaccounts.demo.mappings]]
+virtual = "echo.virtual:7"
+internal = "127.0.0.1:{echo_port}"
+protocol = "tcp"
+description = "TCP echo service"
+
+[[subaccounts.demo.mappings]]
+virtual = "hello.virtual:80"
+internal = "127.0.0.1:{http_port}"
+protocol = "tcp"
+description = "a small web server, reached as raw TCP through SOCKS5"
+"""
+
+HELLO_BODY = b"Hello from the on-premise backend, through backchannel.\n"
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One self-check step."""
+
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+
+async def _hello_http(stream: trio.SocketStream) -> None:
+    connection = h11.Connection(h11.SERVER)
+    async with stream:
+        try:
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                    continue
+                if isinstance(event, h11.Request):
+                    headers = [("content-type", "text/plain"), ("content-length", str(len(HELLO_BODY)))]
+                    await stream.send_all(connection.send(h11.Response(status_code=200, headers=headers)))
+                    await stream.send_all(connection.send(h11.Data(data=HELLO_BODY)))
+                    await stream.send_all(connection.send(h11.EndOfMessage()))
+                elif isinstance(event, h11.ConnectionClosed) or connection.our_state is h11.MUST_CLOSE:
+                    return
+                elif isinstance(event, h11.EndOfMessage):
+                    connection.start_next_cycle()
+        except (trio.BrokenResourceError, h11.ProtocolError):
+            return
+
+
+async def socks5_connect(proxy: HostPort, user: str, password: str, host: str, port: int) -> trio.SocketStream:
+    """A minimal SOCKS5 client (RFC 1928/1929) for the self-check; raises OSError on refusal."""
+    stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+    try:
+        await stream.send_all(b"\x05\x01\x02")
+        if await _read(stream, 2) != b"\x05\x02":
+            raise OSError("SOCKS5 proxy refused username/password authentication")
+        raw_user, raw_password = user.encode(), password.encode()
+        await stream.send_all(bytes([1, len(raw_user)]) + raw_user + bytes([len(raw_password)]) + raw_password)
+        if (await _read(stream, 2))[1] != 0:
+            raise OSError("SOCKS5 proxy rejected the credentials")
+        raw_host = host.encode()
+        await stream.send_all(b"\x05\x01\x00\x03" + bytes([len(raw_host)]) + raw_host + struct.pack(">H", port))
+        reply = await _read(stream, 10)
+        if reply[1] != 0:
+            raise OSError(f"SOCKS5 reply code {reply[1]:#04x}")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def _read(stream: trio.abc.ReceiveStream, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            raise OSError(f"connection closed after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` if it can be bound on 127.0.0.1 now, else 0 (let the OS choose)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            return 0
+    return preferred
+
+
+class Demo:
+    """The demo set-up: writes its config and secrets into a temporary folder."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.tls = write_throwaway_tls_material(work_dir / "tls")
+        self.app_secret = secrets.token_urlsafe(24)
+        for name, value in (("connector.token", secrets.token_urlsafe(32)), ("app.secret", self.app_secret)):
+            path = work_dir / name
+            path.write_text(value)
+            path.chmod(0o600)
+
+    def _render(self, template: str, **ports: int) -> str:
+        return template.format(work_dir=self.work_dir, tls_dir=self.tls.ca_file.parent, **ports)
+
+    async def run(self, *, once: bool, print_line: Callable[[str], None]) -> list[StepResult]:
+        """Start everything; self-check; then wait (or return with ``once``)."""
+        results: list[StepResult] = []
+        async with trio.open_nursery() as nursery:
+            echo = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
+            http = await nursery.start(partial(trio.serve_tcp, _hello_http, 0, host="127.0.0.1"))
+            gateway_text = self._render(
+                GATEWAY_TOML, tunnel_port=0, socks_port=_free_port(20004), forward_port=_free_port(20007)
+            )
+            (self.work_dir / "gateway.toml").write_text(gateway_text)
+            gateway_config = GatewayConfig.from_mapping(
+                tomllib.loads(gateway_text), source=str(self.work_dir / "gateway.toml")
+            )
+            started = time.perf_counter()
+            async with open_gateway(gateway_config) as gateway:
+                assert gateway.tunnel_address is not None
+                connector_text = self._render(
+                    CONNECTOR_TOML,
+                    tunnel_port=gateway.tunnel_address.port,
+                    echo_port=echo[0].socket.getsockname()[1],
+                    http_port=http[0].socket.getsockname()[1],
+                )
+                (self.work_dir / "connector.toml").write_text(connector_text)
+                connector_config = ConnectorConfig.from_mapping(
+                    tomllib.loads(connector_text), source=str(self.work_dir / "connector.toml")
+                )
+                async with open_connector(connector_config) as connector:
+                    results = await self._self_check(gateway, connector.wait_connected, started)
+                    for result in results:
+                        mark = "ok  " if result.ok else "FAIL"
+                        print_line(f"  [{mark}] {result.name}: {result.detail} ({result.seconds * 1000:.1f} ms)")
+                    if once:
+                        nursery.cancel_scope.cancel()
+                    else:
+                        self._print_try_it(gateway, print_line)
+                        await trio.sleep_forever()
+        return results
+
+    async def _self_check(
+        self, gateway: Gateway, wait_connected: Callable[[], Awaitable[object]], started: float
+    ) -> list[StepResult]:
+        socks = gateway.front_door_addresses["tcp.socks5"][0]
+        forward = next(v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward"))[0]
+        user = "demo/app"
+
+        async def tunnel_up() -> str:
+            await wait_connected()
+            return f"connector dialled wss://{gateway.tunnel_address}/tunnel; the only connection between the two"
+
+        async def socks_echo() -> str:
+            payload = secrets.token_bytes(64 * 1024)
+            stream = await socks5_connect(socks, user, self.app_secret, "echo.virtual", 7)
+            async with stream, trio.open_nursery() as nursery:
+                nursery.start_soon(stream.send_all, payload)
+                echoed = await _read(stream, len(payload))
+            if echoed != payload:
+                raise OSError("echoed bytes differ from the bytes sent")
+            return f"64 KiB echoed intact via SOCKS5 {socks} → echo.virtual:7"
+
+        async def forward_echo() -> str:
+            stream = await trio.open_tcp_stream(forward.host, forward.port)
+            async with stream:
+                await stream.send_all(b"ping through the port forward")
+                if await _read(stream, 29) != b"ping through the port forward":
+                    raise OSError("echo mismatch")
+            return f"round trip via port forward {forward} → echo.virtual:7"
+
+        async def socks_http() -> str:
+            stream = await socks5_connect(socks, user, self.app_secret, "hello.virtual", 80)
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: hello.virtual\r\nConnection: close\r\n\r\n")
+                response = b""
+                while chunk := await stream.receive_some(65536):
+                    response += chunk
+            if not response.startswith(b"HTTP/1.1 200") or HELLO_BODY not in response:
+                raise OSError(f"unexpected response {response[:60]!r}")
+            return "HTTP GET http://hello.virtual/ answered 200 via SOCKS5"
+
+        async def denied() -> str:
+            try:
+                stream = await socks5_connect(socks, user, self.app_secret, "secret.virtual", 22)
+            except OSError as exc:
+                if "0x02" in str(exc):
+                    return "unmapped secret.virtual:22 refused with SOCKS5 reply 0x02 and an audit line"
+                raise
+            await stream.aclose()
+            raise OSError("an unmapped target was reachable")
+
+        steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
+            ("tunnel", tunnel_up),
+            ("tcp via SOCKS5", socks_echo),
+            ("tcp via port forward", forward_echo),
+            ("http over tcp via SOCKS5", socks_http),
+            ("access control", denied),
+        ]
+        results = []
+        for name, step in steps:
+            begin = time.perf_counter() if name != "tunnel" else started
+            try:
+                with trio.fail_after(10):
+                    detail = await step()
+                results.append(StepResult(name, True, detail, time.perf_counter() - begin))
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                results.append(StepResult(name, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - begin))
+        return results
+
+    def _print_try_it(self, gateway: Gateway, print_line: Callable[[str], None]) -> None:
+        socks = gateway.front_door_addresses["tcp.socks5"][0]
+        forward = next(v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward"))[0]
+        print_line("")
+        print_line("Try it from another terminal (demo credentials, valid while this runs):")
+        print_line(
+            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' http://hello.virtual/"
+        )
+        print_line(f"  printf 'hello\\n' | nc -q1 {forward.host} {forward.port}     # echo through the port forward")
+        print_line(
+            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' http://secret.virtual:22/"
+            "   # refused: not mapped"
+        )
+        print_line(f"Configuration and audit logs: {self.work_dir}")
+        print_line("Press Ctrl-C to stop.")
+
+
+async def run_demo(*, once: bool, print_line: Callable[[str], None] = print) -> int:
+    """Entry point of ``backchannel demo``; returns the exit code."""
+    with tempfile.TemporaryDirectory(prefix="backchannel-demo-") as tmp:
+        demo = Demo(Path(tmp))
+        print_line("backchannel demo: gateway, connector and two sample backends on 127.0.0.1")
+        results = await demo.run(once=once, print_line=print_line)
+    failed = [r for r in results if not r.ok]
+    if once:
+        if failed:
+            print_line(f"demo FAILED at step {failed[0].name!r}: {failed[0].detail}")
+            return 1
+        print_line(f"demo OK: {len(results)} steps passed")
+    return 0
