@@ -21,6 +21,9 @@ from ._exceptions import StreamError as StreamError
 from ._exceptions import TunnelError as TunnelError
 from ._gateway import Gateway as Gateway
 from ._gateway import open_gateway as open_gateway
+from ._pki import CertificateAuthority as CertificateAuthority
+from ._pki import TlsMaterial as TlsMaterial
+from ._pki import write_throwaway_tls_material as write_throwaway_tls_material
 from ._plugin_api import AppIdentity as AppIdentity
 from ._plugin_api import ConnectorContext as ConnectorContext
 from ._plugin_api import ConnectorHandler as ConnectorHandler

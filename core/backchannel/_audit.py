@@ -21,9 +21,9 @@ class AuditLog:
     def __init__(self, role: Role, config: AuditConfig | None = None) -> None:
         self.role = role
         self._config = config or AuditConfig()
+        # Opened on the first line, so that building a gateway or connector (config check)
+        # touches no file and a failed start leaves nothing open.
         self._file: TextIO | None = None
-        if self._config.file is not None:
-            self._file = _open_append(self._config.file)
         self.denials = 0
 
     @property
@@ -52,7 +52,9 @@ class AuditLog:
         }
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
         log.info("audit %s", line)
-        if self._file is not None:
+        if self._config.file is not None:
+            if self._file is None:
+                self._file = _open_append(self._config.file)
             # Small appends to a line-buffered file: the cost is a write(2) per denial, which is
             # what makes the trail survive a crash.
             self._file.write(line + "\n")

@@ -18,7 +18,8 @@ from ._transport import GatewayAddress
 from ._tunnel import TunnelSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_LOCATION = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+#: Location ids: up to 64 letters, digits, ".", "_", "-"; "" is the default location.
+LOCATION_ID = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
 
 
 def check_name(reader: TableReader, key: str, value: str, what: str) -> str:
@@ -30,7 +31,7 @@ def check_name(reader: TableReader, key: str, value: str, what: str) -> str:
 
 def check_location(reader: TableReader, key: str, value: str) -> str:
     """Location ids: up to 64 letters, digits, '.', '_', '-' ('' is the default location)."""
-    if not _LOCATION.match(value):
+    if not LOCATION_ID.match(value):
         raise reader.error(
             key, f"location id {value!r} must be up to 64 letters, digits, '.', '_' or '-'"
         )

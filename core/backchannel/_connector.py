@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 import trio
@@ -17,10 +19,10 @@ from ._access import AccessControl, Denied
 from ._audit import AuditLog
 from ._config import ConnectorConfig, ConnectorSubaccount
 from ._configutil import HostPort, TableReader
-from ._dial import proxy_from_environment
+from ._dial import ProxySettings, proxy_from_environment
 from ._exceptions import ConfigError, StreamError, TunnelError
 from ._plugin_api import ConnectorContext, ConnectorHandler, Role, Session
-from ._plugins import get_plugin_manager, plugin_infos
+from ._plugins import collect_hook_results, get_plugin_manager, plugin_infos
 from ._proto._errors import ResetCode
 from ._stream import TunnelStream
 from ._transport import client_ssl_context, closed_reason, dial_gateway
@@ -75,10 +77,17 @@ class Connector:
             for name in infos
         }
         handlers: dict[str, ConnectorHandler] = {}
-        for result in self._plugins.hook.backchannel_connector_handlers(
-            context=ConnectorContext(readers)
+        for plugin, result in collect_hook_results(
+            self._plugins, "backchannel_connector_handlers", context=ConnectorContext(readers)
         ):
-            for handler in result:
+            for candidate in result:
+                if not callable(getattr(candidate, "handle", None)) or not isinstance(
+                    getattr(candidate, "mapping_protocols", None), tuple
+                ):
+                    raise TypeError(
+                        f"plugin {plugin!r} returned {candidate!r}, not a ConnectorHandler"
+                    )
+                handler = cast(ConnectorHandler, candidate)
                 for protocol in handler.mapping_protocols:
                     if protocol in handlers:
                         raise ConfigError(
@@ -134,43 +143,60 @@ class Connector:
         label = f"{sub.name}/{sub.location or '-'} → {sub.gateway}"
         while True:
             status.attempts += 1
-            try:
-                async with trio.open_nursery() as nursery:
-                    ws, mux, info = await dial_gateway(
-                        nursery,
-                        sub.gateway,
-                        ssl_context=ssl_context,
-                        proxy=proxy,
-                        hello=hello,
-                        settings=self.config.tunnel,
-                    )
-                    tunnel = Tunnel(
-                        ws,
-                        mux,
-                        settings=self.config.tunnel,
-                        peer_info=info,
-                        label=label,
-                        stream_handler=lambda stream, sub=sub: self._serve_stream(sub, stream),  # type: ignore[misc]
-                        closed_translator=closed_reason,
-                    )
-                    self._set_connected(status, tunnel)
-                    delay = self.config.reconnect_min_delay
-                    log.info(
-                        "tunnel %s up%s", label, f" via proxy {proxy.redacted()}" if proxy else ""
-                    )
-                    try:
-                        await tunnel.run()
-                    finally:
-                        self._set_disconnected(status, tunnel.close_reason)
-                        nursery.cancel_scope.cancel()
-                log.warning("tunnel %s lost: %s", label, tunnel.close_reason)
-            except TunnelError as exc:
-                status.last_error = str(exc)
-                log.warning("tunnel %s: %s", label, exc)
+            was_up = await self._connect_once(sub, status, label, ssl_context, proxy, hello)
+            if was_up:
+                delay = self.config.reconnect_min_delay
             # Full jitter between half and all of the delay: many connectors restarting at
             # once (after a gateway restart) must not reconnect in lock-step.
             await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  (not for security)
             delay = min(delay * 2, self.config.reconnect_max_delay)
+
+    async def _connect_once(
+        self,
+        sub: ConnectorSubaccount,
+        status: TunnelStatus,
+        label: str,
+        ssl_context: ssl.SSLContext,
+        proxy: ProxySettings | None,
+        hello: dict[str, Any],
+    ) -> bool:
+        """Dial, run the tunnel until it ends; True if it was up. Never raises TunnelError."""
+        async with trio.open_nursery() as nursery:
+            # The nursery hosts the WebSocket's reader task; errors are caught inside it so
+            # they do not arrive wrapped in an ExceptionGroup.
+            try:
+                ws, mux, info = await dial_gateway(
+                    nursery,
+                    sub.gateway,
+                    ssl_context=ssl_context,
+                    proxy=proxy,
+                    hello=hello,
+                    settings=self.config.tunnel,
+                )
+            except TunnelError as exc:
+                status.last_error = str(exc)
+                log.warning("tunnel %s: %s", label, exc)
+                nursery.cancel_scope.cancel()
+                return False
+            tunnel = Tunnel(
+                ws,
+                mux,
+                settings=self.config.tunnel,
+                peer_info=info,
+                label=label,
+                stream_handler=partial(self._serve_stream, sub),
+                closed_translator=closed_reason,
+            )
+            self._set_connected(status, tunnel)
+            via = f" via proxy {proxy.redacted()}" if proxy else ""
+            log.info("tunnel %s up%s", label, via)
+            try:
+                await tunnel.run()
+            finally:
+                self._set_disconnected(status, tunnel.close_reason)
+                nursery.cancel_scope.cancel()
+        log.warning("tunnel %s lost: %s", label, tunnel.close_reason)
+        return True
 
     def _set_connected(self, status: TunnelStatus, tunnel: Tunnel) -> None:
         status.connected = True

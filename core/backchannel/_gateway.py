@@ -7,14 +7,14 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 import trio
 
 from ._apptoken import verify_app_token
 from ._audit import AuditLog
-from ._config import GatewayConfig
+from ._config import LOCATION_ID, GatewayConfig
 from ._configutil import HostPort, Secret, TableReader
 from ._exceptions import (
     AuthenticationError,
@@ -24,7 +24,7 @@ from ._exceptions import (
     TunnelError,
 )
 from ._plugin_api import AppIdentity, FrontDoor, GatewayContext, Role
-from ._plugins import get_plugin_manager, plugin_infos
+from ._plugins import collect_hook_results, get_plugin_manager, plugin_infos
 from ._proto._errors import ResetCode
 from ._registry import InMemoryTunnelRegistry, TunnelEntry, TunnelRegistry
 from ._stream import TunnelStream
@@ -78,8 +78,15 @@ class Gateway:
                 )
         context = GatewayContext(self, readers)
         doors: list[FrontDoor] = []
-        for result in self._plugins.hook.backchannel_gateway_front_doors(context=context):
-            doors.extend(result)
+        for plugin, result in collect_hook_results(
+            self._plugins, "backchannel_gateway_front_doors", context=context
+        ):
+            for door in result:
+                if not callable(getattr(door, "serve", None)) or not isinstance(
+                    getattr(door, "name", None), str
+                ):
+                    raise TypeError(f"plugin {plugin!r} returned {door!r}, not a FrontDoor")
+                doors.append(cast(FrontDoor, door))
         return doors
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -161,6 +168,12 @@ class Gateway:
             raise TunnelError(
                 "HELLO must carry subaccount, location and token as strings",
                 ResetCode.UNAUTHENTICATED,
+            )
+        if not LOCATION_ID.match(location):
+            raise TunnelError(
+                f"location id {location[:80]!r} is invalid: "
+                "use up to 64 letters, digits, '.', '_' or '-'",
+                ResetCode.REFUSED,
             )
         sub = self.config.subaccounts.get(subaccount)
         expected = sub.connector_token.reveal().encode() if sub is not None else _DUMMY_SECRET

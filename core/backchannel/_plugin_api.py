@@ -167,12 +167,13 @@ class GatewayContext:
     """Passed to ``backchannel_gateway_front_doors``."""
 
     services: GatewayServices
-    #: The plugin's own ``[plugins.<name>]`` table reader (call ``finish()`` when done).
+    #: Each enabled plugin's ``[plugins.<name>]`` table reader by plugin name; read yours with
+    #: :meth:`config_for` (and call ``finish()`` when done).
     plugin_config: Mapping[str, TableReader]
 
     def config_for(self, plugin_name: str) -> TableReader:
         """This plugin's config table (empty if absent)."""
-        return self.plugin_config[plugin_name]
+        return _config_for(self.plugin_config, plugin_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,4 +184,17 @@ class ConnectorContext:
 
     def config_for(self, plugin_name: str) -> TableReader:
         """This plugin's config table (empty if absent)."""
-        return self.plugin_config[plugin_name]
+        return _config_for(self.plugin_config, plugin_name)
+
+
+def _config_for(tables: Mapping[str, TableReader], plugin_name: str) -> TableReader:
+    try:
+        return tables[plugin_name]
+    except KeyError:
+        # A plugin bug, not a configuration error: say what to check.
+        known = ", ".join(sorted(tables)) or "none"
+        raise LookupError(
+            f"no configuration table for plugin {plugin_name!r} (plugins: {known}); ask for the "
+            "name the plugin is registered under (its entry-point name), and make sure it "
+            "implements backchannel_plugin_info"
+        ) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -116,3 +117,32 @@ def describe_plugins(manager: pluggy.PluginManager) -> list[LoadedPlugin]:
 def plugin_table_names(tables: Iterable[str]) -> list[str]:
     """The ``[plugins.<name>]`` tables present (everything but the selection keys)."""
     return [name for name in tables if name not in ("enable", "disable")]
+
+
+def collect_hook_results(
+    manager: pluggy.PluginManager, hook_name: str, **kwargs: object
+) -> list[tuple[str, list[object]]]:
+    """Call ``hook_name`` on each plugin; return (plugin name, returned sequence) pairs.
+
+    Raises TypeError naming the plugin when a hook is async or returns something other than
+    a list or tuple: both would otherwise fail later with an unclear message.
+    """
+    results: list[tuple[str, list[object]]] = []
+    for impl in getattr(manager.hook, hook_name).get_hookimpls():
+        returned = impl.function(**kwargs)
+        if inspect.isawaitable(returned):
+            if inspect.iscoroutine(returned):
+                returned.close()
+            raise TypeError(
+                f"plugin {impl.plugin_name!r}: {hook_name} is async; hooks must be plain functions "
+                "returning objects whose async methods the core awaits"
+            )
+        if returned is None:
+            continue
+        if not isinstance(returned, list | tuple):
+            raise TypeError(
+                f"plugin {impl.plugin_name!r}: {hook_name} must return a list, "
+                f"not {type(returned).__name__}"
+            )
+        results.append((impl.plugin_name, list(returned)))
+    return results

@@ -20,7 +20,12 @@ hookimpl = pluggy.HookimplMarker("backchannel")
 
 @hookspec
 def backchannel_plugin_info() -> PluginInfo:  # type: ignore[empty-body]
-    """Describe the plugin: name, version, roles and mapping protocols. Required."""
+    """Describe the plugin: name, version, roles and mapping protocols. Required.
+
+    Not firstresult: every plugin answers for itself, and the core files each answer under the
+    name the plugin is registered with (its entry-point name). Only plugins that answer get a
+    ``[plugins.<name>]`` table reader.
+    """
 
 
 @hookspec
@@ -29,7 +34,7 @@ def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[Connec
 
     Read your ``[plugins.<name>]`` table with ``context.config_for(name)`` and raise
     :class:`backchannel.ConfigError` for bad values: this runs before anything listens.
-    All results are collected.
+    Not firstresult: the results of all enabled plugins are collected.
     """
 
 
@@ -37,5 +42,6 @@ def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[Connec
 def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDoor]:  # type: ignore[empty-body]
     """Gateway side: return the front doors (listeners) configured for this plugin.
 
-    Same configuration rules as ``backchannel_connector_handlers``. All results are collected.
+    Same configuration rules as ``backchannel_connector_handlers``. Not firstresult: the
+    results of all enabled plugins are collected.
     """
