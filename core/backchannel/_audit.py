@@ -31,6 +31,11 @@ class AuditLog:
         """The audit file, if any."""
         return self._config.file
 
+    def open(self) -> None:
+        """Open the audit file now (raises OSError if it cannot be): call before listening."""
+        if self._config.file is not None and self._file is None:
+            self._file = _open_append(self._config.file)
+
     def allowed(self, event: str, **fields: Any) -> None:
         """Record an allowed access (written only with ``include_allowed = true``)."""
         if self._config.include_allowed:
@@ -53,8 +58,8 @@ class AuditLog:
         line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str)
         log.info("audit %s", line)
         if self._config.file is not None:
-            if self._file is None:
-                self._file = _open_append(self._config.file)
+            self.open()
+            assert self._file is not None
             # Small appends to a line-buffered file: the cost is a write(2) per denial, which is
             # what makes the trail survive a crash.
             self._file.write(line + "\n")

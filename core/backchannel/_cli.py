@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -12,14 +13,19 @@ from pathlib import Path
 import trio
 
 from ._apptoken import issue_app_token
-from ._config import ConnectorConfig, GatewayConfig
+from ._config import AuditConfig, ConnectorConfig, GatewayConfig
 from ._connector import Connector
 from ._exceptions import ConfigError
 from ._gateway import Gateway
 from ._logging import configure_logging
 from ._pki import CertificateAuthority
 from ._plugin_api import AppIdentity
-from ._plugins import PluginSelection, describe_plugins, get_plugin_manager
+from ._plugins import (
+    PluginSelection,
+    describe_plugins,
+    get_plugin_manager,
+    installed_plugin_names,
+)
 from ._version import __version__
 
 log = logging.getLogger("backchannel.cli")
@@ -28,18 +34,38 @@ EXIT_CONFIG = 2
 
 
 def _selection(args: argparse.Namespace) -> PluginSelection:
-    only = tuple(p for p in args.plugins.split(",") if p) if args.plugins else None
-    return PluginSelection(only, tuple(args.disable_plugin or ()))
+    """The command line's plugin choice; unknown names are reported as the options' fault."""
+    only = None
+    if args.plugins:
+        only = tuple(name for name in (p.strip() for p in args.plugins.split(",")) if name)
+    disabled = tuple(args.disable_plugin or ())
+    installed = installed_plugin_names()
+    for option, names in (("--plugins", only or ()), ("--disable-plugin", disabled)):
+        for name in names:
+            if name not in installed:
+                found = ", ".join(installed) or "none"
+                raise ConfigError(
+                    "command line",
+                    option,
+                    f"no plugin named {name!r} is installed (found: {found})",
+                )
+    return PluginSelection(only, disabled)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
     if config:
-        parser.add_argument("-c", "--config", type=Path, required=True, help="the TOML configuration file")
-    parser.add_argument("--plugins", help="comma-separated plugins to enable (default: all installed)")
+        parser.add_argument(
+            "-c", "--config", type=Path, required=True, help="the TOML configuration file"
+        )
+    parser.add_argument(
+        "--plugins", help="comma-separated plugins to enable (default: all installed)"
+    )
     parser.add_argument(
         "--disable-plugin", action="append", metavar="NAME", help="disable a plugin (repeatable)"
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
 
 
@@ -58,29 +84,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(connector)
 
     demo = commands.add_parser("demo", help="gateway, connector and sample backends in one process")
-    demo.add_argument("--once", action="store_true", help="self-check every protocol, then exit (0 = all ok)")
-    demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    demo.add_argument(
+        "--once", action="store_true", help="self-check every protocol, then exit (0 = all ok)"
+    )
+    demo.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
     demo.add_argument("--log-json", action="store_true")
-    demo.add_argument("--print-config", action="store_true", help="print the embedded configuration and exit")
+    demo.add_argument(
+        "--print-config", action="store_true", help="print the embedded configuration and exit"
+    )
 
     plugins = commands.add_parser("plugins", help="list installed plugins, versions and roles")
     _add_common(plugins, config=False)
 
     config = commands.add_parser("config", help="configuration tools")
-    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    config_commands = config.add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND"
+    )
     check = config_commands.add_parser("check", help="validate a gateway.toml or connector.toml")
-    check.add_argument("--role", choices=["gateway", "connector"], help="default: guessed from [gateway]")
+    check.add_argument(
+        "--role", choices=["gateway", "connector"], help="default: guessed from [gateway]"
+    )
     _add_common(check)
 
-    pki = commands.add_parser("pki", help="create a CA and a gateway certificate (no own PKI needed)")
+    pki = commands.add_parser(
+        "pki", help="create a CA and a gateway certificate (no own PKI needed)"
+    )
     pki_commands = pki.add_subparsers(dest="pki_command", required=True, metavar="SUBCOMMAND")
     init_ca = pki_commands.add_parser("init-ca", help="create ca.pem and ca.key in a folder")
     init_ca.add_argument("--dir", type=Path, required=True)
     init_ca.add_argument("--name", default="backchannel CA", help="the CA's common name")
     server = pki_commands.add_parser("server-cert", help="issue the gateway's TLS certificate")
     server.add_argument("--ca-dir", type=Path, required=True, help="folder with ca.pem and ca.key")
-    server.add_argument("--host", action="append", required=True, help="DNS name or IP (repeatable)")
-    server.add_argument("--out", type=Path, required=True, help="writes server.pem and server.key here")
+    server.add_argument(
+        "--host", action="append", required=True, help="DNS name or IP (repeatable)"
+    )
+    server.add_argument(
+        "--out", type=Path, required=True, help="writes server.pem and server.key here"
+    )
     server.add_argument("--days", type=int, default=825)
 
     token = commands.add_parser("app-token", help="issue a token for an app (SOCKS5 0x80, Bearer)")
@@ -120,22 +162,40 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(command)
 
 
-def _load(role: str, args: argparse.Namespace) -> Gateway | Connector:
-    """Parse and validate everything (plugins included) before anything listens."""
+def _load(role: str, args: argparse.Namespace, *, check_only: bool = False) -> Gateway | Connector:
+    """Parse and validate everything (plugins included) before anything listens.
+
+    With ``check_only`` the audit file is left alone: checking a file must not create or
+    open the audit trail it names.
+    """
     if role == "gateway":
         gateway_config = GatewayConfig.from_file(args.config)
+        if check_only:
+            gateway_config = dataclasses.replace(gateway_config, audit=AuditConfig())
         selection = gateway_config.plugins.merged(_selection(args))
         manager = get_plugin_manager(selection, source=str(args.config))
         return Gateway(gateway_config, plugin_manager=manager)
     connector_config = ConnectorConfig.from_file(args.config)
+    if check_only:
+        connector_config = dataclasses.replace(connector_config, audit=AuditConfig())
     selection = connector_config.plugins.merged(_selection(args))
     manager = get_plugin_manager(selection, source=str(args.config))
     return Connector(connector_config, plugin_manager=manager)
 
 
-def _run_role(role: str, args: argparse.Namespace) -> int:
-    instance = _load(role, args)
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, also when trio wrapped it in (nested) exception groups."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
 
+
+def _run_role(role: str, args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
@@ -143,9 +203,14 @@ def _run_role(role: str, args: argparse.Namespace) -> int:
             log.info("backchannel %s %s running (config %s)", role, __version__, args.config)
 
     try:
+        instance = _load(role, args)
         trio.run(run)
-    except OSError as exc:
-        log.error("cannot start the %s: %s", role, exc)
+    except (OSError, BaseExceptionGroup) as exc:
+        # A port already in use or an unwritable audit file: one line, not a traceback.
+        error = _os_error(exc)
+        if error is None:
+            raise
+        log.error("cannot start the %s: %s", role, error)
         return 1
     log.info("backchannel %s stopped", role)
     return 0
@@ -172,12 +237,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     async def run() -> int:
+        code = 0  # stays 0 when a signal stops the demo
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             code = await run_demo(once=args.once, print_line=print_line)
             nursery.cancel_scope.cancel()
-            return code
-        return 0  # cancelled by a signal
+        return code
 
     return trio.run(run)
 
@@ -193,7 +258,9 @@ def _plugins(args: argparse.Namespace) -> int:
         roles = ",".join(sorted(r.value for r in row.info.roles)) if row.info else "-"
         mappings = ",".join(row.info.mapping_protocols) if row.info else "-"
         state = "enabled" if row.enabled else "disabled"
-        print(f"{row.name:12} {row.version:10} {state:9} {roles:20} {mappings:14} {row.distribution}")
+        print(
+            f"{row.name:12} {row.version:10} {state:9} {roles:20} {mappings:14} {row.distribution}"
+        )
     return 0
 
 
@@ -207,16 +274,19 @@ def _config_check(args: argparse.Namespace) -> int:
                 role = "gateway" if "gateway" in tomllib.load(handle) else "connector"
         except (OSError, tomllib.TOMLDecodeError):
             role = "connector"  # the loader reports the real problem with file and position
-    instance = _load(role, args)
+    instance = _load(role, args, check_only=True)
     if isinstance(instance, Gateway):
-        doors = ", ".join(
-            f"{door.name}" for door in instance._front_doors  # noqa: SLF001  (read-only summary)
-        )
-        print(f"{args.config}: valid gateway configuration ({len(instance.config.subaccounts)} subaccounts; front doors: {doors or 'none'})")
-    else:
+        doors = ", ".join(door.name for door in instance._front_doors) or "none"
+        subaccounts = len(instance.config.subaccounts)
         print(
-            f"{args.config}: valid connector configuration ({len(instance.config.subaccounts)} subaccounts, "
-            f"{len(instance.access.mappings)} system mappings)"
+            f"{args.config}: valid gateway configuration "
+            f"({subaccounts} subaccounts; front doors: {doors})"
+        )
+    else:
+        subaccounts = len(instance.config.subaccounts)
+        print(
+            f"{args.config}: valid connector configuration "
+            f"({subaccounts} subaccounts, {len(instance.access.mappings)} system mappings)"
         )
     return 0
 
@@ -226,7 +296,10 @@ def _pki(args: argparse.Namespace) -> int:
         if args.pki_command == "init-ca":
             ca = CertificateAuthority.create(args.name)
             cert, key = ca.save(args.dir)
-            print(f"wrote {cert} and {key} (keep the key private; give ca.pem to connectors as ca_file)")
+            print(
+                f"wrote {cert} and {key} "
+                "(keep the key private; give ca.pem to connectors as ca_file)"
+            )
         else:
             ca = CertificateAuthority.load(args.ca_dir / "ca.pem", args.ca_dir / "ca.key")
             issued = ca.issue_server_certificate(args.host, valid_days=args.days)

@@ -103,6 +103,7 @@ class Connector:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep every tunnel up until cancelled (reconnecting with back-off and jitter)."""
+        self.audit.open()
         try:
             async with trio.open_nursery() as nursery:
                 for sub in self.config.subaccounts.values():

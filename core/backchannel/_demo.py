@@ -23,7 +23,7 @@ import trio
 
 from ._config import ConnectorConfig, GatewayConfig
 from ._configutil import HostPort
-from ._connector import open_connector
+from ._connector import Connector, open_connector
 from ._gateway import Gateway, open_gateway
 from ._pki import write_throwaway_tls_material
 
@@ -111,11 +111,19 @@ async def _hello_http(stream: trio.SocketStream) -> None:
                     connection.receive_data(await stream.receive_some(65536))
                     continue
                 if isinstance(event, h11.Request):
-                    headers = [("content-type", "text/plain"), ("content-length", str(len(HELLO_BODY)))]
-                    await stream.send_all(connection.send(h11.Response(status_code=200, headers=headers)))
+                    headers = [
+                        ("content-type", "text/plain"),
+                        ("content-length", str(len(HELLO_BODY))),
+                    ]
+                    await stream.send_all(
+                        connection.send(h11.Response(status_code=200, headers=headers))
+                    )
                     await stream.send_all(connection.send(h11.Data(data=HELLO_BODY)))
                     await stream.send_all(connection.send(h11.EndOfMessage()))
-                elif isinstance(event, h11.ConnectionClosed) or connection.our_state is h11.MUST_CLOSE:
+                elif (
+                    isinstance(event, h11.ConnectionClosed)
+                    or connection.our_state is h11.MUST_CLOSE
+                ):
                     return
                 elif isinstance(event, h11.EndOfMessage):
                     connection.start_next_cycle()
@@ -123,7 +131,9 @@ async def _hello_http(stream: trio.SocketStream) -> None:
             return
 
 
-async def socks5_connect(proxy: HostPort, user: str, password: str, host: str, port: int) -> trio.SocketStream:
+async def socks5_connect(
+    proxy: HostPort, user: str, password: str, host: str, port: int
+) -> trio.SocketStream:
     """A minimal SOCKS5 client (RFC 1928/1929) for the self-check; raises OSError on refusal."""
     stream = await trio.open_tcp_stream(proxy.host, proxy.port)
     try:
@@ -131,11 +141,15 @@ async def socks5_connect(proxy: HostPort, user: str, password: str, host: str, p
         if await _read(stream, 2) != b"\x05\x02":
             raise OSError("SOCKS5 proxy refused username/password authentication")
         raw_user, raw_password = user.encode(), password.encode()
-        await stream.send_all(bytes([1, len(raw_user)]) + raw_user + bytes([len(raw_password)]) + raw_password)
+        await stream.send_all(
+            bytes([1, len(raw_user)]) + raw_user + bytes([len(raw_password)]) + raw_password
+        )
         if (await _read(stream, 2))[1] != 0:
             raise OSError("SOCKS5 proxy rejected the credentials")
         raw_host = host.encode()
-        await stream.send_all(b"\x05\x01\x00\x03" + bytes([len(raw_host)]) + raw_host + struct.pack(">H", port))
+        await stream.send_all(
+            b"\x05\x01\x00\x03" + bytes([len(raw_host)]) + raw_host + struct.pack(">H", port)
+        )
         reply = await _read(stream, 10)
         if reply[1] != 0:
             raise OSError(f"SOCKS5 reply code {reply[1]:#04x}")
@@ -172,7 +186,10 @@ class Demo:
         self.work_dir = work_dir
         self.tls = write_throwaway_tls_material(work_dir / "tls")
         self.app_secret = secrets.token_urlsafe(24)
-        for name, value in (("connector.token", secrets.token_urlsafe(32)), ("app.secret", self.app_secret)):
+        for name, value in (
+            ("connector.token", secrets.token_urlsafe(32)),
+            ("app.secret", self.app_secret),
+        ):
             path = work_dir / name
             path.write_text(value)
             path.chmod(0o600)
@@ -187,7 +204,10 @@ class Demo:
             echo = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
             http = await nursery.start(partial(trio.serve_tcp, _hello_http, 0, host="127.0.0.1"))
             gateway_text = self._render(
-                GATEWAY_TOML, tunnel_port=0, socks_port=_free_port(20004), forward_port=_free_port(20007)
+                GATEWAY_TOML,
+                tunnel_port=0,
+                socks_port=_free_port(20004),
+                forward_port=_free_port(20007),
             )
             (self.work_dir / "gateway.toml").write_text(gateway_text)
             gateway_config = GatewayConfig.from_mapping(
@@ -207,10 +227,13 @@ class Demo:
                     tomllib.loads(connector_text), source=str(self.work_dir / "connector.toml")
                 )
                 async with open_connector(connector_config) as connector:
-                    results = await self._self_check(gateway, connector.wait_connected, started)
+                    results = await self._self_check(gateway, connector, started)
                     for result in results:
                         mark = "ok  " if result.ok else "FAIL"
-                        print_line(f"  [{mark}] {result.name}: {result.detail} ({result.seconds * 1000:.1f} ms)")
+                        milliseconds = result.seconds * 1000
+                        print_line(
+                            f"  [{mark}] {result.name}: {result.detail} ({milliseconds:.1f} ms)"
+                        )
                     if once:
                         nursery.cancel_scope.cancel()
                     else:
@@ -219,15 +242,20 @@ class Demo:
         return results
 
     async def _self_check(
-        self, gateway: Gateway, wait_connected: Callable[[], Awaitable[object]], started: float
+        self, gateway: Gateway, connector: Connector, started: float
     ) -> list[StepResult]:
         socks = gateway.front_door_addresses["tcp.socks5"][0]
-        forward = next(v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward"))[0]
+        forward = next(
+            v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward")
+        )[0]
         user = "demo/app"
 
         async def tunnel_up() -> str:
-            await wait_connected()
-            return f"connector dialled wss://{gateway.tunnel_address}/tunnel; the only connection between the two"
+            await connector.wait_connected()
+            return (
+                f"connector dialled wss://{gateway.tunnel_address}/tunnel; "
+                "the only connection between the two"
+            )
 
         async def socks_echo() -> str:
             payload = secrets.token_bytes(64 * 1024)
@@ -250,7 +278,9 @@ class Demo:
         async def socks_http() -> str:
             stream = await socks5_connect(socks, user, self.app_secret, "hello.virtual", 80)
             async with stream:
-                await stream.send_all(b"GET / HTTP/1.1\r\nHost: hello.virtual\r\nConnection: close\r\n\r\n")
+                await stream.send_all(
+                    b"GET / HTTP/1.1\r\nHost: hello.virtual\r\nConnection: close\r\n\r\n"
+                )
                 response = b""
                 while chunk := await stream.receive_some(65536):
                     response += chunk
@@ -259,12 +289,15 @@ class Demo:
             return "HTTP GET http://hello.virtual/ answered 200 via SOCKS5"
 
         async def denied() -> str:
+            denials = connector.audit.denials
             try:
                 stream = await socks5_connect(socks, user, self.app_secret, "secret.virtual", 22)
             except OSError as exc:
-                if "0x02" in str(exc):
-                    return "unmapped secret.virtual:22 refused with SOCKS5 reply 0x02 and an audit line"
-                raise
+                if "0x02" not in str(exc):
+                    raise
+                if connector.audit.denials == denials:
+                    raise OSError("refused, but the connector wrote no audit line") from None
+                return "unmapped secret.virtual:22 refused with SOCKS5 reply 0x02 and an audit line"
             await stream.aclose()
             raise OSError("an unmapped target was reachable")
 
@@ -283,21 +316,31 @@ class Demo:
                     detail = await step()
                 results.append(StepResult(name, True, detail, time.perf_counter() - begin))
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                results.append(StepResult(name, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - begin))
+                results.append(
+                    StepResult(
+                        name, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - begin
+                    )
+                )
         return results
 
     def _print_try_it(self, gateway: Gateway, print_line: Callable[[str], None]) -> None:
         socks = gateway.front_door_addresses["tcp.socks5"][0]
-        forward = next(v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward"))[0]
+        forward = next(
+            v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward")
+        )[0]
         print_line("")
         print_line("Try it from another terminal (demo credentials, valid while this runs):")
         print_line(
-            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' http://hello.virtual/"
+            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' "
+            "http://hello.virtual/"
         )
-        print_line(f"  printf 'hello\\n' | nc -q1 {forward.host} {forward.port}     # echo through the port forward")
         print_line(
-            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' http://secret.virtual:22/"
-            "   # refused: not mapped"
+            f"  printf 'hello\\n' | nc -q1 {forward.host} {forward.port}"
+            "     # echo through the port forward"
+        )
+        print_line(
+            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' "
+            "http://secret.virtual:22/   # refused: not mapped"
         )
         print_line(f"Configuration and audit logs: {self.work_dir}")
         print_line("Press Ctrl-C to stop.")

@@ -93,6 +93,7 @@ class Gateway:
         """Listen for tunnels and run the front doors until cancelled."""
         ssl_context = server_ssl_context(self.config.tls_cert, self.config.tls_key)
         listen = self.config.listen
+        self.audit.open()
         try:
             async with trio.open_nursery() as nursery:
                 listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
