@@ -456,7 +456,7 @@ BAD_CASES = [
         "unknown-plugin-in-file",
         "gateway",
         _set("plugins.enable", ["tcp", "nosuch"]),
-        "plugins",
+        "plugins.enable",
         "no plugin named 'nosuch' is installed",
     ),
     BadCase(

@@ -58,12 +58,16 @@ def get_plugin_manager(
     manager = pluggy.PluginManager("backchannel")
     manager.add_hookspecs(hookspecs)
     available = set(installed_plugin_names()) | set(extra_plugins or {})
-    for name in (*(selection.only or ()), *selection.disabled):
-        if name not in available:
-            found = ", ".join(sorted(available)) or "none"
-            raise ConfigError(
-                source, "plugins", f"no plugin named {name!r} is installed (found: {found})"
-            )
+    for key, names in (
+        ("plugins.enable", selection.only or ()),
+        ("plugins.disable", selection.disabled),
+    ):
+        for name in names:
+            if name not in available:
+                found = ", ".join(sorted(available)) or "none"
+                raise ConfigError(
+                    source, key, f"no plugin named {name!r} is installed (found: {found})"
+                )
     for name in available:
         if name in selection.disabled or (
             selection.only is not None and name not in selection.only

@@ -49,7 +49,10 @@ REPLY_FOR_RESET = {
 
 
 async def _bind(listen: HostPort) -> list[trio.SocketListener]:
-    return await trio.open_tcp_listeners(listen.port, host=listen.host)
+    try:
+        return await trio.open_tcp_listeners(listen.port, host=listen.host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror or exc}") from exc
 
 
 def _bound(listeners: Sequence[trio.SocketListener]) -> list[HostPort]:
