@@ -570,7 +570,9 @@ def test_gateway_command_reports_a_busy_port_in_one_line(files: Files) -> None:
         path = write_toml(files.directory / "gateway.toml", document)
         result = run_cli("gateway", "-c", path)
     assert result.returncode == 1
-    assert "cannot start the gateway: [Errno 98] Address already in use" in result.stderr
+    port = document["plugins"]["tcp"]["socks5_listen"]
+    assert f"cannot start the gateway: [Errno 98] cannot listen on {port}" in result.stderr
+    assert "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
 
 
