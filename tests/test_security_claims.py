@@ -609,10 +609,6 @@ def test_tls_contexts_verify_and_require_tls12(tmp_path: Path) -> None:
     assert server.minimum_version == ssl.TLSVersion.TLSv1_2
 
 
-@pytest.mark.xfail(
-    reason="bug: ca_file is trusted in addition to the system store (_transport.py:39-44)",
-    strict=True,
-)
 async def test_ca_file_is_the_only_trusted_ca(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ The public API is what this module exports; everything in underscore modules may
 from ._audit import AuditLog as AuditLog
 from ._config import ConnectorConfig as ConnectorConfig
 from ._config import GatewayConfig as GatewayConfig
+from ._config import is_valid_location_id as is_valid_location_id
 from ._configutil import HostPort as HostPort
 from ._configutil import Secret as Secret
 from ._configutil import TableReader as TableReader
@@ -36,6 +37,7 @@ from ._plugin_api import Session as Session
 from ._plugin_api import SystemMapping as SystemMapping
 from ._proto._errors import ResetCode as ResetCode
 from ._stream import TunnelStream as TunnelStream
+from ._transport import verifying_client_context as verifying_client_context
 from ._tunnel import TunnelSettings as TunnelSettings
 from ._version import __version__ as __version__
 from .hookspecs import hookimpl as hookimpl

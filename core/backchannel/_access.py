@@ -133,6 +133,10 @@ def _parse_target(
     host, sep, ports = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise reader.error(key, f"{text!r}: brackets are for IPv6 addresses only") from None
     elif not sep or (":" in host):
         if port_optional and ":" not in text:
             _check_host(reader, key, text)

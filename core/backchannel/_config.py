@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,12 +15,17 @@ from ._dial import ProxySettings
 from ._exceptions import ConfigError
 from ._plugins import PluginSelection, plugin_table_names
 from ._proto._mux import MuxSettings
-from ._transport import GatewayAddress
+from ._transport import GatewayAddress, verifying_client_context
 from ._tunnel import TunnelSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Location ids: up to 64 letters, digits, ".", "_", "-"; "" is the default location.
 LOCATION_ID = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+
+
+def is_valid_location_id(value: str) -> bool:
+    """Whether ``value`` is a valid location id (up to 64 of A-Z a-z 0-9 . _ -; "" = default)."""
+    return LOCATION_ID.match(value) is not None
 
 
 def check_name(reader: TableReader, key: str, value: str, what: str) -> str:
@@ -184,7 +190,9 @@ class GatewayConfig:
         assert tls_cert is not None
         assert tls_key is not None
         gateway.finish()
-        tunnel = read_tunnel_settings(root.table("tunnel"))
+        tunnel_table = root.table("tunnel")
+        tunnel = read_tunnel_settings(tunnel_table)
+        tunnel_table.finish()
         audit = AuditConfig.read(root.table("audit"))
         subaccounts: dict[str, GatewaySubaccount] = {}
         for name, sub in root.named_tables("subaccounts"):
@@ -308,6 +316,13 @@ def _read_connector_subaccount(name: str, sub: TableReader) -> ConnectorSubaccou
     token = sub.secret("token")
     assert token is not None
     ca_file = sub.path("ca_file")
+    if ca_file is not None:
+        try:
+            verifying_client_context(ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise sub.error(
+                "ca_file", f"not a readable PEM file of CA certificates: {exc}"
+            ) from None
     proxy_url = sub.optional_string("https_proxy")
     proxy: ProxySettings | None = None
     if proxy_url:

@@ -75,6 +75,8 @@ class TableReader:
 
     def key_path(self, key: str) -> str:
         """Dotted path of ``key`` for messages."""
+        if not key:
+            return self.prefix
         return f"{self.prefix}.{key}" if self.prefix else key
 
     def error(self, key: str, problem: str) -> ConfigError:

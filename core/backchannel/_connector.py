@@ -57,6 +57,7 @@ class Connector:
         self.access = AccessControl.build(entries, self.handlers)
         self.audit = AuditLog(Role.CONNECTOR, config.audit)
         self.status = {name: TunnelStatus(name) for name in config.subaccounts}
+        self._proxies = {name: _proxy_for(sub) for name, sub in config.subaccounts.items()}
         self._changed = trio.lowlevel.ParkingLot()
 
     def _build_handlers(self) -> dict[str, ConnectorHandler]:
@@ -130,9 +131,7 @@ class Connector:
     async def _keep_tunnel(self, sub: ConnectorSubaccount) -> None:
         status = self.status[sub.name]
         ssl_context = client_ssl_context(sub.ca_file)
-        proxy = sub.proxy
-        if proxy is None and sub.use_environment_proxy:
-            proxy = proxy_from_environment(sub.gateway.host)
+        proxy = self._proxies[sub.name]
         hello = {
             "role": "connector",
             "subaccount": sub.name,
@@ -259,6 +258,19 @@ class Connector:
         except StreamError as exc:
             log.info("stream to %s (%s) refused: %s", target, sub.name, exc)
             await stream.reset(exc.code, exc.reason)
+
+
+def _proxy_for(sub: ConnectorSubaccount) -> ProxySettings | None:
+    """The configured proxy, else the environment's (checked now: a bad value must stop the
+    start with a clear message, not fail at the first dial)."""
+    if sub.proxy is not None or not sub.use_environment_proxy:
+        return sub.proxy
+    try:
+        return proxy_from_environment(sub.gateway.host)
+    except ValueError as exc:
+        raise ConfigError(
+            "environment", "https_proxy", f"{exc} (or set use_environment_proxy = false)"
+        ) from None
 
 
 @asynccontextmanager

@@ -37,10 +37,22 @@ MESSAGE_QUEUE_SIZE = 4
 
 def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     """Verify the gateway against ``ca_file``, or the system trust store when None."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    return verifying_client_context(ca_file)
+
+
+def verifying_client_context(ca_file: Path | None) -> ssl.SSLContext:
+    """A TLS client context that verifies the peer and its host name.
+
+    With ``ca_file`` only that file's CAs are trusted (not the system store as well: a
+    pinned private CA must not be widened to every public CA); without it the system store.
+    Raises ssl.SSLError or OSError for an unreadable or non-PEM file.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     return context
 
 
@@ -64,16 +76,21 @@ class GatewayAddress:
     def parse(cls, url: str) -> GatewayAddress:
         """Parse and check a tunnel URL (only wss:// is accepted)."""
         parts = urlsplit(url)
+        if parts.username or parts.password:
+            # Never echo the URL here: it carries a secret.
+            raise ValueError("tunnel URL must not carry credentials; use token_file/token_env")
         if parts.scheme != "wss":
             raise ValueError(f"tunnel URL must start with wss:// (got {url!r})")
         if not parts.hostname:
             raise ValueError(f"tunnel URL {url!r} has no host")
-        if parts.username or parts.password:
-            raise ValueError("tunnel URL must not carry credentials; use token_file/token_env")
         try:
-            port = parts.port or 443
+            port = parts.port
         except ValueError as exc:
             raise ValueError(f"tunnel URL {url!r} has an invalid port") from exc
+        if port is None:
+            port = 443
+        elif port == 0:
+            raise ValueError(f"tunnel URL {url!r} has port 0")
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query

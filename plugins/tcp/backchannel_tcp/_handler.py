@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 import trio
 
-from backchannel import ResetCode, Session, StreamError, TableReader, TunnelStream
+from backchannel import (
+    ResetCode,
+    Session,
+    StreamError,
+    TableReader,
+    TunnelStream,
+    verifying_client_context,
+)
 
 from ._splice import splice
 
@@ -47,10 +54,12 @@ class TcpHandler:
         if (client_cert is None) != (client_key is None):
             raise mapping.error("client_cert", "client_cert and client_key go together")
         mapping.finish()
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if ca_file is not None:
-            context.load_verify_locations(cafile=str(ca_file))
+        try:
+            context = verifying_client_context(ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise mapping.error(
+                "ca_file", f"not a readable PEM file of CA certificates: {exc}"
+            ) from None
         if client_cert is not None and client_key is not None:
             try:
                 context.load_cert_chain(str(client_cert), str(client_key))

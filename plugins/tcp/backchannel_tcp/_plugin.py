@@ -14,6 +14,7 @@ from backchannel import (
     TableReader,
     __version__,
     hookimpl,
+    is_valid_location_id,
 )
 
 from ._front_doors import PortForward, Socks5FrontDoor
@@ -71,6 +72,10 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
         if not services.has_subaccount(subaccount):
             raise forward.error("subaccount", f"subaccount {subaccount!r} is not configured")
         location = forward.string("location", "")
+        if not is_valid_location_id(location):
+            raise forward.error(
+                "location", f"location id {location!r}: up to 64 letters, digits, '.', '_' or '-'"
+            )
         target = forward.host_port("target", allow_port_zero=False)
         forward.finish()
         doors.append(
