@@ -1,0 +1,349 @@
+"""``python -m bench``: argument parsing and the run order of the scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import components, scenarios
+from .procs import BenchError, Pair, Proc, WorkDir, start_backend, start_pair
+from .profile import Profiler, py_spy_path
+from .report import RESULTS_DIR, command_line, machine_info, render_table, write_json
+
+QUICK = {"bulk_mib": 128, "idle_streams": 200, "repeat": 1}
+FULL = {"bulk_mib": 1024, "idle_streams": 1000, "repeat": 3}
+
+
+class TimeLimit(BaseException):
+    """The whole run exceeded --time-limit (a BaseException so nothing swallows it)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark backchannel on 127.0.0.1: gateway, connector and backend as "
+        "separate processes; bulk throughput vs a direct connection, RSS per idle stream.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 128 MiB, 200 streams, 1 repeat"
+    )
+    parser.add_argument(
+        "--bulk-mib", type=int, help="MiB per bulk transfer (default 1024; quick 128)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, help="runs per path and direction (default 3; quick 1)"
+    )
+    parser.add_argument(
+        "--idle-streams", type=int, help="concurrent idle streams (default 1000; quick 200)"
+    )
+    parser.add_argument(
+        "--idle-via",
+        choices=["forward", "socks5"],
+        default="forward",
+        help="front door for idle streams",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["bulk", "idle"],
+        action="append",
+        help="run only this scenario (repeatable)",
+    )
+    parser.add_argument(
+        "--direction",
+        choices=["upload", "download"],
+        action="append",
+        help="bulk direction(s) (default both)",
+    )
+    parser.add_argument(
+        "--tunnel",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [tunnel] setting for both gateway and connector, e.g. initial_window=4194304",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=["gateway", "connector", "both"],
+        help="after the measured runs, one extra tunnel transfer per direction under py-spy",
+    )
+    parser.add_argument(
+        "--components",
+        action="store_true",
+        help="also measure the CPU cost per MB of each layer in-process (bench.components)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of gateway and connector (default info, as deployed)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the machine to be idle (<25%% of one CPU busy for 3 s) first",
+    )
+    parser.add_argument("--time-limit", type=float, default=1800, help="seconds for the whole run")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep configs and logs")
+    return parser
+
+
+def _parse_tunnel(items: Sequence[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"--tunnel expects KEY=VALUE, got {item!r}")
+        try:
+            settings[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def _raise_nofile() -> dict[str, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = soft
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {"soft_before": before, "soft": soft, "hard": hard}
+
+
+def _wait_quiet(limit: float, threshold: float = 25.0) -> float:
+    """Background load in percent of one CPU; with ``limit`` > 0, wait for a quiet machine."""
+    load = scenarios.background_load()
+    if limit <= 0:
+        return load
+    deadline = time.monotonic() + limit
+    quiet = 0
+    while time.monotonic() < deadline:
+        quiet = quiet + 1 if load < threshold else 0
+        if quiet >= 3:
+            return load
+        load = scenarios.background_load()
+    print(f"bench: the machine did not become quiet within {limit:g} s; running anyway", flush=True)
+    return load
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise TimeLimit
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench; 0 if every scenario succeeded."""
+    args = build_parser().parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    bulk_mib = args.bulk_mib or preset["bulk_mib"]
+    repeat = args.repeat or preset["repeat"]
+    streams = args.idle_streams or preset["idle_streams"]
+    wanted = args.only or ["idle", "bulk"]
+    directions = args.direction or ["upload", "download"]
+    if min(bulk_mib, repeat, streams) < 1:
+        print("bench: --bulk-mib, --repeat and --idle-streams must be positive", file=sys.stderr)
+        return 2
+    try:
+        tunnel = _parse_tunnel(args.tunnel)
+        if args.profile:
+            py_spy_path()
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    started = time.monotonic()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    document: dict[str, Any] = {
+        "schema": 1,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command_line(),
+        "cwd": str(Path.cwd()),
+        "machine": machine_info(),
+        "options": {
+            "bulk_mib": bulk_mib,
+            "repeat": repeat,
+            "idle_streams": streams,
+            "idle_via": args.idle_via,
+            "scenarios": wanted,
+            "directions": directions,
+            "tunnel_settings": tunnel,
+            "log_level": args.log_level,
+            "profile": args.profile,
+            "quick": args.quick,
+        },
+        "errors": [],
+    }
+    document["nofile"] = {"bench": _raise_nofile()}
+    load = _wait_quiet(args.wait_quiet)
+    document["background_load_percent_before"] = load
+    if load > 20:
+        print(
+            f"bench: warning: the machine is already busy ({load:.0f}% of one CPU in use before "
+            "the bench started); throughput numbers will be noisy",
+            flush=True,
+        )
+
+    def progress(line: str) -> None:
+        print(line, flush=True)
+
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(max(1, int(args.time_limit)))
+    work_path = Path(tempfile.mkdtemp(prefix="backchannel-bench-"))
+    backend: Proc | None = None
+    try:
+        work = WorkDir(work_path)
+        progress(f"bench: work folder {work_path}")
+        backend, ports = start_backend(work)
+        document["nofile"]["backend"] = dict(
+            zip(("soft", "hard"), backend.nofile_limit(), strict=True)
+        )
+        for scenario in ("idle", "bulk"):
+            if scenario not in wanted:
+                continue
+            try:
+                result = _run_scenario(
+                    scenario,
+                    work,
+                    backend,
+                    ports,
+                    args,
+                    tunnel,
+                    bulk_mib,
+                    repeat,
+                    streams,
+                    directions,
+                    document,
+                    stamp,
+                    progress,
+                )
+                document[scenario] = result
+            except BenchError as exc:
+                document["errors"].append({"scenario": scenario, "message": str(exc)})
+                progress(f"bench: {scenario} failed: {exc}")
+            backend.check_alive(f"after the {scenario} scenario")
+        if args.components:
+            progress("bench: components (CPU per MB of each layer, in this process)")
+            document["components"] = components.run(
+                64 if args.quick else 128, 1 if args.quick else 3, progress
+            )
+    except KeyboardInterrupt:
+        document["errors"].append({"scenario": "run", "message": "interrupted"})
+        progress("bench: interrupted; stopping the processes")
+    except TimeLimit:
+        document["errors"].append(
+            {"scenario": "run", "message": f"time limit of {args.time_limit:g} s exceeded"}
+        )
+        progress(f"bench: time limit of {args.time_limit:g} s exceeded; stopping the processes")
+    except (BenchError, OSError) as exc:
+        document["errors"].append({"scenario": "setup", "message": str(exc)})
+        progress(f"bench: {exc}")
+    finally:
+        signal.alarm(0)
+        if backend is not None:
+            backend.stop()
+        if args.keep_workdir:
+            progress(f"bench: configs and logs kept in {work_path}")
+        else:
+            shutil.rmtree(work_path, ignore_errors=True)
+    document["duration_seconds"] = round(time.monotonic() - started, 1)
+    path = write_json(document, stamp)
+    print()
+    print(render_table(document))
+    print(
+        f"\nresults: {path.relative_to(RESULTS_DIR.parent.parent)} "
+        f"({document['duration_seconds']:.0f} s)"
+    )
+    return 1 if document["errors"] else 0
+
+
+def _run_scenario(
+    scenario: str,
+    work: WorkDir,
+    backend: Proc,
+    ports: dict[str, int],
+    args: argparse.Namespace,
+    tunnel: dict[str, Any],
+    bulk_mib: int,
+    repeat: int,
+    streams: int,
+    directions: list[str],
+    document: dict[str, Any],
+    stamp: str,
+    progress: Any,
+) -> dict[str, Any]:
+    """Fresh gateway + connector processes for each scenario, so one does not skew the other."""
+    progress(f"bench: {scenario}: starting gateway and connector")
+    pair = start_pair(work, ports, label=scenario, tunnel=tunnel, log_level=args.log_level)
+    try:
+        document["nofile"][f"{scenario}_gateway"] = pair.gateway.nofile_limit()
+        document["nofile"][f"{scenario}_connector"] = pair.connector.nofile_limit()
+        if scenario == "idle":
+            return scenarios.run_idle(
+                pair, streams=streams, via=args.idle_via, secret=work.app_secret, progress=progress
+            )
+        result = scenarios.run_bulk(
+            pair,
+            backend,
+            ports,
+            mib=bulk_mib,
+            repeat=repeat,
+            directions=directions,
+            progress=progress,
+        )
+        if args.profile:
+            document["profile"] = _profile(
+                pair, args.profile, bulk_mib, directions, stamp, progress
+            )
+        return result
+    finally:
+        pair.stop()
+
+
+def _profile(
+    pair: Pair, which: str, mib: int, directions: list[str], stamp: str, progress: Any
+) -> dict[str, Any]:
+    roles = ["gateway", "connector"] if which == "both" else [which]
+    procs = {"gateway": pair.gateway, "connector": pair.connector}
+    RESULTS_DIR.mkdir(exist_ok=True)
+    profiles: dict[str, Any] = {}
+    for direction in directions:
+        server, transfer = scenarios.TRANSFERS[direction]
+        with contextlib.ExitStack() as stack:
+            profilers = {
+                role: stack.enter_context(
+                    Profiler(procs[role], RESULTS_DIR / f"{stamp}-{role}-{direction}.pyspy.txt")
+                )
+                for role in roles
+            }
+            seconds = transfer(
+                pair.addresses.forwards[server],
+                mib * scenarios.MIB,
+                time.monotonic() + 20 + mib / 4,
+            )
+        rate = mib * scenarios.MIB / seconds / 1e6
+        progress(f"  profiled {direction} run: {rate:.1f} MB/s under py-spy")
+        for role, profiler in profilers.items():
+            summary = profiler.summary()
+            summary["mb_per_s_while_profiled"] = round(rate, 1)
+            summary["raw_file"] = str(profiler.output.relative_to(RESULTS_DIR.parent.parent))
+            profiles[f"{role}-{direction}"] = summary
+    return profiles

@@ -1,0 +1,201 @@
+"""Machine description, the terminal table and the JSON file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import backchannel
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_mib() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip()
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "mem_total_mib": _mem_total_mib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "backchannel": backchannel.__version__,
+        "trio": _version("trio"),
+        "trio_websocket": _version("trio-websocket"),
+        "wsproto": _version("wsproto"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        # which uncommitted changes of tracked files the run measured (none: hash of "")
+        "git_diff_sha256": hashlib.sha256((_git("diff", "HEAD") or "").encode()).hexdigest()[:16],
+    }
+
+
+def write_json(document: dict[str, Any], stamp: str) -> Path:
+    """Write ``bench/results/<stamp>.json``; returns the path."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{stamp}.json"
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return path
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:.1f}"
+
+
+def render_table(document: dict[str, Any]) -> str:
+    """The human-readable summary."""
+    machine = document["machine"]
+    lines = [
+        f"backchannel {machine['backchannel']} bench, {document['timestamp']}",
+        f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), Python {machine['python']}, "
+        f"kernel {machine['kernel']}",
+        f"command: {document['command']}",
+        f"background load before start: {document.get('background_load_percent_before', '?')}%"
+        " of one CPU",
+        "",
+    ]
+    bulk = document.get("bulk")
+    if bulk and "summary" in bulk:
+        lines.append(
+            f"Bulk TCP, one stream, {bulk['mib']} MiB per run, {bulk['repeat']} run(s) per path "
+            "(median MB/s, MB = 10^6 bytes)"
+        )
+        lines.append(
+            f"  {'direction':9} {'direct':>9} {'tunnel':>9} {'tunnel/direct':>14}"
+            f" {'gw CPU':>7} {'conn CPU':>9} {'other CPU':>10}"
+        )
+        for direction, row in bulk["summary"].items():
+            cpu = row["tunnel_cpu_percent_median"]
+            lines.append(
+                f"  {direction:9} {row['direct_mb_per_s']['median']:9.1f} "
+                f"{row['tunnel_mb_per_s']['median']:9.1f} {row['ratio_tunnel_to_direct']:14.3f}"
+                f" {cpu['gateway']:6.0f}% {cpu['connector']:8.0f}% {cpu['other']:9.0f}%"
+            )
+        lines.append(
+            "  (CPU: percent of one core during the tunnel runs;"
+            " 'other' = processes outside the bench)"
+        )
+        lines.append(
+            "  CPU cost per MB through the tunnel (median) and the single-core ceiling it implies"
+        )
+        lines.append(
+            f"  {'direction':9} {'gateway ms/MB':>14} {'connector ms/MB':>16} {'ceiling MB/s':>13}"
+            "   kernel part (gw / conn)"
+        )
+        for direction, row in bulk["summary"].items():
+            cost = row["tunnel_cpu_ms_per_mb_median"]
+            worst = max(cost["gateway"], cost["connector"])
+            ceiling = f"{1000 / worst:13.0f}" if worst > 0 else f"{'-':>13}"
+            lines.append(
+                f"  {direction:9} {cost['gateway']:14.2f} {cost['connector']:16.2f} {ceiling}"
+                f"   {cost['gateway_sys']:.2f} / {cost['connector_sys']:.2f}"
+            )
+        lines.append("  RSS during the tunnel runs, MiB (start / peak / end, sampled every 100 ms)")
+        lines.append(f"  {'direction':9} {'gateway':>22} {'connector':>22}")
+        for direction, row in bulk["summary"].items():
+            cells = [
+                f"{_mib(row['rss'][n]['start_kib'])} / {_mib(row['rss'][n]['peak_kib'])} / "
+                f"{_mib(row['rss'][n]['end_kib'])}"
+                for n in ("gateway", "connector")
+            ]
+            lines.append(f"  {direction:9} {cells[0]:>22} {cells[1]:>22}")
+        lines.append("")
+    idle = document.get("idle")
+    if idle and "sides" in idle:
+        lines.append(
+            f"Idle streams: {idle['streams']} via {idle['via']}, established in "
+            f"{idle['open_seconds']:.2f} s ({idle['streams_per_second']:.0f}/s)"
+        )
+        lines.append(
+            f"  {'side':10} {'before MiB':>11} {'with streams':>13} {'per stream KiB':>15}"
+            f" {'after close':>12} {'2nd round with/after':>21}"
+        )
+        for side, row in idle["sides"].items():
+            lines.append(
+                f"  {side:10} {_mib(row['before_kib']):>11} {_mib(row['with_streams_kib']):>13}"
+                f" {row['per_stream_kib']:15.1f} {_mib(row['after_close_kib']):>12}"
+                f" {_mib(row['second_round_with_streams_kib']) + ' / ':>14}"
+                f"{_mib(row['second_round_after_close_kib'])}"
+            )
+        lines.append("")
+    for label, section in (document.get("components") or {}).items():
+        if not isinstance(section, dict) or "layers" not in section:
+            continue
+        lines.append(f"Layers, {label}: ms CPU per MB, in one process (lowest of the rounds)")
+        for name, value in section["layers"].items():
+            lines.append(f"  {value:7.3f}  {name}")
+        lines.append(f"  {section['layers_sum']:7.3f}  sum (the comparison line excluded)")
+        for variant, numbers in section["trio_websocket_tls_tcp"].items():
+            lines.append(
+                f"  trio-websocket/TLS/TCP both ends, {variant}: "
+                f"{numbers['cpu_ms_per_mb_both_ends']:.3f} ms/MB"
+            )
+        lines.append("")
+    for role, profile in (document.get("profile") or {}).items():
+        if "top_self" not in profile:
+            continue
+        lines.append(
+            f"Profile of the {role} during the bulk tunnel runs"
+            f" (py-spy, {profile['samples']} samples,"
+            f" busy ~{profile['busy_fraction_estimate']}): top self time"
+        )
+        for row in profile["top_self"][:10]:
+            lines.append(f"  {row['percent']:5.1f}%  {row['function']}")
+        lines.append("")
+    for error in document.get("errors", []):
+        lines.append(f"ERROR in {error['scenario']}: {error['message']}")
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The exact command that ran this bench."""
+    return " ".join([sys.executable, "-m", "bench", *sys.argv[1:]])
