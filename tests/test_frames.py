@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -27,6 +29,8 @@ from backchannel._proto._frames import (
     encode_reset,
     encode_window_update,
 )
+
+SPEC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 # --------------------------------------------------------------------------- helpers
 
@@ -72,10 +76,24 @@ def test_header_layout_is_big_endian_version_type_flags_stream_length() -> None:
 
 
 def test_worked_example_from_the_specification() -> None:
-    # docs/protocol.md, "Worked example": DATA on stream 1 carrying b"hello".
     frame = bytes.fromhex("01 03 0000 00000001 00000005 68656c6c6f")
     assert encode_frame(FrameType.DATA, 1, b"hello") == frame
     assert decode_all(frame) == [Frame(FrameType.DATA, 1, b"hello")]
+    match = re.search(r"On the wire: `([0-9a-f ]+)`", SPEC.read_text(encoding="utf-8"))
+    assert match is not None, "docs/protocol.md lost its worked DATA example"
+    assert bytes.fromhex(match.group(1)) == frame
+
+
+def test_other_hex_examples_in_the_specification() -> None:
+    text = SPEC.read_text(encoding="utf-8")
+    block = text.split("### Other frames on the same stream", 1)[1].split("```")[1]
+    examples = [bytes.fromhex(line.split("  ")[0]) for line in block.strip().splitlines()]
+    assert examples == [
+        encode_window_update(1, 524288),
+        encode_frame(FrameType.FIN, 1),
+        encode_reset(3, ResetCode.BACKEND_TIMEOUT, "slow"),
+        encode_go_away(2, ResetCode.NO_ERROR, ""),
+    ]
 
 
 def test_frame_type_numbers_are_the_wire_values() -> None:
