@@ -4,6 +4,7 @@ reached with curl, redis-cli and python-socks, stopped with SIGTERM."""
 from __future__ import annotations
 
 import http.server
+import signal
 import socket
 import subprocess
 import threading
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from python_socks import ProxyType
+from python_socks import ProxyError, ProxyType
 from python_socks.sync import Proxy
 
 from tests.harness import APP_SECRET, CONNECTOR_TOKEN, audit_lines, tls_material
@@ -354,17 +355,41 @@ def test_denied_target_gives_curl_a_socks_error_and_an_audit_line(system: System
     assert "127.0.0.1" not in line["reason"]  # internal names never leave the connector
 
 
-def test_sigterm_stops_both_cleanly(tmp_path: Path) -> None:
+def test_sigterm_drains_open_streams_then_stops(tmp_path: Path) -> None:
     require_tool("redis-server")
     with running_system(tmp_path) as system, _socks(system, "redis.virtual", 6379) as sock:
-        # A stream is open through the tunnel while both are told to stop.
         assert _request(sock, PING, lines=1) == [b"+PONG\r\n"]
-        assert system.connector.terminate_and_wait(timeout=5) == 0
-        # The gateway sees the connector leave (a clean close, not a time-out) and keeps running.
-        system.gateway.wait_for_message(r"^connector acme/-@\S+ disconnected: .*NORMAL_CLOSURE")
+        system.connector.popen.send_signal(signal.SIGTERM)
+        system.connector.wait_for_message(r"^received SIGTERM: draining open streams")
+        system.gateway.wait_for_message(
+            r"peer is going away \(NO_ERROR: connector is shutting down"
+        )
+        # The stream that was open goes on; new ones are refused cleanly (not connected).
+        assert _request(sock, PING, lines=1) == [b"+PONG\r\n"]
+        with pytest.raises(ProxyError) as refused:
+            _socks(system, "redis.virtual", 6379)
+        assert refused.value.error_code == 0x03
+        assert system.connector.popen.poll() is None
+        sock.close()
+        # Once the last stream is done the connector exits by itself, cleanly.
+        assert system.connector.popen.wait(timeout=TIMEOUT) == 0
+        system.gateway.wait_for_message(r"^connector acme/-@\S+ disconnected: ")
         assert system.gateway.popen.poll() is None
         assert system.gateway.terminate_and_wait(timeout=5) == 0
-        assert "received SIGTERM: shutting down" in system.connector.log_messages()
         assert "backchannel connector stopped" in system.connector.log_messages()
         assert "backchannel gateway stopped" in system.gateway.log_messages()
         system.assert_no_secret_leaked()
+
+
+def test_second_sigterm_stops_at_once(tmp_path: Path) -> None:
+    require_tool("redis-server")
+    with running_system(tmp_path) as system, _socks(system, "redis.virtual", 6379) as sock:
+        assert _request(sock, PING, lines=1) == [b"+PONG\r\n"]
+        system.gateway.popen.send_signal(signal.SIGTERM)
+        system.gateway.wait_for_message(r"^received SIGTERM: draining open streams")
+        system.gateway.popen.send_signal(signal.SIGTERM)
+        assert system.gateway.popen.wait(timeout=5) == 0
+        assert "received SIGTERM: stopping now" in system.gateway.log_messages()
+        # The connector notices and keeps trying to reconnect (it is not the one stopping).
+        system.connector.wait_for_message(r"^tunnel acme/- \S+ wss://\S+ lost: ")
+        assert system.connector.popen.poll() is None

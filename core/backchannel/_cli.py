@@ -67,6 +67,13 @@ def _add_common(parser: argparse.ArgumentParser, *, config: bool = True) -> None
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, let open streams finish this long (default 10)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +205,7 @@ def _os_error(exc: BaseException) -> OSError | None:
 def _run_role(role: str, args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, instance, args.shutdown_grace)
             await nursery.start(instance.serve)
             log.info("backchannel %s %s running (config %s)", role, __version__, args.config)
 
@@ -216,12 +223,34 @@ def _run_role(role: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _stop_on_signal(
+    scope: trio.CancelScope, instance: Gateway | Connector | None = None, grace: float = 0.0
+) -> None:
+    """First SIGTERM/SIGINT: GO_AWAY and let open streams finish (up to ``grace`` seconds);
+    a second signal stops at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if instance is None or nursery.child_tasks:
+                    log.info("received %s: stopping now", name)
+                    scope.cancel()
+                    return
+                log.info(
+                    "received %s: draining open streams for up to %g s (signal again to stop now)",
+                    name,
+                    grace,
+                )
+                nursery.start_soon(_drain_then_cancel, instance, grace, scope)
+
+
+async def _drain_then_cancel(
+    instance: Gateway | Connector, grace: float, scope: trio.CancelScope
+) -> None:
+    left = await instance.drain(grace)
+    if left:
+        log.warning("stopping with %d streams still open after %g s", left, grace)
+    scope.cancel()
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ class Connector:
         self.audit = AuditLog(Role.CONNECTOR, config.audit)
         self.status = {name: TunnelStatus(name) for name in config.subaccounts}
         self._proxies = {name: _proxy_for(sub) for name, sub in config.subaccounts.items()}
+        self._stopping = False
         self._changed = trio.lowlevel.ParkingLot()
 
     def _build_handlers(self) -> dict[str, ConnectorHandler]:
@@ -141,7 +142,7 @@ class Connector:
         }
         delay = self.config.reconnect_min_delay
         label = f"{sub.name}/{sub.location or '-'} → {sub.gateway}"
-        while True:
+        while not self._stopping:
             status.attempts += 1
             was_up = await self._connect_once(sub, status, label, ssl_context, proxy, hello)
             if was_up:
@@ -197,6 +198,19 @@ class Connector:
                 nursery.cancel_scope.cancel()
         log.warning("tunnel %s lost: %s", label, tunnel.close_reason)
         return True
+
+    async def drain(self, grace: float) -> int:
+        """Graceful stop: GO_AWAY on every tunnel (the gateway routes no new streams here),
+        wait up to ``grace`` seconds for open streams to finish, and do not reconnect.
+        Returns how many streams were still open at the deadline."""
+        self._stopping = True
+        tunnels = [s.tunnel for s in self.status.values() if s.tunnel is not None]
+        for tunnel in tunnels:
+            tunnel.go_away(ResetCode.NO_ERROR, "connector is shutting down")
+        with trio.move_on_after(grace):
+            for tunnel in tunnels:
+                await tunnel.wait_closed()
+        return sum(t.stream_count for t in tunnels if not t.closed)
 
     def _set_connected(self, status: TunnelStatus, tunnel: Tunnel) -> None:
         status.connected = True

@@ -283,6 +283,17 @@ class Gateway:
         self.audit.allowed("open_stream", **fields)
         return stream
 
+    async def drain(self, grace: float) -> int:
+        """Graceful stop: GO_AWAY to every connector, wait up to ``grace`` seconds for their
+        open streams to finish. Returns how many streams were still open at the deadline."""
+        tunnels = [e.tunnel for e in self.registry.entries() if e.tunnel is not None]
+        for tunnel in tunnels:
+            tunnel.go_away(ResetCode.NO_ERROR, "gateway is shutting down")
+        with trio.move_on_after(grace):
+            for tunnel in tunnels:
+                await tunnel.wait_closed()
+        return sum(t.stream_count for t in tunnels if not t.closed)
+
     def connected(self) -> list[TunnelEntry]:
         """Registered connectors (for status output)."""
         return self.registry.entries()
