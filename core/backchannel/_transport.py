@@ -101,6 +101,36 @@ class GatewayAddress:
         return f"wss://{host}:{self.port}{self.path}"
 
 
+class WebSocketTransport:
+    """The tunnel's message transport: a WebSocket and the TLS stream under it.
+
+    trio-websocket leaves its stream open when the peer closed first (client side) or when the
+    stream broke (its ``aclose`` then returns early): the socket would linger until garbage
+    collection and the peer would not see the TCP close, so ``aclose`` closes it here.
+    """
+
+    def __init__(
+        self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.AsyncResource
+    ) -> None:
+        self.ws = ws
+        self._stream = stream
+
+    async def send_message(self, message: bytes) -> None:
+        """Send one binary message."""
+        await self.ws.send_message(message)
+
+    async def get_message(self) -> bytes | str:
+        """Receive the next message."""
+        return await self.ws.get_message()
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close handshake (as far as the peer answers), then the stream, always."""
+        try:
+            await self.ws.aclose(code, reason)
+        finally:
+            await trio.aclose_forcefully(self._stream)
+
+
 def closed_reason(exc: BaseException) -> str | None:
     """Describe a transport failure for logs, or None if ``exc`` is not one."""
     if isinstance(exc, trio_websocket.ConnectionClosed):
@@ -122,7 +152,7 @@ async def dial_gateway(
     proxy: ProxySettings | None,
     hello: dict[str, Any],
     settings: TunnelSettings,
-) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]]:
+) -> tuple[WebSocketTransport, Mux, dict[str, Any]]:
     """Open TCP (maybe via proxy), TLS, WebSocket, and complete the HELLO exchange.
 
     Raises :class:`TunnelError` with a message that says what to check.
@@ -134,46 +164,59 @@ async def dial_gateway(
             raise TunnelError(f"cannot reach gateway {address}: {exc}") from exc
         tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
         try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as exc:
-            await trio.aclose_forcefully(tls)
-            cause = exc.__cause__
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise TunnelError(
-                    f"gateway {address} presented a certificate that is not trusted "
-                    f"({cause.verify_message}); set ca_file to the CA that signed it",
-                    ResetCode.UNAUTHENTICATED,
-                ) from exc
-            raise TunnelError(
-                f"TLS handshake with gateway {address} failed: {cause or exc}"
-            ) from exc
-        try:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery,
-                tls,  # type: ignore[arg-type]  # any trio stream works; the hint is too narrow
-                address.host,
-                address.path,
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=MAX_RECEIVED_MESSAGE,
-                receive_buffer_size=RECEIVE_BUFFER_SIZE,
-            )
-        except trio_websocket.HandshakeError as exc:
-            await trio.aclose_forcefully(tls)
-            raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
-        mux = Mux(initiator=True, settings=settings.mux)
-        mux.send_hello(hello)
-        try:
-            await ws.send_message(mux.data_to_send())
-            peer_info = await _await_hello(ws, mux, address)
+            ws, mux, peer_info = await _client_handshakes(nursery, tls, address, hello, settings)
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await ws.aclose()
+            # Every failure, time-out and cancellation included, must close the socket.
+            await trio.aclose_forcefully(tls)
             raise
-        return ws, mux, peer_info
+        return WebSocketTransport(ws, tls), mux, peer_info
     assert scope.cancelled_caught
     raise TunnelError(
         f"gateway {address} did not complete the handshake within {settings.handshake_timeout:g} s"
     )
+
+
+async def _client_handshakes(
+    nursery: trio.Nursery,
+    tls: trio.SSLStream[trio.abc.Stream],
+    address: GatewayAddress,
+    hello: dict[str, Any],
+    settings: TunnelSettings,
+) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]]:
+    """TLS, then the WebSocket upgrade, then HELLO; TunnelError says which one failed."""
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise TunnelError(
+                f"gateway {address} presented a certificate that is not trusted "
+                f"({cause.verify_message}); set ca_file to the CA that signed it",
+                ResetCode.UNAUTHENTICATED,
+            ) from exc
+        raise TunnelError(f"TLS handshake with gateway {address} failed: {cause or exc}") from exc
+    try:
+        ws = await trio_websocket.wrap_client_stream(
+            nursery,
+            tls,  # type: ignore[arg-type]  # any trio stream works; the hint is too narrow
+            address.host,
+            address.path,
+            message_queue_size=MESSAGE_QUEUE_SIZE,
+            max_message_size=MAX_RECEIVED_MESSAGE,
+            receive_buffer_size=RECEIVE_BUFFER_SIZE,
+        )
+    except trio_websocket.HandshakeError as exc:
+        raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
+    mux = Mux(initiator=True, settings=settings.mux)
+    mux.send_hello(hello)
+    try:
+        await ws.send_message(mux.data_to_send())
+        peer_info = await _await_hello(ws, mux, address)
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await ws.aclose()
+        raise
+    return ws, mux, peer_info
 
 
 async def _await_hello(
@@ -212,7 +255,7 @@ async def accept_tunnel(
     path: str,
     settings: TunnelSettings,
     authenticate: Authenticator,
-) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None:
+) -> tuple[WebSocketTransport, Mux, dict[str, Any]] | None:
     """Server side: TLS, WebSocket upgrade on ``path``, HELLO, authentication.
 
     ``authenticate(hello, peer_address)`` returns the HELLO to answer with, or raises
@@ -222,48 +265,72 @@ async def accept_tunnel(
     peer = _peer_name(tcp)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tls = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
-    ws: trio_websocket.WebSocketConnection | None = None
-    with trio.move_on_after(settings.handshake_timeout):
-        try:
-            await tls.do_handshake()
-            request = await trio_websocket.wrap_server_stream(
-                nursery,
-                tls,
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=MAX_RECEIVED_MESSAGE,
-                receive_buffer_size=RECEIVE_BUFFER_SIZE,
-            )
-            if request.path != path:
-                await request.reject(404, body=b"no backchannel tunnel endpoint here\n")
-                log.info(
-                    "tunnel endpoint: %s asked for %r, not %r: refused", peer, request.path, path
-                )
-                return None
-            ws = await request.accept()
-            mux = Mux(initiator=False, settings=settings.mux)
-            hello = await _receive_hello(ws, mux)
-            try:
-                answer = await authenticate(hello, peer)
-            except TunnelError as exc:
-                mux.go_away(exc.code, str(exc))
-                await ws.send_message(mux.data_to_send())
-                await ws.aclose(1008, "refused")
-                return None
-            mux.send_hello(answer)
-            await ws.send_message(mux.data_to_send())
-            return ws, mux, hello
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.info("tunnel endpoint: %s failed before the handshake completed: %s", peer, exc)
-        except trio_websocket.ConnectionClosed as exc:
+    result: tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None = None
+    try:
+        with trio.move_on_after(settings.handshake_timeout) as scope:
+            result = await _server_handshakes(nursery, tls, peer, path, settings, authenticate)
+        if scope.cancelled_caught:
             log.info(
-                "tunnel endpoint: %s closed during the handshake: %s", peer, closed_reason(exc)
+                "tunnel endpoint: %s did not complete the handshake within %g s",
+                peer,
+                settings.handshake_timeout,
             )
-        except (ProtocolError, TunnelError) as exc:
-            log.warning("tunnel endpoint: %s broke the handshake: %s", peer, exc)
+    finally:
+        # Refused, failed, timed out or cancelled: the socket must not linger.
+        if result is None:
+            await trio.aclose_forcefully(tls)
+    if result is None:
+        return None
+    ws, mux, hello = result
+    return WebSocketTransport(ws, tls), mux, hello
+
+
+async def _server_handshakes(
+    nursery: trio.Nursery,
+    tls: trio.SSLStream[trio.SocketStream],
+    peer: str,
+    path: str,
+    settings: TunnelSettings,
+    authenticate: Authenticator,
+) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None:
+    """TLS, upgrade on ``path``, HELLO, authentication; None (logged) when refused or failed."""
+    ws: trio_websocket.WebSocketConnection | None = None
+    try:
+        await tls.do_handshake()
+        request = await trio_websocket.wrap_server_stream(
+            nursery,
+            tls,
+            message_queue_size=MESSAGE_QUEUE_SIZE,
+            max_message_size=MAX_RECEIVED_MESSAGE,
+            receive_buffer_size=RECEIVE_BUFFER_SIZE,
+        )
+        if request.path != path:
+            await request.reject(404, body=b"no backchannel tunnel endpoint here\n")
+            log.info("tunnel endpoint: %s asked for %r, not %r: refused", peer, request.path, path)
+            return None
+        ws = await request.accept()
+        mux = Mux(initiator=False, settings=settings.mux)
+        hello = await _receive_hello(ws, mux)
+        try:
+            answer = await authenticate(hello, peer)
+        except TunnelError as exc:
+            mux.go_away(exc.code, str(exc))
+            await ws.send_message(mux.data_to_send())
+            with trio.move_on_after(1):
+                await ws.aclose(1008, "refused")
+            return None
+        mux.send_hello(answer)
+        await ws.send_message(mux.data_to_send())
+        return ws, mux, hello
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        log.info("tunnel endpoint: %s failed before the handshake completed: %s", peer, exc)
+    except trio_websocket.ConnectionClosed as exc:
+        log.info("tunnel endpoint: %s closed during the handshake: %s", peer, closed_reason(exc))
+    except (ProtocolError, TunnelError) as exc:
+        log.warning("tunnel endpoint: %s broke the handshake: %s", peer, exc)
     if ws is not None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await ws.aclose(1002, "handshake failed")
-    await trio.aclose_forcefully(tls)
     return None
 
 

@@ -93,6 +93,7 @@ class Tunnel:
         self._closed = trio.Event()
         self._close_reason = ""
         self._aborted_here = False
+        self._peer_silent = False
         self._last_received = trio.current_time()
         self.peer_going_away = False
         self.going_away = False
@@ -185,7 +186,8 @@ class Tunnel:
             # When we closed the tunnel ourselves the transport's reader still runs and sees
             # the peer's close reply; when the whole program is being cancelled it does not,
             # so waiting for that reply would only stall shutdown.
-            grace = 2.0 if self._aborted_here else 0.1
+            # A peer that failed its heartbeat will not answer the close either.
+            grace = 2.0 if self._aborted_here and not self._peer_silent else 0.1
             with trio.CancelScope(shield=True), trio.move_on_after(grace):
                 await self._transport.aclose()
 
@@ -221,6 +223,11 @@ class Tunnel:
         log.warning("tunnel %s: protocol error from peer: %s", self.label, exc)
         # The mux queued a GO_AWAY naming the error: let the writer flush it before we go.
         self._close_reason = f"protocol error: {exc}"
+        # The mux has forgotten every stream: fail them now, or their next call would surface
+        # the mux's own "stream is not open" instead of a trio stream error.
+        error = StreamError(ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}")
+        for stream in list(self._streams.values()):
+            stream._fail(error)
         assert self._nursery is not None
         self._nursery.start_soon(self._flush_then_abort)
 
@@ -254,7 +261,8 @@ class Tunnel:
             await trio.sleep(interval)
             idle = trio.current_time() - self._last_received
             if idle >= self._settings.heartbeat_timeout:
-                self.abort(f"peer sent nothing for {idle:.0f} s (heartbeat timeout)")
+                self._peer_silent = True
+                self.abort(f"peer sent nothing for {idle:.1f} s (heartbeat timeout)")
                 return
             if idle >= interval:
                 self._mux.ping(os.urandom(8))
