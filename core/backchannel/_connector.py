@@ -246,6 +246,11 @@ class Connector:
             return
         target = HostPort(host, port)
         fields.update(protocol=protocol, target=str(target))
+        if protocol not in {handler.name for handler in self.handlers.values()}:
+            reason = f"this connector has no plugin for protocol {protocol!r}"
+            self.audit.denied("stream", reason, **fields)
+            await stream.reset(ResetCode.UNSUPPORTED_PROTOCOL, reason)
+            return
         decision = self.access.resolve(sub.name, protocol, host, port, self.handlers)
         if isinstance(decision, Denied):
             self.audit.denied("stream", decision.reason, **fields)
