@@ -74,4 +74,4 @@ class AuditLog:
 def _open_append(path: Path) -> TextIO:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-    return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+    return os.fdopen(fd, "a", buffering=1, encoding="utf-8", errors="backslashreplace")

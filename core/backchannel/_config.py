@@ -101,6 +101,9 @@ def read_tunnel_settings(reader: TableReader) -> TunnelSettings:
             minimum=16 * 1024,
             maximum=8 * 1024 * 1024,
         ),
+        stream_open_timeout=reader.number(
+            "stream_open_timeout", defaults.stream_open_timeout, minimum=0.1, maximum=3600
+        ),
         output_high_water=reader.integer(
             "output_high_water",
             defaults.output_high_water,

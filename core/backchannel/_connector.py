@@ -144,9 +144,14 @@ class Connector:
         label = f"{sub.name}/{sub.location or '-'} → {sub.gateway}"
         while not self._stopping:
             status.attempts += 1
-            was_up = await self._connect_once(sub, status, label, ssl_context, proxy, hello)
-            if was_up:
-                delay = self.config.reconnect_min_delay
+            try:
+                if await self._connect_once(sub, status, label, ssl_context, proxy, hello):
+                    delay = self.config.reconnect_min_delay
+            except* Exception as group:
+                # Whatever broke this attempt (the WebSocket library's reader task included),
+                # the connector's job is to try again, not to stop.
+                status.last_error = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                log.warning("tunnel %s failed: %s", label, status.last_error)
             # Full jitter between half and all of the delay: many connectors restarting at
             # once (after a gateway restart) must not reconnect in lock-step.
             await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  (not for security)

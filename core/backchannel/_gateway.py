@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -111,15 +112,33 @@ class Gateway:
         finally:
             self.audit.close()
 
-    def _tunnel_connection(self, ssl_context: Any) -> Any:
+    def _tunnel_connection(
+        self, ssl_context: ssl.SSLContext
+    ) -> Callable[[trio.SocketStream], Awaitable[None]]:
         async def handle(tcp: trio.SocketStream) -> None:
-            entry_holder: list[TunnelEntry] = []
+            try:
+                await self._serve_tunnel_connection(tcp, ssl_context)
+            except* Exception as group:
+                # One broken connection must never take the gateway's listener down: errors
+                # also come out of the WebSocket library's reader task, as a group.
+                log.warning(
+                    "tunnel connection ended with an error: %s",
+                    "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions),
+                )
 
-            async def authenticate(hello: dict[str, Any], peer: str) -> dict[str, Any]:
-                entry = self._authenticate_connector(hello, peer)
-                entry_holder.append(entry)
-                return {"role": "gateway", "software": f"backchannel {__version__}"}
+        return handle
 
+    async def _serve_tunnel_connection(
+        self, tcp: trio.SocketStream, ssl_context: ssl.SSLContext
+    ) -> None:
+        entry_holder: list[TunnelEntry] = []
+
+        async def authenticate(hello: dict[str, Any], peer: str) -> dict[str, Any]:
+            entry = self._authenticate_connector(hello, peer)
+            entry_holder.append(entry)
+            return {"role": "gateway", "software": f"backchannel {__version__}"}
+
+        try:
             async with trio.open_nursery() as nursery:
                 try:
                     result = await accept_tunnel(
@@ -133,6 +152,7 @@ class Gateway:
                     if result is None:
                         return
                     ws, mux, hello = result
+                    hello = {key: value for key, value in hello.items() if key != "token"}
                     entry = entry_holder[0]
                     label = f"{entry.subaccount}/{entry.location or '-'}@{entry.peer}"
                     tunnel = Tunnel(
@@ -147,15 +167,11 @@ class Gateway:
                     log.info("connector %s connected (%s)", label, entry.software)
                     await tunnel.run()
                     log.info("connector %s disconnected: %s", label, tunnel.close_reason)
-                except Exception:
-                    # One broken connection must never take the gateway's listener down.
-                    log.exception("tunnel connection failed unexpectedly")
                 finally:
-                    for entry in entry_holder:
-                        self.registry.release(entry)
                     nursery.cancel_scope.cancel()
-
-        return handle
+        finally:
+            for entry in entry_holder:
+                self.registry.release(entry)
 
     def _authenticate_connector(self, hello: Mapping[str, Any], peer: str) -> TunnelEntry:
         subaccount = hello.get("subaccount")

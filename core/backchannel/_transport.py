@@ -186,7 +186,7 @@ async def _client_handshakes(
     """TLS, then the WebSocket upgrade, then HELLO; TunnelError says which one failed."""
     try:
         await tls.do_handshake()
-    except trio.BrokenResourceError as exc:
+    except (trio.BrokenResourceError, OSError) as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
             raise TunnelError(
@@ -207,11 +207,20 @@ async def _client_handshakes(
         )
     except trio_websocket.HandshakeError as exc:
         raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
+    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+        raise TunnelError(
+            f"gateway {address} dropped the connection during the WebSocket upgrade: {exc}"
+        ) from exc
     mux = Mux(initiator=True, settings=settings.mux)
     mux.send_hello(hello)
     try:
         await ws.send_message(mux.data_to_send())
         peer_info = await _await_hello(ws, mux, address)
+    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+        raise TunnelError(
+            f"gateway {address} dropped the connection during the handshake: "
+            f"{closed_reason(exc) or exc}"
+        ) from exc
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             await ws.aclose()

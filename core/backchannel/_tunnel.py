@@ -50,6 +50,10 @@ class TransportClosed(Exception):
     """Raised by transport adapters when the peer went away; message says why."""
 
 
+#: The most one send_all step hands the mux at once (bounds overshoot of the high-water mark).
+MAX_SEND_CHUNK = 256 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelSettings:
     """Timing and buffering of a tunnel; the mux settings are what is promised to the peer."""
@@ -60,6 +64,14 @@ class TunnelSettings:
     handshake_timeout: float = 10.0
     max_message_size: int = 512 * 1024
     output_high_water: int = 1024 * 1024
+    #: How long an opener waits for ACCEPT or RESET before giving up with BACKEND_TIMEOUT.
+    stream_open_timeout: float = 30.0
+
+    @property
+    def output_limit(self) -> int:
+        """Queued output beyond which the peer counts as not reading (our own streams stop at
+        the high-water mark; only replies to the peer's frames could grow past this)."""
+        return 4 * self.output_high_water + 4 * MAX_SEND_CHUNK
 
 
 StreamHandler = Callable[[TunnelStream], Awaitable[None]]
@@ -93,6 +105,7 @@ class Tunnel:
         self._closed = trio.Event()
         self._close_reason = ""
         self._aborted_here = False
+        self._draining_close = False
         self._peer_silent = False
         self._last_received = trio.current_time()
         self.peer_going_away = False
@@ -140,7 +153,14 @@ class Tunnel:
         self._wake_writer()
         if wait_accepted:
             try:
-                await stream.wait_accepted()
+                with trio.move_on_after(self._settings.stream_open_timeout) as scope:
+                    await stream.wait_accepted()
+                if scope.cancelled_caught:
+                    raise StreamError(
+                        ResetCode.BACKEND_TIMEOUT,
+                        f"the peer did not answer the stream open within "
+                        f"{self._settings.stream_open_timeout:g} s",
+                    )
             except BaseException:
                 stream.reset_nowait(ResetCode.CANCELLED, "opener gave up waiting")
                 await stream.aclose()
@@ -154,6 +174,8 @@ class Tunnel:
 
     def go_away(self, code: ResetCode = ResetCode.NO_ERROR, reason: str = "") -> None:
         """Accept no new streams; the tunnel closes when the open ones are done."""
+        if self.closed:
+            return
         self.going_away = True
         self._mux.go_away(code, reason)
         self._wake_writer()
@@ -216,6 +238,14 @@ class Tunnel:
                 return
             for event in events:
                 self._dispatch(event)
+            if self._mux.pending_bytes > self._settings.output_limit:
+                # Pings, refused opens and the like make us queue replies; a peer that sends
+                # them without reading ours would grow our memory without end.
+                self.abort(
+                    f"peer does not read: {self._mux.pending_bytes} bytes queued for it "
+                    f"(limit {self._settings.output_limit})"
+                )
+                return
             if self._mux.pending_bytes:
                 self._wake_writer()
 
@@ -232,7 +262,8 @@ class Tunnel:
         self._nursery.start_soon(self._flush_then_abort)
 
     async def _flush_then_abort(self) -> None:
-        with trio.move_on_after(1):
+        # Bounded by the heartbeat timeout: a live peer takes queued data within it.
+        with trio.move_on_after(self._settings.heartbeat_timeout):
             while self._mux.pending_bytes:
                 await self._transport.send_message(self._mux.data_to_send())
         self.abort(self._close_reason)
@@ -329,7 +360,10 @@ class Tunnel:
         self._nursery.start_soon(self._run_handler, stream)
 
     def _close_if_drained(self) -> None:
+        if self.closed or self._draining_close:
+            return
         if (self.going_away or self.peer_going_away) and not self._streams:
+            self._draining_close = True
             self._close_reason = self._close_reason or "tunnel went away gracefully"
             if self._nursery is not None:
                 self._nursery.start_soon(self._flush_then_abort)
@@ -346,7 +380,7 @@ class Tunnel:
         return self._mux.send_window(stream.stream_id) == 0
 
     def _mux_send(self, stream_id: int, data: memoryview) -> int:
-        sent = self._mux.send_data(stream_id, data)
+        sent = self._mux.send_data(stream_id, data[:MAX_SEND_CHUNK])
         self._wake_writer()
         return sent
 

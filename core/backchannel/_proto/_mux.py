@@ -525,6 +525,12 @@ def _decode_json(payload: bytes, what: str) -> dict[str, Any]:
         raise ProtocolError(f"{what} payload is not valid UTF-8 JSON") from exc
     if not isinstance(document, dict):
         raise ProtocolError(f"{what} payload must be a JSON object")
+    try:
+        # JSON escapes can smuggle lone surrogates ("\ud800") past the UTF-8 check; strings
+        # that cannot be encoded again would fail later, far from here (logs, comparisons).
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f"{what} payload holds a string that is not valid Unicode") from exc
     return document
 
 

@@ -33,7 +33,7 @@ from ._socks5 import (
     SocksError,
     UsernamePassword,
 )
-from ._splice import splice
+from ._splice import CLIENT_BROKE, splice
 
 log = logging.getLogger("backchannel.tcp")
 
@@ -123,7 +123,12 @@ class Socks5FrontDoor:
                 trailing = connection.trailing_data
                 if trailing:
                     await stream.send_all(trailing)
-                await splice(stream, client, label=f"socks5 {peer} → {negotiated.request.host}")
+                await splice(
+                    stream,
+                    client,
+                    label=f"socks5 {peer} → {negotiated.request.host}",
+                    other_broke=CLIENT_BROKE,
+                )
         except SocksError as exc:
             log.info("socks5 %s: %s", peer, exc)
             if exc.reply:
@@ -256,7 +261,12 @@ class PortForward:
                 log.warning("forward %s from %s: %s", self.name, peer, exc)
                 return
             async with stream:
-                await splice(stream, client, label=f"forward {peer} → {self._target}")
+                await splice(
+                    stream,
+                    client,
+                    label=f"forward {peer} → {self._target}",
+                    other_broke=CLIENT_BROKE,
+                )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("forward %s: %s went away: %s", self.name, peer, exc)
         except Exception:

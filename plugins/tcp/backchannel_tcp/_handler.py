@@ -106,8 +106,10 @@ class TcpHandler:
         try:
             with trio.fail_after(self.connect_timeout):
                 await tls.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        except BaseException as exc:
             await trio.aclose_forcefully(tls)
+            if not isinstance(exc, trio.BrokenResourceError | trio.TooSlowError):
+                raise
             cause = exc.__cause__
             log.warning("%s (%s): TLS handshake failed: %s", where, internal, cause or exc)
             detail = (

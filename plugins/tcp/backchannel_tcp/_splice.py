@@ -20,7 +20,18 @@ class _Failure(Exception):
         self.side = side
 
 
-async def splice(tunnel: TunnelStream, other: trio.abc.Stream, *, label: str) -> None:
+#: How the tunnel stream is reset when the other side's connection breaks, per side.
+BACKEND_BROKE = (ResetCode.BACKEND_UNREACHABLE, "the backend connection broke")
+CLIENT_BROKE = (ResetCode.CANCELLED, "the client connection broke")
+
+
+async def splice(
+    tunnel: TunnelStream,
+    other: trio.abc.Stream,
+    *,
+    label: str,
+    other_broke: tuple[ResetCode, str] = BACKEND_BROKE,
+) -> None:
     """Pump until both directions ended; a failure on one side aborts the other side.
 
     Each direction forwards EOF as a half-close where the destination supports it (TLS
@@ -40,7 +51,7 @@ async def splice(tunnel: TunnelStream, other: trio.abc.Stream, *, label: str) ->
         if failures:
             log.debug("splice %s ended by %s", label, failures[0])
             if failures[0].side == "backend":
-                tunnel.reset_nowait(ResetCode.BACKEND_UNREACHABLE, "the backend connection broke")
+                tunnel.reset_nowait(*other_broke)
         await trio.aclose_forcefully(other)
 
 
