@@ -434,14 +434,14 @@ BAD_CASES = [
         "connector",
         _set("subaccounts.acme.mappings[0].protocol", "rfc"),
         "subaccounts.acme.mappings[0].protocol",
-        "'rfc' is not served by an enabled plugin (served: tcp, tcps)",
+        "'rfc' is not served by an enabled plugin (served: http, https, tcp, tcps)",
     ),
     BadCase(
         "protocol-of-a-disabled-plugin",
         "connector",
         None,
         "subaccounts.acme.mappings[0].protocol",
-        "'tcp' is not served by an enabled plugin (served: none",
+        "'tcp' is not served by an enabled plugin (served: http, https)",
         args=("--disable-plugin", "tcp"),
     ),
     BadCase(
@@ -449,7 +449,7 @@ BAD_CASES = [
         "connector",
         None,
         "--plugins",
-        "no plugin named 'nosuch' is installed (found: tcp",
+        "no plugin named 'nosuch' is installed (found: http, tcp",
         args=("--plugins", "tcp,nosuch"),
     ),
     BadCase(

@@ -820,13 +820,17 @@ def test_mapping_keys_are_required(base: Path) -> None:
 
 
 def test_mapping_protocol_not_served(base: Path) -> None:
-    text = CONNECTOR + mapping("web.virtual:80", "web.corp:80", "http")
+    text = CONNECTOR + mapping("erp.virtual:3300", "erp.corp:3300", "rfc")
     expect_error(
         write(base, text),
         "subaccounts.acme.mappings[0].protocol",
-        "'http' is not served by an enabled plugin (served: tcp, tcps)",
+        "'rfc' is not served by an enabled plugin (served: http, https, tcp, tcps)",
     )
-    text = CONNECTOR + mapping("db.virtual:1", "db.corp:1") + '\n[plugins]\ndisable = ["tcp"]\n'
+    text = (
+        CONNECTOR
+        + mapping("db.virtual:1", "db.corp:1")
+        + '\n[plugins]\ndisable = ["tcp", "http"]\n'
+    )
     expect_error(
         write(base, text),
         "subaccounts.acme.mappings[0].protocol",

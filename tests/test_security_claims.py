@@ -390,16 +390,26 @@ async def test_only_mapped_ports_and_protocols_are_allowed(tmp_path: Path) -> No
                 assert await socks_reply(pair.socks, "echo.virtual", 6999) == 0x02
                 assert await socks_reply(pair.socks, "echo.virtual", 7002) == 0x02
                 assert await socks_reply(pair.socks, "echo.virtual.other", 7000) == 0x02
-                # A protocol no plugin serves is refused as such, mapping or not (a plugin of
-                # another protocol using a tcp mapping: tests/test_third_party_plugin.py).
+                # A plugin of another protocol cannot use a tcp mapping.
                 with pytest.raises(StreamError) as info:
                     await pair.gateway.open_stream(
                         AppIdentity("acme", "crm"),
                         protocol="http",
                         target=HostPort("echo.virtual", 7000),
                     )
-            assert info.value.code == ResetCode.UNSUPPORTED_PROTOCOL
-            assert info.value.reason == "this connector has no plugin for protocol 'http'"
+                # A protocol no plugin serves is refused as such, mapping or not.
+                with pytest.raises(StreamError) as unsupported:
+                    await pair.gateway.open_stream(
+                        AppIdentity("acme", "crm"),
+                        protocol="rfc",
+                        target=HostPort("echo.virtual", 7000),
+                    )
+            assert info.value.code == ResetCode.ACCESS_DENIED
+            assert info.value.reason == (
+                "virtual host echo.virtual:7000 is mapped for tcp, not for http"
+            )
+            assert unsupported.value.code == ResetCode.UNSUPPORTED_PROTOCOL
+            assert unsupported.value.reason == "this connector has no plugin for protocol 'rfc'"
 
 
 async def test_access_is_checked_on_every_stream_open(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ The public API is what this module exports; everything in underscore modules may
 """
 
 from ._audit import AuditLog as AuditLog
+from ._backend_tls import BackendTls as BackendTls
+from ._backend_tls import read_backend_tls as read_backend_tls
 from ._config import ConnectorConfig as ConnectorConfig
 from ._config import GatewayConfig as GatewayConfig
 from ._config import is_valid_location_id as is_valid_location_id
@@ -14,6 +16,7 @@ from ._configutil import Secret as Secret
 from ._configutil import TableReader as TableReader
 from ._connector import Connector as Connector
 from ._connector import open_connector as open_connector
+from ._dial import is_connection_refused as is_connection_refused
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import BackchannelError as BackchannelError
 from ._exceptions import ConfigError as ConfigError

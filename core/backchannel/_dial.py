@@ -15,6 +15,7 @@ are the subclass :class:`ProxyError`. Messages name the proxy only in its redact
 from __future__ import annotations
 
 import base64
+import errno
 import ipaddress
 import os
 import socket
@@ -504,3 +505,14 @@ async def open_tcp(
         raise ProxyError(
             f"timed out after {connect_timeout:g} s {phase.description} proxy {proxy.redacted()}"
         ) from None
+
+
+def is_connection_refused(exc: BaseException) -> bool:
+    """Whether a connect failure was a refusal (ECONNREFUSED), also when trio.open_tcp_stream
+    reports all its attempts as one OSError with their errors in an ExceptionGroup as context."""
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(is_connection_refused(inner) for inner in exc.exceptions)
+    linked = exc.__cause__ or exc.__context__
+    return linked is not None and is_connection_refused(linked)

@@ -2,34 +2,26 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
 
 import trio
 
 from backchannel import (
+    BackendTls,
     ResetCode,
     Session,
     StreamError,
     TableReader,
     TunnelStream,
-    verifying_client_context,
+    is_connection_refused,
+    read_backend_tls,
 )
 
 from ._splice import splice
 
 log = logging.getLogger("backchannel.tcp")
-
-
-@dataclass(frozen=True, slots=True)
-class TlsOptions:
-    """How a ``tcps`` mapping talks TLS to its backend."""
-
-    context: ssl.SSLContext
-    server_name: str | None
 
 
 class TcpHandler:
@@ -41,33 +33,15 @@ class TcpHandler:
     def __init__(self, *, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
 
-    def parse_mapping_options(self, mapping: TableReader) -> TlsOptions | None:
+    def parse_mapping_options(self, mapping: TableReader) -> BackendTls | None:
         """``tcps`` mappings take ca_file, server_name, client_cert and client_key."""
         protocol = mapping.string("protocol", required=True)
         if protocol == "tcp":
             mapping.finish()
             return None
-        ca_file = mapping.path("ca_file")
-        server_name = mapping.optional_string("server_name")
-        client_cert = mapping.path("client_cert")
-        client_key = mapping.path("client_key")
-        if (client_cert is None) != (client_key is None):
-            raise mapping.error("client_cert", "client_cert and client_key go together")
+        tls = read_backend_tls(mapping)
         mapping.finish()
-        try:
-            context = verifying_client_context(ca_file)
-        except (ssl.SSLError, OSError) as exc:
-            raise mapping.error(
-                "ca_file", f"not a readable PEM file of CA certificates: {exc}"
-            ) from None
-        if client_cert is not None and client_key is not None:
-            try:
-                context.load_cert_chain(str(client_cert), str(client_key))
-            except (ssl.SSLError, OSError) as exc:
-                raise mapping.error(
-                    "client_key", f"cannot load the client certificate: {exc}"
-                ) from None
-        return TlsOptions(context, server_name)
+        return tls
 
     async def handle(self, session: Session, stream: TunnelStream) -> None:
         """Connect to the backend, accept the stream, splice until both sides are done."""
@@ -93,12 +67,12 @@ class TcpHandler:
             ) from None
         except OSError as exc:
             log.warning("%s (%s) unreachable: %s", where, internal, exc)
-            what = "refused the connection" if _refused(exc) else "is unreachable"
+            what = "refused the connection" if is_connection_refused(exc) else "is unreachable"
             # The internal host name stays here: the gateway only learns the virtual one.
             raise StreamError(ResetCode.BACKEND_UNREACHABLE, f"{where} {what}") from None
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         options = session.mapping.options
-        if not isinstance(options, TlsOptions):
+        if not isinstance(options, BackendTls):
             return tcp
         tls = trio.SSLStream(
             tcp, options.context, server_hostname=options.server_name or internal.host
@@ -119,13 +93,3 @@ class TcpHandler:
             )
             raise StreamError(ResetCode.BACKEND_UNREACHABLE, f"{where}: {detail}") from None
         return tls
-
-
-def _refused(exc: OSError) -> bool:
-    if exc.errno == errno.ECONNREFUSED:
-        return True
-    # trio.open_tcp_stream wraps several attempts into one OSError with the causes inside.
-    return any(
-        isinstance(e, OSError) and e.errno == errno.ECONNREFUSED
-        for e in getattr(exc, "exceptions", ()) or [exc.__cause__]
-    )

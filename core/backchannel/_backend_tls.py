@@ -1,0 +1,45 @@
+"""TLS towards a backend, as configured on a system mapping (shared by protocol plugins)."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from ._configutil import TableReader
+from ._transport import verifying_client_context
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTls:
+    """How the connector speaks TLS to one mapping's backend."""
+
+    context: ssl.SSLContext
+    #: Name to verify and send as SNI; None means the mapping's internal host.
+    server_name: str | None
+
+
+def read_backend_tls(mapping: TableReader) -> BackendTls:
+    """Read ``ca_file``, ``server_name``, ``client_cert`` and ``client_key`` of a mapping.
+
+    The backend's certificate is always verified (against ``ca_file`` alone when set, else
+    the system store); ``client_cert``/``client_key`` are the connector's system certificate
+    for mutual TLS. Errors name the key. Does not call ``mapping.finish()``.
+    """
+    ca_file = mapping.path("ca_file")
+    server_name = mapping.optional_string("server_name")
+    client_cert = mapping.path("client_cert")
+    client_key = mapping.path("client_key")
+    if (client_cert is None) != (client_key is None):
+        raise mapping.error("client_cert", "client_cert and client_key go together")
+    try:
+        context = verifying_client_context(ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        problem = f"not a readable PEM file of CA certificates: {exc}"
+        raise mapping.error("ca_file", problem) from None
+    if client_cert is not None and client_key is not None:
+        try:
+            context.load_cert_chain(str(client_cert), str(client_key))
+        except (ssl.SSLError, OSError) as exc:
+            problem = f"cannot load the client certificate: {exc}"
+            raise mapping.error("client_key", problem) from None
+    return BackendTls(context, server_name)

@@ -1,0 +1,1 @@
+"""The HTTP plugin: HTTP proxy and destinations (gateway), HTTP(S) backends (connector)."""

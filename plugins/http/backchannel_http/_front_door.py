@@ -1,0 +1,587 @@
+"""Gateway side of the HTTP plugin, the I/O half: client connections relayed through tunnel
+streams (protocol ``http``), the forward proxy and destinations front doors, and the
+``[plugins.http]`` reader that builds them.
+
+A :class:`ClientConnection` parses the client's requests with an h11 server connection, asks
+its router where each one goes, and writes it on a tunnel stream through an h11 client
+connection: the connector only ever sees requests that h11 serialised, in origin form, with
+framing h11 chose. Responses come back the same way. Bodies stream both ways with
+back-pressure and are never held whole. A kept-alive client connection keeps its tunnel stream
+while its requests go to the same virtual host, port, location and app, and opens a new one
+when they change. The rules (what is admitted, which headers pass, how failures read) are in
+:mod:`backchannel_http._relay`.
+
+Cloud applications use the proxy as SAP Cloud Connector's clients do: an ``http://`` URL in
+absolute form, ``Proxy-Authorization`` (Basic ``subaccount/app:secret`` or Bearer app token)
+and the location id in ``SAP-Connectivity-SCC-Location_ID`` (or ``X-Backchannel-Location``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import replace
+
+import h11
+import trio
+
+# h11 exports it (h11.MIGHT_SWITCH_PROTOCOL) but leaves it out of __all__.
+from h11 import MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
+
+from backchannel import (
+    FrontDoor,
+    GatewayContext,
+    GatewayServices,
+    HostPort,
+    ResetCode,
+    StreamError,
+    TableReader,
+    TunnelStream,
+)
+
+from ._destinations import Destination, DestinationsRouter, parse_destinations
+from ._relay import (
+    BadHead,
+    Client,
+    HeadScanner,
+    HttpLimits,
+    ProxyRouter,
+    Refusal,
+    Route,
+    Router,
+    comma_tokens,
+    forward_response_headers,
+    refusal_for_stream_error,
+    render_refusal,
+)
+
+log = logging.getLogger("backchannel.http")
+
+NAME = "http"
+#: Read size on the client socket and on tunnel streams (the mux cuts frames itself).
+CLIENT_CHUNK = 64 * 1024
+TUNNEL_CHUNK = 256 * 1024
+#: Largest response head accepted from the connector (it is trusted, but bounded anyway).
+MAX_RESPONSE_HEAD = 256 * 1024
+#: Methods a request on a stale kept-alive stream may be retried with (RFC 9110 9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+#: Reset codes that mean "this kept-alive stream was closed", not "this request failed".
+_STALE_CODES = frozenset({ResetCode.CANCELLED, ResetCode.NO_ERROR})
+
+
+class _ClientGone(Exception):
+    """The client's socket broke or closed."""
+
+
+class _Outcome(enum.Enum):
+    DONE = "done"  # response relayed completely
+    UPGRADED = "upgraded"  # 101 relayed: splice raw bytes
+    FAILED = "failed"  # stream failed; the failure is in ClientConnection._failure
+    RETRY = "retry"  # a stale reused stream failed before anything happened
+
+
+class _TunnelLeg:
+    """One tunnel stream and the h11 client connection that writes requests on it."""
+
+    def __init__(self, stream: TunnelStream, key: object) -> None:
+        self.stream = stream
+        self.key = key
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.exchanges = 0
+
+    def reusable(self) -> bool:
+        return (
+            self.stream.error is None
+            and self.conn.our_state is h11.IDLE
+            and self.conn.their_state is h11.IDLE
+        )
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The connector's next event; raises trio.BrokenResourceError if the stream was reset
+        and h11.RemoteProtocolError if the response is malformed or cut short."""
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, h11.Event):
+                return event
+            if event is h11.PAUSED:
+                return h11.PAUSED
+            self.conn.receive_data(await self.stream.receive_some(TUNNEL_CHUNK))
+
+
+class ClientConnection:
+    """Serves one client connection: requests in, tunnel streams out, responses back."""
+
+    def __init__(
+        self,
+        services: GatewayServices,
+        client: trio.abc.HalfCloseableStream,
+        peer: Client,
+        router: Router,
+        limits: HttpLimits,
+        label: str,
+    ) -> None:
+        self._services = services
+        self._client = client
+        self._peer = peer
+        self._router = router
+        self._limits = limits
+        self._label = f"{label} {peer}"
+        self._conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=limits.max_request_line + limits.max_header_bytes
+        )
+        self._leg: _TunnelLeg | None = None
+        self._failure: Refusal | BaseException | None = None
+        self._response_started = False
+
+    async def run(self) -> None:
+        """Serve requests until the client leaves, an error closes the connection, or a
+        response cannot be completed (then the client sees the connection cut)."""
+        try:
+            while await self._serve_one():
+                pass
+        except _ClientGone as exc:
+            log.debug("%s: client went away: %s", self._label, exc.__cause__ or exc)
+        finally:
+            await self._drop_leg()
+            await trio.aclose_forcefully(self._client)
+
+    # ------------------------------------------------------------------ client leg
+
+    async def _receive(self) -> bytes:
+        try:
+            return bytes(await self._client.receive_some(CLIENT_CHUNK))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _ClientGone() from exc
+
+    async def _send(self, *events: h11.Event) -> None:
+        data = b"".join(self._conn.send(event) or b"" for event in events)
+        try:
+            await self._client.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _ClientGone() from exc
+
+    async def _refuse(self, refusal: Refusal, *, body: bool = True) -> None:
+        log.info("%s: %d %s", self._label, refusal.status, refusal.message)
+        response, payload = render_refusal(refusal, body=body)
+        events: list[h11.Event] = [response]
+        if payload:
+            events.append(h11.Data(data=payload))
+        events.append(h11.EndOfMessage())
+        await self._send(*events)
+
+    def _request_complete(self) -> bool:
+        return self._conn.their_state in (h11.DONE, MIGHT_SWITCH_PROTOCOL)
+
+    async def _answer(self, refusal: Refusal, request: h11.Request) -> bool:
+        """Refuse ``request``; whether the connection can take another request."""
+        if not self._request_complete() and not refusal.close:
+            refusal = replace(refusal, close=True)  # its body is still coming: cannot resync
+        await self._refuse(refusal, body=request.method != b"HEAD")
+        return not refusal.close and self._next_cycle()
+
+    def _next_cycle(self) -> bool:
+        if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
+            self._conn.start_next_cycle()
+            return True
+        return False
+
+    async def _read_head(self) -> h11.Request | None:
+        """The next request head, checked by HeadScanner; None ends the connection."""
+        scanner = HeadScanner(self._limits)
+        fresh = bytearray()  # bytes h11 has not been given yet
+        with trio.move_on_after(self._limits.header_timeout) as scope:
+            try:
+                leftover, closed = self._conn.trailing_data
+                complete = scanner.feed(leftover)
+                while complete is None:
+                    data = b"" if closed else await self._receive()
+                    if not data:
+                        if scanner.size:
+                            log.info("%s: closed in the middle of a request head", self._label)
+                        return None
+                    fresh += data
+                    complete = scanner.feed(data)
+            except BadHead as exc:
+                await self._refuse(exc.refusal)
+                return None
+        if scope.cancelled_caught:
+            log.info("%s: no request head within %g s", self._label, self._limits.header_timeout)
+            if scanner.size:
+                with trio.move_on_after(1):
+                    await self._refuse(Refusal(408, "the request head took too long", close=True))
+            return None
+        self._conn.receive_data(bytes(fresh))
+        try:
+            event = self._conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            await self._refuse(
+                Refusal(exc.error_status_hint, f"malformed request: {exc}", close=True)
+            )
+            return None
+        assert isinstance(event, h11.Request), event  # the scanner saw a complete head
+        return event
+
+    def _pre_read(self) -> list[h11.Event]:
+        """Body events already buffered, so malformed input is refused before any stream."""
+        events: list[h11.Event] = []
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return events
+            assert isinstance(event, h11.Event)
+            events.append(event)
+            if isinstance(event, h11.EndOfMessage):
+                return events
+
+    # ------------------------------------------------------------------ one request
+
+    async def _serve_one(self) -> bool:
+        request = await self._read_head()
+        if request is None:
+            return False
+        try:
+            early = self._pre_read()
+        except h11.RemoteProtocolError as exc:
+            message = f"malformed request body: {exc}"
+            await self._refuse(Refusal(exc.error_status_hint, message, close=True))
+            return False
+        decision = self._router.route(request, self._peer)
+        if isinstance(decision, Refusal):
+            return await self._answer(decision, request)
+        replayable = request.method in IDEMPOTENT and self._request_complete()
+        while True:
+            leg = await self._leg_for(decision)
+            if isinstance(leg, Refusal):
+                return await self._answer(leg, request)
+            retry = replayable and leg.exchanges > 0
+            outcome = await self._exchange(leg, request, decision, early, retry=retry)
+            if outcome is not _Outcome.RETRY:
+                return await self._finish(outcome, leg, request, decision)
+            log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
+            await self._drop_leg()
+            replayable = False
+
+    async def _leg_for(self, route: Route) -> _TunnelLeg | Refusal:
+        if self._leg is not None:
+            if self._leg.key == route.key and self._leg.reusable():
+                return self._leg
+            await self._drop_leg()
+        attributes = {"client_ip": self._peer.host, "scheme": "http", **dict(route.attributes)}
+        try:
+            stream = await self._services.open_stream(
+                route.app,
+                protocol="http",
+                target=route.target,
+                location=route.location,
+                attributes=attributes,
+            )
+        except StreamError as exc:
+            log.info("%s → %s: %s", self._label, route.target, exc)
+            return refusal_for_stream_error(exc, route)
+        self._leg = _TunnelLeg(stream, route.key)
+        return self._leg
+
+    async def _drop_leg(self) -> None:
+        leg, self._leg = self._leg, None
+        if leg is not None:
+            await leg.stream.aclose()
+
+    async def _exchange(
+        self,
+        leg: _TunnelLeg,
+        request: h11.Request,
+        route: Route,
+        early: list[h11.Event],
+        *,
+        retry: bool,
+    ) -> _Outcome:
+        leg.exchanges += 1
+        self._failure = None
+        self._response_started = False
+        head = h11.Request(method=request.method, target=route.path, headers=route.headers)
+        try:
+            await leg.send(head)
+            for event in early:
+                await leg.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if retry:
+                return _Outcome.RETRY
+            self._failure = exc
+            return _Outcome.FAILED
+        async with trio.open_nursery() as nursery:
+            if not self._request_complete():
+                nursery.start_soon(self._pump_request, leg)
+            outcome = await self._relay_response(leg, request, retry=retry)
+            nursery.cancel_scope.cancel()
+        return outcome
+
+    async def _pump_request(self, leg: _TunnelLeg) -> None:
+        """Client body → tunnel, until the request's end (or a failure resets the stream)."""
+        try:
+            while True:
+                event = self._conn.next_event()
+                if event is h11.NEED_DATA:
+                    self._conn.receive_data(await self._receive())
+                    continue
+                if not isinstance(event, h11.Data | h11.EndOfMessage):
+                    return
+                await leg.send(event)
+                if isinstance(event, h11.EndOfMessage):
+                    return
+        except h11.RemoteProtocolError as exc:
+            self._failure = Refusal(
+                exc.error_status_hint, f"malformed request body: {exc}", close=True
+            )
+            leg.stream.reset_nowait(ResetCode.PROTOCOL_ERROR, "the client sent a malformed body")
+        except _ClientGone as exc:
+            self._failure = exc
+            leg.stream.reset_nowait(ResetCode.CANCELLED, "the client went away")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the stream failed: the response side reports it
+
+    async def _relay_response(
+        self, leg: _TunnelLeg, request: h11.Request, *, retry: bool
+    ) -> _Outcome:
+        trailers_ok = self._conn.their_http_version == b"1.1" and request.method != b"HEAD"
+        chunked = False
+        try:
+            while True:
+                event = await leg.next_event()
+                if isinstance(event, h11.InformationalResponse):
+                    if event.status_code == 101:
+                        if self._conn.their_state is not MIGHT_SWITCH_PROTOCOL:
+                            raise h11.RemoteProtocolError("101 before the request was complete")
+                        headers = forward_response_headers(
+                            event.headers.raw_items(), switching=True
+                        )
+                        switch = h11.InformationalResponse(
+                            status_code=101, headers=headers, reason=event.reason
+                        )
+                        await self._send(switch)
+                        return _Outcome.UPGRADED
+                    if self._conn.their_http_version == b"1.1":
+                        await self._send(event)
+                elif isinstance(event, h11.Response):
+                    headers = forward_response_headers(event.headers.raw_items())
+                    chunked = trailers_ok and b"chunked" in comma_tokens(
+                        headers, b"transfer-encoding"
+                    )
+                    response = h11.Response(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    )
+                    await self._send(response)
+                    self._response_started = True
+                elif isinstance(event, h11.Data):
+                    await self._send(event)
+                elif isinstance(event, h11.EndOfMessage):
+                    await self._send(h11.EndOfMessage(headers=event.headers if chunked else []))
+                    return _Outcome.DONE
+                else:  # ConnectionClosed or PAUSED before the response was complete
+                    raise h11.RemoteProtocolError(f"the stream ended early ({event!r})")
+        except _ClientGone as exc:
+            self._failure = exc  # caught here: raised out of the nursery it would be a group
+            return _Outcome.FAILED
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
+            nothing_yet = not self._response_started and leg.conn.their_state is h11.SEND_RESPONSE
+            stale = leg.stream.error is None or leg.stream.error.code in _STALE_CODES
+            if retry and nothing_yet and stale and self._failure is None:
+                return _Outcome.RETRY
+            if self._failure is None:
+                self._failure = exc
+            return _Outcome.FAILED
+
+    async def _finish(
+        self, outcome: _Outcome, leg: _TunnelLeg, request: h11.Request, route: Route
+    ) -> bool:
+        """After one exchange: keep both legs for the next request, or end the connection."""
+        if outcome is _Outcome.UPGRADED:
+            await self._splice(leg)
+            return False
+        if outcome is _Outcome.FAILED:
+            failure = self._failure
+            await self._drop_leg()
+            if isinstance(failure, _ClientGone):
+                return False
+            if self._response_started:
+                # Cut the connection without completing the message: the client must see a
+                # truncated response, never a short one that looks complete.
+                log.warning("%s → %s: response cut off: %s", self._label, route.target, failure)
+                return False
+            if isinstance(failure, Refusal):
+                refusal = failure
+            elif leg.stream.error is not None:
+                refusal = refusal_for_stream_error(leg.stream.error, route)
+            else:
+                refusal = Refusal(
+                    502, f"bad answer through the tunnel from {route.target}: {failure}"
+                )
+            return await self._answer(refusal, request)
+        if not self._request_complete():
+            await self._drop_leg()  # answered before the body ended: the legs cannot resync
+            return False
+        if leg.conn.our_state is h11.DONE and leg.conn.their_state is h11.DONE:
+            leg.conn.start_next_cycle()
+        else:
+            await self._drop_leg()
+        return self._next_cycle()
+
+    async def _splice(self, leg: _TunnelLeg) -> None:
+        """After a relayed 101: raw bytes both ways until both directions end."""
+        client_rest, _ = self._conn.trailing_data
+        tunnel_rest, _ = leg.conn.trailing_data
+
+        async def pump(
+            first: bytes, source: trio.abc.ReceiveStream, sink: trio.abc.HalfCloseableStream
+        ) -> None:
+            try:
+                if first:
+                    await sink.send_all(first)
+                while data := await source.receive_some(TUNNEL_CHUNK):
+                    await sink.send_all(data)
+                await sink.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.debug("%s: websocket splice ended: %s", self._label, exc)
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client_rest, self._client, leg.stream)
+            nursery.start_soon(pump, tunnel_rest, leg.stream, self._client)
+        await self._drop_leg()
+
+
+async def serve_http(
+    services: GatewayServices,
+    listen: HostPort,
+    router: Router,
+    limits: HttpLimits,
+    *,
+    label: str,
+    task_status: trio.TaskStatus[Sequence[HostPort]],
+) -> None:
+    """Bind ``listen``, report the bound addresses, serve client connections until cancelled."""
+    try:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {listen}: {exc.strerror or exc}") from exc
+    addresses = [HostPort(*lst.socket.getsockname()[:2]) for lst in listeners]
+    task_status.started(addresses)
+
+    async def handle(client: trio.SocketStream) -> None:
+        try:
+            host, port, *_ = client.socket.getpeername()
+        except OSError:
+            host, port = "?", 0
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await ClientConnection(
+                services, client, Client(host, port), router, limits, label
+            ).run()
+        except Exception:
+            log.exception("%s %s:%s: unexpected failure", label, host, port)
+            await trio.aclose_forcefully(client)
+
+    await trio.serve_listeners(handle, listeners)
+
+
+class _HttpFrontDoor:
+    """A listener whose connections are relayed by :class:`ClientConnection` with a router."""
+
+    name = "http"
+    _label = "http"
+
+    def __init__(
+        self, services: GatewayServices, listen: HostPort, router: Router, limits: HttpLimits
+    ) -> None:
+        self._services = services
+        self._listen = listen
+        self._router = router
+        self._limits = limits
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Sequence[HostPort]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until cancelled."""
+        await serve_http(
+            self._services,
+            self._listen,
+            self._router,
+            self._limits,
+            label=self._label,
+            task_status=task_status,
+        )
+
+
+class HttpProxyFrontDoor(_HttpFrontDoor):
+    """The HTTP forward proxy (``proxy_listen``)."""
+
+    name = "http.proxy"
+    _label = "http proxy"
+
+    def __init__(self, services: GatewayServices, listen: HostPort, limits: HttpLimits) -> None:
+        super().__init__(services, listen, ProxyRouter(services), limits)
+
+
+class HttpDestinationsFrontDoor(_HttpFrontDoor):
+    """The destinations endpoint (``destinations_listen``): ``/destinations/<name>/<path>``."""
+
+    name = "http.destinations"
+    _label = "http destinations"
+
+    def __init__(
+        self,
+        services: GatewayServices,
+        listen: HostPort,
+        destinations: Sequence[Destination],
+        limits: HttpLimits,
+    ) -> None:
+        super().__init__(services, listen, DestinationsRouter(services, destinations), limits)
+
+
+def read_limits(table: TableReader) -> HttpLimits:
+    """``max_request_line``, ``max_header_bytes``, ``max_headers``, ``header_timeout``."""
+    return HttpLimits(
+        max_request_line=table.integer("max_request_line", 8192, minimum=256, maximum=1 << 20),
+        max_header_bytes=table.integer("max_header_bytes", 65536, minimum=1024, maximum=16 << 20),
+        max_headers=table.integer("max_headers", 100, minimum=1, maximum=10_000),
+        header_timeout=table.number("header_timeout", 30.0, minimum=0.1, maximum=3600),
+    )
+
+
+def skip_gateway_keys(table: TableReader) -> None:
+    """Accept the gateway's ``[plugins.http]`` keys without acting on them: for the connector's
+    hook, when one file serves both roles (call before its ``finish()``)."""
+    read_limits(table)
+    table.optional_string("proxy_listen")
+    table.optional_string("destinations_listen")
+    list(table.tables("destinations"))
+
+
+def front_doors(context: GatewayContext) -> list[FrontDoor]:
+    """The front doors ``[plugins.http]`` asks for: the proxy if ``proxy_listen`` is set, the
+    destinations endpoint if ``destinations_listen`` is set."""
+    table = context.config_for(NAME)
+    services = context.services
+    limits = read_limits(table)
+    proxy_listen = table.host_port("proxy_listen") if "proxy_listen" in table else None
+    destinations_listen = (
+        table.host_port("destinations_listen") if "destinations_listen" in table else None
+    )
+    destinations = parse_destinations(table, services)
+    table.finish()
+    doors: list[FrontDoor] = []
+    if proxy_listen is not None:
+        doors.append(HttpProxyFrontDoor(services, proxy_listen, limits))
+    if destinations_listen is not None:
+        doors.append(HttpDestinationsFrontDoor(services, destinations_listen, destinations, limits))
+    elif destinations:
+        raise table.error(
+            "destinations", "destinations are configured but destinations_listen is not set"
+        )
+    return doors

@@ -1,0 +1,577 @@
+"""Connector side of the HTTP plugin: HTTP/1.1 from a tunnel stream to an HTTP(S) backend.
+
+The gateway sends origin-form HTTP/1.1 requests for one virtual system over a stream, possibly
+several one after the other. For each, the handler checks the mapping's resource rules,
+rewrites the headers (:mod:`._rewrite`) and relays the exchange over one backend connection
+kept for the stream's lifetime (re-opened when the backend closes it). Bodies move chunk by
+chunk in both directions, never buffered whole. Every answer the connector makes up itself
+(403, 502, 504...) names the virtual system only, never the internal one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import h11
+import trio
+
+from backchannel import (
+    BackendTls,
+    ResetCode,
+    Session,
+    StreamError,
+    TableReader,
+    TunnelStream,
+    is_connection_refused,
+    read_backend_tls,
+)
+
+from ._resources import AmbiguousPath, Denied, ResourceRule, check_access, normalise_request_target
+from ._rewrite import (
+    HostHeaderMode,
+    Origin,
+    has_body,
+    host_matches,
+    printable,
+    request_headers,
+    response_headers,
+    wants_websocket,
+)
+
+__all__ = ["HttpHandler", "HttpOptions"]
+
+log = logging.getLogger("backchannel.http")
+
+#: Read size on both legs; h11 never holds more than this plus one incomplete head.
+CHUNK = 64 * 1024
+#: Largest request or response head (request line/status line plus headers).
+MAX_HEAD = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HttpOptions:
+    """What an ``http``/``https`` mapping says beyond its targets (``session.mapping.options``)."""
+
+    resources: tuple[ResourceRule, ...] = ()
+    host_header: HostHeaderMode = "virtual"
+    backend_timeout: float = 60.0
+    tls: BackendTls | None = None
+
+
+class HttpHandler:
+    """Handles streams of protocol ``http`` for mappings of protocol ``http`` and ``https``."""
+
+    name = "http"
+    mapping_protocols: tuple[str, ...] = ("http", "https")
+
+    def __init__(self, *, connect_timeout: float = 10.0) -> None:
+        self.connect_timeout = connect_timeout
+
+    def parse_mapping_options(self, mapping: TableReader) -> HttpOptions:
+        """Read ``host_header``, ``backend_timeout``, ``[[resources]]`` and, for ``https``,
+        ``ca_file``, ``server_name``, ``client_cert`` and ``client_key``."""
+        protocol = mapping.string("protocol", required=True)
+        host_header = mapping.string("host_header", "virtual")
+        if host_header not in ("virtual", "internal"):
+            raise mapping.error("host_header", "must be 'virtual' or 'internal'")
+        timeout = mapping.number("backend_timeout", 60.0, minimum=0.01, maximum=86_400)
+        rules: list[ResourceRule] = []
+        for table in mapping.tables("resources"):
+            path = table.string("path", required=True)
+            match = table.string("match", "prefix")
+            if match not in ("exact", "prefix"):
+                raise table.error("match", "must be 'exact' or 'prefix'")
+            active = table.boolean("active", True)
+            websocket = table.boolean("websocket", False)
+            table.finish()
+            try:
+                rules.append(
+                    ResourceRule(path, "exact" if match == "exact" else "prefix", active, websocket)
+                )
+            except ValueError as exc:
+                raise table.error("path", str(exc)) from None
+        tls = read_backend_tls(mapping) if protocol == "https" else None
+        mapping.finish()
+        return HttpOptions(
+            tuple(rules), "internal" if host_header == "internal" else "virtual", timeout, tls
+        )
+
+    async def handle(self, session: Session, stream: TunnelStream) -> None:
+        """Accept the stream and serve its requests until the gateway half-closes it."""
+        options = session.mapping.options
+        if not isinstance(options, HttpOptions):
+            raise StreamError(ResetCode.INTERNAL, "the HTTP mapping was not configured")
+        await stream.accept()
+        server = _StreamServer(session, stream, options, self.connect_timeout)
+        try:
+            await server.serve()
+        finally:
+            await server.close_backend()
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class _Failure(Exception):
+    """Ends the exchange in progress; caught inside this module only."""
+
+
+class _TunnelGone(_Failure):
+    """The tunnel stream broke or was reset: nobody is left to answer."""
+
+
+class _BadRequest(_Failure):
+    """The gateway sent something that is not HTTP/1.1."""
+
+
+class _BackendGone(_Failure):
+    """The backend connection broke, closed early, or spoke broken HTTP."""
+
+
+class _Refusal(_Failure):
+    """The backend cannot be reached: answer ``status`` with ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class _Leg:
+    """One h11 connection over one trio stream, with errors translated at the boundary."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        role: type[h11.CLIENT] | type[h11.SERVER],
+        failure: type[_Failure],
+        malformed: type[_Failure],
+    ) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD)
+        self._failure = failure
+        self._malformed = malformed
+
+    async def send(self, event: h11.Event) -> None:
+        """Frame ``event`` and write it out."""
+        data = self.conn.send(event)
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except _IO_ERRORS as exc:
+                raise self._failure(f"sending failed: {exc}") from exc
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next event, reading as much as h11 needs for it."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise self._malformed(str(exc)) from exc
+            if event is not h11.NEED_DATA:
+                return cast("h11.Event | type[h11.PAUSED]", event)
+            try:
+                data = await self.stream.receive_some(CHUNK)
+            except _IO_ERRORS as exc:
+                raise self._failure(f"receiving failed: {exc}") from exc
+            self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
+
+
+# --------------------------------------------------------------------------- one stream
+
+
+class _StreamServer:
+    """Serves the requests of one tunnel stream, one at a time, over one backend connection."""
+
+    def __init__(
+        self, session: Session, stream: TunnelStream, options: HttpOptions, connect_timeout: float
+    ) -> None:
+        self.session = session
+        self.stream = stream
+        self.options = options
+        self.connect_timeout = connect_timeout
+        self.tunnel = _Leg(stream, h11.SERVER, _TunnelGone, _BadRequest)
+        self.backend: _Leg | None = None
+        scheme = session.attributes.get("scheme")
+        self.virtual = Origin(
+            scheme if scheme in ("http", "https") else "http",
+            session.virtual.host,
+            session.virtual.port,
+        )
+        self.internal = Origin(
+            "https" if options.tls else "http", session.internal.host, session.internal.port
+        )
+        self.system = str(session.virtual)
+        self.method = b"GET"
+        self.informational_sent = False
+
+    async def serve(self) -> None:
+        """Answer requests until the gateway is done, then half-close."""
+        server = self.tunnel.conn
+        try:
+            while True:
+                event = await self.tunnel.next_event()
+                if not isinstance(event, h11.Request):
+                    break  # ConnectionClosed: the gateway's client is done
+                self.method = event.method
+                await self._serve_request(event)
+                if server.our_state is h11.SWITCHED_PROTOCOL:
+                    return  # the WebSocket splice has ended both directions
+                if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
+                    break
+                server.start_next_cycle()
+        except _BadRequest as exc:
+            log.info("malformed request on a stream to %s: %s", self.system, exc)
+            if server.our_state is h11.SEND_BODY:  # half a response out: it must not look whole
+                await self.stream.reset(ResetCode.PROTOCOL_ERROR, f"malformed request: {exc}")
+                return
+            if server.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                try:
+                    await self._answer(400, f"Malformed HTTP request: {exc}", close=True)
+                except _TunnelGone:
+                    return
+        except _TunnelGone:
+            return
+        with contextlib.suppress(*_IO_ERRORS):  # reset meanwhile: nothing more to say
+            await self.stream.send_eof()
+
+    async def close_backend(self) -> None:
+        """Drop the backend connection (the next request opens a new one)."""
+        if self.backend is not None:
+            await trio.aclose_forcefully(self.backend.stream)
+            self.backend = None
+
+    def _audit_fields(self, raw_target: bytes) -> dict[str, str]:
+        session = self.session
+        return {
+            "subaccount": session.subaccount,
+            "location": session.location,
+            "app": session.app,
+            "target": self.system,
+            "path": raw_target.decode("latin-1"),
+        }
+
+    async def _serve_request(self, request: h11.Request) -> None:
+        """Check, rewrite and forward one request, or answer it ourselves."""
+        raw = request.target
+        websocket = wants_websocket(request.headers)
+        hosts = [v for k, v in request.headers if k == b"host"]
+        if len(hosts) > 1:
+            raise _BadRequest("more than one Host header")
+        if hosts and not host_matches(hosts[0], self.virtual):
+            reason = f"the Host header names {printable(hosts[0])}, not this stream's system"
+            self.session.audit.denied("http_request", reason, **self._audit_fields(raw))
+            await self._answer(421, f"Misdirected request for system {self.system}: {reason}")
+            return
+        try:
+            path = normalise_request_target(raw)
+            decision = check_access(self.options.resources, path, websocket=websocket)
+        except AmbiguousPath as exc:
+            path, decision = "", Denied(exc.reason)
+        if isinstance(decision, Denied):
+            self.session.audit.denied("http_request", decision.reason, **self._audit_fields(raw))
+            resource = f"{self.virtual.scheme}://{self.system}{printable(raw.partition(b'?')[0])}"
+            await self._answer(
+                403,
+                f"Access denied to resource {resource} on system {self.system}\n{decision.reason}",
+            )
+            return
+        self.session.audit.allowed("http_request", **self._audit_fields(raw))
+        query = raw.partition(b"?")[2]
+        target = path.encode("ascii") + (b"?" + query if b"?" in raw else b"")
+        headers = request_headers(
+            request.headers,
+            host_mode=self.options.host_header,
+            internal=self.internal,
+            virtual=self.virtual,
+            client_ip=self.session.attributes.get("client_ip"),
+            scheme=self.virtual.scheme,
+            websocket=websocket,
+        )
+        outgoing = h11.Request(method=request.method, target=target, headers=headers)
+        repeatable = not has_body(headers)
+        for attempt in range(2):
+            self.informational_sent = False
+            try:
+                backend, reused = await self._backend_connection()
+                await backend.send(outgoing)
+                await self._relay(backend)
+            except _Refusal as exc:
+                await self.close_backend()
+                await self._answer(exc.status, exc.message)
+                return
+            except _BackendGone as exc:
+                await self.close_backend()
+                # A reused connection the backend closed meanwhile: once more on a fresh one,
+                # if nothing was answered yet and no body was read that cannot be sent again.
+                if attempt == 0 and reused and repeatable and not self.informational_sent:
+                    continue
+                log.info("backend of %s failed before answering: %s", self.system, exc)
+                await self._answer(502, f"Backend of system {self.system} closed the connection")
+                return
+            await self._skip_request_body()
+            return
+
+    async def _backend_connection(self) -> tuple[_Leg, bool]:
+        """The idle kept-alive connection (and True), else a new one (and False)."""
+        backend = self.backend
+        if backend is not None:
+            if backend.conn.our_state is h11.IDLE and backend.conn.their_state is h11.IDLE:
+                return backend, True
+            await self.close_backend()
+        stream = await _connect(self.session, self.options.tls, self.connect_timeout)
+        self.backend = _Leg(stream, h11.CLIENT, _BackendGone, _BackendGone)
+        return self.backend, False
+
+    async def _relay(self, backend: _Leg) -> None:
+        """Move one exchange: the body up in a task of its own, the answer down meanwhile."""
+        timeout = self.options.backend_timeout
+        waiting = trio.CancelScope(deadline=trio.current_time() + timeout)
+
+        def progress() -> None:  # a backend still reading the body is not late yet
+            waiting.deadline = trio.current_time() + timeout
+
+        upload = _Upload(self.tunnel, backend, progress)
+        uploading = self.tunnel.conn.their_state is h11.SEND_BODY
+        if not uploading:  # a repeated request: its (empty) body was read the first time
+            await backend.send(h11.EndOfMessage())
+        failure: _Failure | None = None
+        async with trio.open_nursery() as nursery:
+            if uploading:
+                nursery.start_soon(upload.run, nursery.cancel_scope)
+            try:
+                await self._download(backend, waiting)
+            except _Failure as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if upload.failure is not None:
+            raise upload.failure
+        if failure is not None:
+            raise failure
+        conn = backend.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        elif conn.our_state is not h11.SWITCHED_PROTOCOL:
+            await self.close_backend()
+
+    async def _download(self, backend: _Leg, waiting: trio.CancelScope) -> None:
+        """Relay the answer; ``waiting`` bounds the wait for its head."""
+        head: h11.Event | type[h11.PAUSED] | None = None
+        with waiting:
+            while True:
+                head = await backend.next_event()
+                if not isinstance(head, h11.InformationalResponse) or head.status_code == 101:
+                    break
+                self.informational_sent = True  # 100 Continue (or 102, 103): pass it on
+                informational = h11.InformationalResponse(
+                    status_code=head.status_code, headers=self._mapped(head)
+                )
+                await self.tunnel.send(informational)
+        if waiting.cancelled_caught:
+            log.info("backend of %s sent no response in time", self.system)
+            raise _Refusal(
+                504,
+                f"Backend of system {self.system} did not answer within "
+                f"{self.options.backend_timeout:g} s",
+            )
+        if not isinstance(head, h11.Response | h11.InformationalResponse):
+            raise _BackendGone(f"unexpected {head!r} instead of a response")
+        headers = self._mapped(head)
+        if isinstance(head, h11.InformationalResponse):  # 101 Switching Protocols
+            switching = h11.InformationalResponse(
+                status_code=101, headers=headers, reason=head.reason
+            )
+            await self.tunnel.send(switching)
+            await self._splice(backend)
+            return
+        await self._send_head(head.status_code, headers, head.reason)
+        trailers_allowed = self._tunnel_is_chunked(head.status_code, headers)
+        while True:
+            try:
+                event = await backend.next_event()
+            except _BackendGone as exc:
+                log.info("backend of %s broke off a response: %s", self.system, exc)
+                await self.stream.reset(
+                    ResetCode.BACKEND_UNREACHABLE,
+                    f"the backend of system {self.system} broke off the response",
+                )
+                raise _TunnelGone("reset") from exc
+            if isinstance(event, h11.Data):
+                await self.tunnel.send(event)
+            elif isinstance(event, h11.EndOfMessage):
+                trailers = list(event.headers) if trailers_allowed else []
+                await self.tunnel.send(h11.EndOfMessage(headers=trailers))
+                return
+
+    def _mapped(self, head: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
+        """The head's headers as the tunnel side may see them."""
+        return response_headers(
+            head.headers, status=head.status_code, backend=self.internal, virtual=self.virtual
+        )
+
+    def _tunnel_is_chunked(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether h11 frames this response chunked towards the tunnel (trailers possible)."""
+        if self.method == b"HEAD" or status in (204, 304) or status < 200:
+            return False
+        if self.tunnel.conn.their_http_version != b"1.1":
+            return False
+        names = {k for k, _ in headers}
+        return b"transfer-encoding" in names or b"content-length" not in names
+
+    async def _send_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes = b""
+    ) -> None:
+        """Send a final response head towards the tunnel."""
+        server = self.tunnel.conn
+        if server.their_state is h11.SEND_BODY and server.they_are_waiting_for_100_continue:
+            # The client holds its body back for a 100 that will not come: it may send it or
+            # not, so the stream cannot carry another request after this answer.
+            headers = [*headers, (b"connection", b"close")]
+        await self.tunnel.send(h11.Response(status_code=status, headers=headers, reason=reason))
+
+    async def _answer(self, status: int, text: str, *, close: bool = False) -> None:
+        """Answer the request ourselves, then skip the rest of its body."""
+        body = (text + "\n").encode("utf-8")
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await self._send_head(status, headers)
+        await self.tunnel.send(h11.Data(data=body))
+        await self.tunnel.send(h11.EndOfMessage())
+        await self._skip_request_body()
+
+    async def _skip_request_body(self) -> None:
+        """After a complete answer, read and drop what is left of the request body, so that the
+        next request can follow (unless the answer closes the stream anyway)."""
+        server = self.tunnel.conn
+        while server.their_state is h11.SEND_BODY and server.our_state is h11.DONE:
+            await self.tunnel.next_event()
+
+    async def _splice(self, backend: _Leg) -> None:
+        """After a 101: raw bytes both ways, h11's leftovers first, until both sides end."""
+        broken: list[str] = []
+        legs = [
+            (self.stream, backend.stream, self.tunnel.conn.trailing_data[0], "tunnel", "backend"),
+            (backend.stream, self.stream, backend.conn.trailing_data[0], "backend", "tunnel"),
+        ]
+        async with trio.open_nursery() as nursery:
+            for leg in legs:
+                nursery.start_soon(_pump, *leg, broken, nursery.cancel_scope)
+        if broken and broken[0] == "backend":
+            self.stream.reset_nowait(
+                ResetCode.BACKEND_UNREACHABLE,
+                f"the backend of system {self.system} broke the WebSocket connection",
+            )
+        await self.close_backend()
+
+
+class _Upload:
+    """Copies a request body from the tunnel to the backend, in a task of its own so that the
+    backend may answer (100 Continue, or early) while the body is still coming."""
+
+    def __init__(self, tunnel: _Leg, backend: _Leg, progress: Callable[[], None]) -> None:
+        self.tunnel = tunnel
+        self.backend = backend
+        self.progress = progress
+        #: A tunnel-side failure, which ends the whole stream.
+        self.failure: _Failure | None = None
+
+    async def run(self, scope: trio.CancelScope) -> None:
+        """Copy until the end of the body; a tunnel failure cancels ``scope``."""
+        try:
+            while True:
+                event = await self.tunnel.next_event()
+                if isinstance(event, h11.Data):
+                    await self.backend.send(event)
+                    self.progress()
+                elif isinstance(event, h11.EndOfMessage):
+                    await self.backend.send(event)
+                    return
+                else:
+                    raise _BadRequest(f"unexpected {event!r} in a request body")
+        except _BackendGone as exc:
+            # The backend stopped reading; whatever it answers (or not) decides.
+            log.debug("backend stopped reading a request body: %s", exc)
+        except (_TunnelGone, _BadRequest) as exc:
+            self.failure = exc
+            scope.cancel()
+
+
+async def _pump(
+    source: trio.abc.ReceiveStream,
+    destination: trio.abc.SendStream,
+    first: bytes,
+    source_name: str,
+    destination_name: str,
+    broken: list[str],
+    scope: trio.CancelScope,
+) -> None:
+    """Copy ``first`` then everything from ``source``; on failure record which side broke."""
+    side = destination_name
+    try:
+        if first:
+            await destination.send_all(first)
+        while True:
+            side = source_name
+            data = await source.receive_some(CHUNK)
+            if not data:
+                break
+            side = destination_name
+            await destination.send_all(data)
+        side = destination_name
+        if isinstance(destination, trio.abc.HalfCloseableStream):
+            await destination.send_eof()
+    except _IO_ERRORS:
+        broken.append(side)
+        scope.cancel()
+
+
+async def _connect(
+    session: Session, tls: BackendTls | None, connect_timeout: float
+) -> trio.abc.Stream:
+    """Open the backend connection; :class:`_Refusal` names the virtual system only."""
+    internal, system = session.internal, str(session.virtual)
+    try:
+        with trio.fail_after(connect_timeout):
+            tcp = await trio.open_tcp_stream(internal.host, internal.port)
+    except trio.TooSlowError:
+        log.warning(
+            "backend of %s (%s) did not answer within %g s", system, internal, connect_timeout
+        )
+        raise _Refusal(
+            504,
+            f"Backend of system {system} did not accept a connection within {connect_timeout:g} s",
+        ) from None
+    except OSError as exc:
+        log.warning("backend of %s (%s) unreachable: %s", system, internal, exc)
+        what = "refused the connection" if is_connection_refused(exc) else "is unreachable"
+        raise _Refusal(502, f"Backend of system {system} {what}") from None
+    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is None:
+        return tcp
+    stream = trio.SSLStream(tcp, tls.context, server_hostname=tls.server_name or internal.host)
+    try:
+        with trio.fail_after(connect_timeout):
+            await stream.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        await trio.aclose_forcefully(stream)
+        cause = exc.__cause__
+        log.warning("backend of %s (%s): TLS handshake failed: %s", system, internal, cause or exc)
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            message = f"The certificate of the backend of system {system} is not trusted"
+        else:
+            message = f"TLS handshake with the backend of system {system} failed"
+        raise _Refusal(502, message) from None
+    return stream
