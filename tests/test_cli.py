@@ -602,7 +602,7 @@ def test_demo_once_passes_every_step() -> None:
     ):
         assert re.search(rf"^  \[ok  \] {re.escape(step)}: ", result.stdout, re.MULTILINE), step
     assert "FAIL" not in result.stdout
-    assert result.stdout.rstrip().endswith("demo OK: 5 steps passed")
+    assert result.stdout.rstrip().endswith("demo OK: 8 steps passed")
 
 
 def test_demo_prints_its_configuration(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ throwaway certificate paths and a random app secret are filled in at start.
 
 from __future__ import annotations
 
+import base64
 import logging
 import secrets
 import socket
@@ -13,7 +14,7 @@ import struct
 import tempfile
 import time
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,17 @@ socks5_listen = "127.0.0.1:{socks_port}"
 listen = "127.0.0.1:{forward_port}"
 subaccount = "demo"
 target = "echo.virtual:7"
+
+# The HTTP forward proxy (curl -x) and the destinations endpoint (/destinations/<name>/...).
+[plugins.http]
+proxy_listen = "127.0.0.1:{http_proxy_port}"
+destinations_listen = "127.0.0.1:{destinations_port}"
+
+[[plugins.http.destinations]]
+name = "HELLO"
+subaccount = "demo"
+url = "http://hello.virtual:80"
+authentication = "NoAuthentication"
 """
 
 CONNECTOR_TOML = """\
@@ -75,11 +87,27 @@ description = "TCP echo service"
 [[subaccounts.demo.mappings]]
 virtual = "hello.virtual:80"
 internal = "127.0.0.1:{http_port}"
+protocol = "http"
+description = "a small web server, reached through the HTTP proxy: only / and /hello/... are open"
+
+[[subaccounts.demo.mappings.resources]]
+path = "/"
+match = "exact"
+
+[[subaccounts.demo.mappings.resources]]
+path = "/hello"
+match = "prefix"
+
+[[subaccounts.demo.mappings]]
+virtual = "hello-tcp.virtual:80"
+internal = "127.0.0.1:{http_port}"
 protocol = "tcp"
-description = "a small web server, reached as raw TCP through SOCKS5"
+description = "the same web server, reached as raw TCP through SOCKS5"
 """
 
 HELLO_BODY = b"Hello from the on-premise backend, through backchannel.\n"
+#: A path of hello.virtual that no resource rule covers.
+DENIED_PATH = "/admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +129,8 @@ async def _echo(stream: trio.SocketStream) -> None:
             pass
 
 
-async def _hello_http(stream: trio.SocketStream) -> None:
+async def _hello_http(seen: list[str], stream: trio.SocketStream) -> None:
+    """The sample web server: 200 and ``HELLO_BODY`` for every request; targets go to ``seen``."""
     connection = h11.Connection(h11.SERVER)
     async with stream:
         try:
@@ -111,12 +140,15 @@ async def _hello_http(stream: trio.SocketStream) -> None:
                     connection.receive_data(await stream.receive_some(65536))
                     continue
                 if isinstance(event, h11.Request):
+                    seen.append(event.target.decode("ascii", "replace"))
                     headers = [
                         ("content-type", "text/plain"),
                         ("content-length", str(len(HELLO_BODY))),
                     ]
                     await stream.send_all(
-                        connection.send(h11.Response(status_code=200, headers=headers))
+                        connection.send(
+                            h11.Response(status_code=200, headers=headers, reason=b"OK")
+                        )
                     )
                     await stream.send_all(connection.send(h11.Data(data=HELLO_BODY)))
                     await stream.send_all(connection.send(h11.EndOfMessage()))
@@ -159,6 +191,46 @@ async def socks5_connect(
     return stream
 
 
+async def http_get(
+    server: HostPort, requests: Sequence[tuple[str, Sequence[tuple[str, str]]]]
+) -> list[tuple[int, bytes]]:
+    """A minimal HTTP/1.1 client for the self-check: GET each (target, headers) in turn, on one
+    kept-alive connection while the server keeps it; (status, body) of each."""
+    answers: list[tuple[int, bytes]] = []
+    stream: trio.SocketStream | None = None
+    connection = h11.Connection(h11.CLIENT)
+    try:
+        for target, headers in requests:
+            if stream is None:
+                stream = await trio.open_tcp_stream(server.host, server.port)
+                connection = h11.Connection(h11.CLIENT)
+            request = h11.Request(method="GET", target=target, headers=list(headers))
+            await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+            status, body = 0, b""
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise OSError(f"{server} closed the connection before answering {target}")
+            answers.append((status, body))
+            if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+                connection.start_next_cycle()
+            else:  # the server closes this connection: the next request gets a new one
+                await stream.aclose()
+                stream = None
+    finally:
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+    return answers
+
+
 async def _read(stream: trio.abc.ReceiveStream, count: int) -> bytes:
     data = b""
     while len(data) < count:
@@ -179,13 +251,46 @@ def _free_port(preferred: int) -> int:
     return preferred
 
 
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def _short(body: bytes) -> str:
+    return repr(body[:80])
+
+
+@dataclass(frozen=True, slots=True)
+class _Doors:
+    """Where the demo gateway's front doors listen."""
+
+    socks: HostPort
+    forward: HostPort
+    proxy: HostPort
+    destinations: HostPort
+
+    @classmethod
+    def of(cls, gateway: Gateway) -> _Doors:
+        addresses = gateway.front_door_addresses
+        forward = next(v for k, v in addresses.items() if k.startswith("tcp.forward"))
+        return cls(
+            socks=addresses["tcp.socks5"][0],
+            forward=forward[0],
+            proxy=addresses["http.proxy"][0],
+            destinations=addresses["http.destinations"][0],
+        )
+
+
 class Demo:
     """The demo set-up: writes its config and secrets into a temporary folder."""
+
+    user = "demo/app"
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self.tls = write_throwaway_tls_material(work_dir / "tls")
         self.app_secret = secrets.token_urlsafe(24)
+        #: Request targets the sample web server answered, in order.
+        self.served: list[str] = []
         for name, value in (
             ("connector.token", secrets.token_urlsafe(32)),
             ("app.secret", self.app_secret),
@@ -202,12 +307,15 @@ class Demo:
         results: list[StepResult] = []
         async with trio.open_nursery() as nursery:
             echo = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
-            http = await nursery.start(partial(trio.serve_tcp, _hello_http, 0, host="127.0.0.1"))
+            hello = partial(_hello_http, self.served)
+            http = await nursery.start(partial(trio.serve_tcp, hello, 0, host="127.0.0.1"))
             gateway_text = self._render(
                 GATEWAY_TOML,
                 tunnel_port=0,
                 socks_port=_free_port(20004),
                 forward_port=_free_port(20007),
+                http_proxy_port=_free_port(20003),
+                destinations_port=_free_port(20005),
             )
             (self.work_dir / "gateway.toml").write_text(gateway_text)
             gateway_config = GatewayConfig.from_mapping(
@@ -244,11 +352,9 @@ class Demo:
     async def _self_check(
         self, gateway: Gateway, connector: Connector, started: float
     ) -> list[StepResult]:
-        socks = gateway.front_door_addresses["tcp.socks5"][0]
-        forward = next(
-            v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward")
-        )[0]
-        user = "demo/app"
+        doors = _Doors.of(gateway)
+        user, secret = self.user, self.app_secret
+        proxy_auth = [("Proxy-Authorization", _basic(user, secret))]
 
         async def tunnel_up() -> str:
             await connector.wait_connected()
@@ -259,39 +365,39 @@ class Demo:
 
         async def socks_echo() -> str:
             payload = secrets.token_bytes(64 * 1024)
-            stream = await socks5_connect(socks, user, self.app_secret, "echo.virtual", 7)
+            stream = await socks5_connect(doors.socks, user, secret, "echo.virtual", 7)
             async with stream, trio.open_nursery() as nursery:
                 nursery.start_soon(stream.send_all, payload)
                 echoed = await _read(stream, len(payload))
             if echoed != payload:
                 raise OSError("echoed bytes differ from the bytes sent")
-            return f"64 KiB echoed intact via SOCKS5 {socks} → echo.virtual:7"
+            return f"64 KiB echoed intact via SOCKS5 {doors.socks} → echo.virtual:7"
 
         async def forward_echo() -> str:
-            stream = await trio.open_tcp_stream(forward.host, forward.port)
+            stream = await trio.open_tcp_stream(doors.forward.host, doors.forward.port)
             async with stream:
                 await stream.send_all(b"ping through the port forward")
                 if await _read(stream, 29) != b"ping through the port forward":
                     raise OSError("echo mismatch")
-            return f"round trip via port forward {forward} → echo.virtual:7"
+            return f"round trip via port forward {doors.forward} → echo.virtual:7"
 
         async def socks_http() -> str:
-            stream = await socks5_connect(socks, user, self.app_secret, "hello.virtual", 80)
+            stream = await socks5_connect(doors.socks, user, secret, "hello-tcp.virtual", 80)
             async with stream:
                 await stream.send_all(
-                    b"GET / HTTP/1.1\r\nHost: hello.virtual\r\nConnection: close\r\n\r\n"
+                    b"GET / HTTP/1.1\r\nHost: hello-tcp.virtual\r\nConnection: close\r\n\r\n"
                 )
                 response = b""
                 while chunk := await stream.receive_some(65536):
                     response += chunk
             if not response.startswith(b"HTTP/1.1 200") or HELLO_BODY not in response:
                 raise OSError(f"unexpected response {response[:60]!r}")
-            return "HTTP GET http://hello.virtual/ answered 200 via SOCKS5"
+            return "GET http://hello-tcp.virtual/ answered 200 via SOCKS5 (a tcp mapping)"
 
         async def denied() -> str:
             denials = connector.audit.denials
             try:
-                stream = await socks5_connect(socks, user, self.app_secret, "secret.virtual", 22)
+                stream = await socks5_connect(doors.socks, user, secret, "secret.virtual", 22)
             except OSError as exc:
                 if "0x02" not in str(exc):
                     raise
@@ -301,12 +407,56 @@ class Demo:
             await stream.aclose()
             raise OSError("an unmapped target was reachable")
 
+        async def proxy_http() -> str:
+            headers = [("Host", "hello.virtual"), *proxy_auth]
+            [(status, body)] = await http_get(doors.proxy, [("http://hello.virtual/", headers)])
+            if status != 200 or body != HELLO_BODY:
+                raise OSError(f"expected 200 and the greeting, got {status} {_short(body)}")
+            return f"GET http://hello.virtual/ answered 200 via the HTTP proxy {doors.proxy}"
+
+        async def proxy_denied() -> str:
+            headers = [("Host", "hello.virtual"), *proxy_auth]
+            allowed, refused = (
+                "http://hello.virtual/hello/demo",
+                f"http://hello.virtual{DENIED_PATH}",
+            )
+            denials, served = connector.audit.denials, len(self.served)
+            answers = await http_get(doors.proxy, [(allowed, headers), (refused, headers)])
+            (status, body), (denied_status, denied_body) = answers
+            if status != 200 or body != HELLO_BODY:
+                raise OSError(f"{allowed} (rule /hello, prefix): got {status} {_short(body)}")
+            expected = (
+                f"Access denied to resource http://hello.virtual:80{DENIED_PATH} "
+                "on system hello.virtual:80"
+            ).encode()
+            if denied_status != 403 or not denied_body.startswith(expected):
+                raise OSError(f"{refused}: expected 403, got {denied_status} {_short(denied_body)}")
+            if self.served[served:] != ["/hello/demo"]:
+                raise OSError(f"the backend saw {self.served[served:]}, not just /hello/demo")
+            if connector.audit.denials == denials:
+                raise OSError("refused, but the connector wrote no audit line")
+            return (
+                f"/hello/demo answered 200; {DENIED_PATH} refused 403 by the connector's resource "
+                "rules before the backend, with an audit line"
+            )
+
+        async def destination() -> str:
+            target = "/destinations/HELLO/"
+            headers = [("Host", str(doors.destinations)), ("Authorization", _basic(user, secret))]
+            [(status, body)] = await http_get(doors.destinations, [(target, headers)])
+            if status != 200 or body != HELLO_BODY:
+                raise OSError(f"expected 200 and the greeting, got {status} {_short(body)}")
+            return f"GET http://{doors.destinations}{target} answered 200 → http://hello.virtual/"
+
         steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
             ("tunnel", tunnel_up),
             ("tcp via SOCKS5", socks_echo),
             ("tcp via port forward", forward_echo),
             ("http over tcp via SOCKS5", socks_http),
             ("access control", denied),
+            ("http via the HTTP proxy", proxy_http),
+            ("http access control", proxy_denied),
+            ("http via a destination", destination),
         ]
         results = []
         for name, step in steps:
@@ -315,33 +465,34 @@ class Demo:
                 with trio.fail_after(10):
                     detail = await step()
                 results.append(StepResult(name, True, detail, time.perf_counter() - begin))
-            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                results.append(
-                    StepResult(
-                        name, False, f"{type(exc).__name__}: {exc}", time.perf_counter() - begin
-                    )
-                )
+            except Exception as exc:  # any failure of a step is that step's result
+                detail = f"{type(exc).__name__}: {exc}"
+                results.append(StepResult(name, False, detail, time.perf_counter() - begin))
         return results
 
     def _print_try_it(self, gateway: Gateway, print_line: Callable[[str], None]) -> None:
-        socks = gateway.front_door_addresses["tcp.socks5"][0]
-        forward = next(
-            v for k, v in gateway.front_door_addresses.items() if k.startswith("tcp.forward")
-        )[0]
+        doors = _Doors.of(gateway)
+        credentials = f"'{self.user}:{self.app_secret}'"
+        proxy = f"curl -x http://{doors.proxy} --proxy-user {credentials}"
+        socks = f"curl --socks5-hostname {doors.socks} --proxy-user {credentials}"
+        lines = [
+            (f"{proxy} http://hello.virtual/", "HTTP proxy"),
+            (f"{proxy} http://hello.virtual{DENIED_PATH}", "403: no resource rule"),
+            (
+                f"curl --user {credentials} http://{doors.destinations}/destinations/HELLO/",
+                "destination",
+            ),
+            (f"{socks} http://hello-tcp.virtual/", "raw TCP via SOCKS5"),
+            (
+                f"printf 'hello\\n' | nc -q1 {doors.forward.host} {doors.forward.port}",
+                "echo via the port forward",
+            ),
+            (f"{socks} http://secret.virtual:22/", "refused: not mapped"),
+        ]
         print_line("")
         print_line("Try it from another terminal (demo credentials, valid while this runs):")
-        print_line(
-            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' "
-            "http://hello.virtual/"
-        )
-        print_line(
-            f"  printf 'hello\\n' | nc -q1 {forward.host} {forward.port}"
-            "     # echo through the port forward"
-        )
-        print_line(
-            f"  curl --socks5-hostname {socks} --proxy-user 'demo/app:{self.app_secret}' "
-            "http://secret.virtual:22/   # refused: not mapped"
-        )
+        for command, comment in lines:
+            print_line(f"  {command}   # {comment}")
         print_line(f"Configuration and audit logs: {self.work_dir}")
         print_line("Press Ctrl-C to stop.")
 
@@ -355,7 +506,8 @@ async def run_demo(*, once: bool, print_line: Callable[[str], None] = print) -> 
     failed = [r for r in results if not r.ok]
     if once:
         if failed:
-            print_line(f"demo FAILED at step {failed[0].name!r}: {failed[0].detail}")
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            print_line(f"demo FAILED at step {failed[0].name!r}: {failed[0].detail}{more}")
             return 1
         print_line(f"demo OK: {len(results)} steps passed")
     return 0
