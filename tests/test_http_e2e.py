@@ -55,9 +55,9 @@ from tests.procs import TIMEOUT, require_tool
 
 pytestmark = pytest.mark.integration
 
-#: The bulk transfer size. 1 GiB each way took 34 s here (53-61 MB/s down, 64-77 MB/s up, bound
-#: by the tunnel's WebSocket framing), over the suite's budget of about 30 s for both: 512 MiB.
-BULK = 512 << 20
+#: The bulk transfer size the issue asks for: 1 GiB each way (about 35 s for both here, bound by
+#: the tunnel's WebSocket framing; the whole suite stays well under its 10-minute budget).
+BULK = 1 << 30
 CHUNK = 1 << 20
 SEED = 2026
 BASIC_APP = "Basic " + base64.b64encode(f"acme/crm:{APP_SECRET}".encode()).decode()
