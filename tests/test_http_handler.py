@@ -240,6 +240,7 @@ class Reply:
     body: bytes
     trailers: list[tuple[bytes, bytes]]
     informational: list[int]
+    reason: bytes = b""
 
     def header(self, name: bytes) -> list[bytes]:
         return [v for k, v in self.headers if k == name]
@@ -290,7 +291,12 @@ class Client:
         if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
             self.conn.start_next_cycle()
         return Reply(
-            event.status_code, list(event.headers), bytes(body), list(part.headers), informational
+            event.status_code,
+            list(event.headers),
+            bytes(body),
+            list(part.headers),
+            informational,
+            event.reason,
         )
 
     async def request(
@@ -412,6 +418,7 @@ async def test_denied_paths_get_403_naming_the_virtual_system(
         # The stream stays usable after a refusal.
         assert (await h.client.request("GET", "/exact")).status == 200
     assert reply.status == 403
+    assert reply.reason == b"Forbidden"
     text = reply.body.decode()
     first, reason = text.rstrip("\n").split("\n")
     assert first == f"Access denied to resource http://{SYSTEM}{target} on system {SYSTEM}"

@@ -370,6 +370,10 @@ class ClientConnection:
                         await self._send(event)
                 elif isinstance(event, h11.Response):
                     headers = forward_response_headers(event.headers.raw_items())
+                    if not self._request_complete():
+                        # Answered before the request body ended: the connection will not
+                        # carry another request, and the client should hear so.
+                        headers.append((b"connection", b"close"))
                     chunked = trailers_ok and b"chunked" in comma_tokens(
                         headers, b"transfer-encoding"
                     )

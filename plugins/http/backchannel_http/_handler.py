@@ -11,6 +11,7 @@ chunk in both directions, never buffered whole. Every answer the connector makes
 from __future__ import annotations
 
 import contextlib
+import http
 import logging
 import socket
 import ssl
@@ -436,6 +437,8 @@ class _StreamServer:
             # The client holds its body back for a 100 that will not come: it may send it or
             # not, so the stream cannot carry another request after this answer.
             headers = [*headers, (b"connection", b"close")]
+        if not reason:
+            reason = _reason_phrase(status)
         await self.tunnel.send(h11.Response(status_code=status, headers=headers, reason=reason))
 
     async def _answer(self, status: int, text: str, *, close: bool = False) -> None:
@@ -575,3 +578,11 @@ async def _connect(
             message = f"TLS handshake with the backend of system {system} failed"
         raise _Refusal(502, message) from None
     return stream
+
+
+def _reason_phrase(status: int) -> bytes:
+    """The standard reason phrase (an empty one is valid HTTP, but reads badly in logs)."""
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
