@@ -16,13 +16,28 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import components, scenarios
+from . import components, http_scenario, scenarios
 from .procs import BenchError, Pair, Proc, WorkDir, start_backend, start_pair
 from .profile import Profiler, py_spy_path
 from .report import RESULTS_DIR, command_line, machine_info, render_table, write_json
 
-QUICK = {"bulk_mib": 128, "idle_streams": 200, "repeat": 1}
-FULL = {"bulk_mib": 1024, "idle_streams": 1000, "repeat": 3}
+QUICK: dict[str, Any] = {
+    "bulk_mib": 128,
+    "idle_streams": 200,
+    "repeat": 1,
+    "http_seconds": 2.0,
+    "http_warm_up": 0.5,
+    "http_big_mib": 64,
+}
+FULL: dict[str, Any] = {
+    "bulk_mib": 1024,
+    "idle_streams": 1000,
+    "repeat": 3,
+    "http_seconds": 5.0,
+    "http_warm_up": 1.0,
+    "http_big_mib": 256,
+}
+SCENARIOS = ("idle", "bulk", "http")
 
 
 class TimeLimit(BaseException):
@@ -34,10 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark backchannel on 127.0.0.1: gateway, connector and backend as "
-        "separate processes; bulk throughput vs a direct connection, RSS per idle stream.",
+        "separate processes; bulk throughput vs a direct connection, RSS per idle stream, HTTP "
+        "requests per second and latency through the HTTP proxy vs direct.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 128 MiB, 200 streams, 1 repeat"
+        "--quick",
+        action="store_true",
+        help="smoke run: 128 MiB, 200 streams, 1 repeat, HTTP 2 s per case and a 64 MiB download",
     )
     parser.add_argument(
         "--bulk-mib", type=int, help="MiB per bulk transfer (default 1024; quick 128)"
@@ -56,9 +74,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only",
-        choices=["bulk", "idle"],
+        choices=list(SCENARIOS),
         action="append",
         help="run only this scenario (repeatable)",
+    )
+    parser.add_argument(
+        "--http-seconds",
+        type=float,
+        help="HTTP: measured seconds per case (default 5; quick 2)",
+    )
+    parser.add_argument(
+        "--http-warm-up",
+        type=float,
+        help="HTTP: warm-up seconds before each measured window (default 1; quick 0.5)",
+    )
+    parser.add_argument(
+        "--http-concurrency",
+        type=int,
+        action="append",
+        help="HTTP: connections with one request in flight each (repeatable; default 1 and 64)",
+    )
+    parser.add_argument(
+        "--http-clients",
+        type=int,
+        default=2,
+        help="HTTP: load-generating processes sharing the connections when concurrency > 1 "
+        "(default 2: one Python process cannot keep 64 direct connections busy)",
+    )
+    parser.add_argument(
+        "--http-big-mib",
+        type=int,
+        help="HTTP: MiB of the large download (default 256; quick 64)",
     )
     parser.add_argument(
         "--direction",
@@ -76,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         choices=["gateway", "connector", "both"],
-        help="after the measured runs, one extra tunnel transfer per direction under py-spy",
+        help="after the measured runs, one extra tunnel transfer per direction (bulk) and one "
+        "extra tunnel window per concurrency (http) under py-spy",
     )
     parser.add_argument(
         "--components",
@@ -156,10 +203,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     bulk_mib = args.bulk_mib or preset["bulk_mib"]
     repeat = args.repeat or preset["repeat"]
     streams = args.idle_streams or preset["idle_streams"]
-    wanted = args.only or ["idle", "bulk"]
+    wanted = args.only or list(SCENARIOS)
     directions = args.direction or ["upload", "download"]
-    if min(bulk_mib, repeat, streams) < 1:
-        print("bench: --bulk-mib, --repeat and --idle-streams must be positive", file=sys.stderr)
+    http_options = {
+        "seconds": args.http_seconds or preset["http_seconds"],
+        "warm_up": preset["http_warm_up"] if args.http_warm_up is None else args.http_warm_up,
+        "concurrencies": sorted(set(args.http_concurrency or [1, 64])),
+        "processes": args.http_clients,
+        "big_mib": args.http_big_mib or preset["http_big_mib"],
+    }
+    if (
+        min(bulk_mib, repeat, streams, http_options["big_mib"], args.http_clients) < 1
+        or min(http_options["concurrencies"]) < 1
+    ):
+        print(
+            "bench: --bulk-mib, --repeat, --idle-streams and the --http-* counts must be positive",
+            file=sys.stderr,
+        )
+        return 2
+    if http_options["seconds"] <= 0 or http_options["warm_up"] < 0:
+        print(
+            "bench: --http-seconds must be positive, --http-warm-up not negative", file=sys.stderr
+        )
         return 2
     try:
         tunnel = _parse_tunnel(args.tunnel)
@@ -184,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "idle_via": args.idle_via,
             "scenarios": wanted,
             "directions": directions,
+            "http": http_options,
             "tunnel_settings": tunnel,
             "log_level": args.log_level,
             "profile": args.profile,
@@ -209,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.alarm(max(1, int(args.time_limit)))
     work_path = Path(tempfile.mkdtemp(prefix="backchannel-bench-"))
     backend: Proc | None = None
+    http_backend: Proc | None = None
     try:
         work = WorkDir(work_path)
         progress(f"bench: work folder {work_path}")
@@ -216,7 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["nofile"]["backend"] = dict(
             zip(("soft", "hard"), backend.nofile_limit(), strict=True)
         )
-        for scenario in ("idle", "bulk"):
+        if "http" in wanted:
+            http_backend, http_ports = start_backend(
+                work,
+                module="bench.http_backend",
+                name="http backend",
+                args=["--big-mib", str(http_options["big_mib"])],
+            )
+            ports["http"] = http_ports["http"]
+        for scenario in SCENARIOS:
             if scenario not in wanted:
                 continue
             try:
@@ -234,12 +309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     document,
                     stamp,
                     progress,
+                    http_backend,
+                    http_options,
                 )
                 document[scenario] = result
             except BenchError as exc:
                 document["errors"].append({"scenario": scenario, "message": str(exc)})
                 progress(f"bench: {scenario} failed: {exc}")
             backend.check_alive(f"after the {scenario} scenario")
+            if http_backend is not None:
+                http_backend.check_alive(f"after the {scenario} scenario")
         if args.components:
             progress("bench: components (CPU per MB of each layer, in this process)")
             document["components"] = components.run(
@@ -258,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"bench: {exc}")
     finally:
         signal.alarm(0)
+        if http_backend is not None:
+            http_backend.stop()
         if backend is not None:
             backend.stop()
         if args.keep_workdir:
@@ -289,10 +370,20 @@ def _run_scenario(
     document: dict[str, Any],
     stamp: str,
     progress: Any,
+    http_backend: Proc | None,
+    http_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Fresh gateway + connector processes for each scenario, so one does not skew the other."""
     progress(f"bench: {scenario}: starting gateway and connector")
-    pair = start_pair(work, ports, label=scenario, tunnel=tunnel, log_level=args.log_level)
+    tcp_ports = {name: port for name, port in ports.items() if name != "http"}
+    pair = start_pair(
+        work,
+        tcp_ports,
+        label=scenario,
+        tunnel=tunnel,
+        log_level=args.log_level,
+        http_backend=ports["http"] if scenario == "http" else None,
+    )
     try:
         document["nofile"][f"{scenario}_gateway"] = pair.gateway.nofile_limit()
         document["nofile"][f"{scenario}_connector"] = pair.connector.nofile_limit()
@@ -300,6 +391,13 @@ def _run_scenario(
             return scenarios.run_idle(
                 pair, streams=streams, via=args.idle_via, secret=work.app_secret, progress=progress
             )
+        if scenario == "http":
+            assert http_backend is not None
+            run = http_scenario.HttpRun(work, pair, http_backend, ports["http"], progress)
+            result = http_scenario.run_http(run, repeat=repeat, **http_options)
+            if args.profile:
+                document["http_profile"] = _profile_http(run, args.profile, http_options, stamp)
+            return result
         result = scenarios.run_bulk(
             pair,
             backend,
@@ -316,6 +414,35 @@ def _run_scenario(
         return result
     finally:
         pair.stop()
+
+
+def _profile_http(
+    run: http_scenario.HttpRun, which: str, options: dict[str, Any], stamp: str
+) -> dict[str, Any]:
+    """One extra tunnel window per concurrency with py-spy on gateway and/or connector."""
+    roles = ["gateway", "connector"] if which == "both" else [which]
+    RESULTS_DIR.mkdir(exist_ok=True)
+    profiles: dict[str, Any] = {}
+    for concurrency in options["concurrencies"]:
+        case = run.load_case(
+            "tunnel",
+            concurrency,
+            processes=options["processes"],
+            warm_up=options["warm_up"],
+            seconds=options["seconds"],
+            profile_roles=roles,
+            profile_stem=RESULTS_DIR / f"{stamp}-http-c{concurrency}",
+        )
+        run.progress(
+            f"  profiled http c={concurrency} tunnel: {case['req_per_s']:.0f} req/s under py-spy"
+        )
+        for role, summary in case["profiles"].items():
+            summary["req_per_s_while_profiled"] = case["req_per_s"]
+            summary["raw_file"] = str(
+                Path(summary["raw_file"]).relative_to(RESULTS_DIR.parent.parent)
+            )
+            profiles[f"{role}-c{concurrency}"] = summary
+    return profiles
 
 
 def _profile(

@@ -33,6 +33,8 @@ VIRTUAL = {
     "source": ("source.virtual", 19),
     "hold": ("hold.virtual", 7),
 }
+#: The virtual host the connector maps to the HTTP backend (``protocol = "http"``).
+HTTP_VIRTUAL = ("web.virtual", 80)
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
@@ -133,20 +135,29 @@ class Proc:
                 with contextlib.suppress(ProcessLookupError):
                     self.popen.kill()
                 self.popen.wait(timeout)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
+        for pipe in (self.popen.stdout, self.popen.stdin):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 def _limit(text: str) -> int:
     return -1 if text == "unlimited" else int(text)
 
 
-def spawn(name: str, argv: Sequence[str], log_path: Path, *, stdout_pipe: bool = False) -> Proc:
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    stdout_pipe: bool = False,
+    stdin_pipe: bool = False,
+) -> Proc:
     """Start ``argv`` with stderr (and stdout unless piped) going to ``log_path``."""
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else log,
             stderr=log,
             preexec_fn=_die_with_parent,
@@ -209,6 +220,8 @@ class Addresses:
     tunnel: int
     socks: int
     forwards: dict[str, int] = field(default_factory=dict)
+    #: The HTTP plugin's forward proxy (``[plugins.http] proxy_listen``), if the pair has one.
+    http_proxy: int | None = None
 
 
 class WorkDir:
@@ -242,19 +255,38 @@ class WorkDir:
             + f'[audit]\nfile = "{self.path}/gateway-audit.jsonl"\n\n'
             f'[subaccounts.{SUBACCOUNT}]\nconnector_token_file = "{self.path}/connector.token"\n\n'
             f'[subaccounts.{SUBACCOUNT}.apps.{APP}]\nsecret_file = "{self.path}/app.secret"\n\n'
-            f'[plugins.tcp]\nsocks5_listen = "127.0.0.1:{addresses.socks}"\n' + forwards
+            f'[plugins.tcp]\nsocks5_listen = "127.0.0.1:{addresses.socks}"\n'
+            + forwards
+            + (
+                f'\n[plugins.http]\nproxy_listen = "127.0.0.1:{addresses.http_proxy}"\n'
+                if addresses.http_proxy is not None
+                else ""
+            )
         )
 
     def connector_toml(
-        self, tunnel_port: int, backend_ports: Mapping[str, int], tunnel: Mapping[str, Any]
+        self,
+        tunnel_port: int,
+        backend_ports: Mapping[str, int],
+        tunnel: Mapping[str, Any],
+        http_backend: int | None = None,
     ) -> str:
-        """The connector: one subaccount, one mapping per backend server."""
+        """The connector: one subaccount, one mapping per backend server (and an ``http``
+        mapping of :data:`HTTP_VIRTUAL` with one prefix resource ``/`` if ``http_backend``)."""
         mappings = "".join(
             f"\n[[subaccounts.{SUBACCOUNT}.mappings]]\n"
             f'virtual = "{VIRTUAL[name][0]}:{VIRTUAL[name][1]}"\n'
             f'internal = "127.0.0.1:{port}"\nprotocol = "tcp"\n'
             for name, port in backend_ports.items()
         )
+        if http_backend is not None:
+            mappings += (
+                f"\n[[subaccounts.{SUBACCOUNT}.mappings]]\n"
+                f'virtual = "{HTTP_VIRTUAL[0]}:{HTTP_VIRTUAL[1]}"\n'
+                f'internal = "127.0.0.1:{http_backend}"\nprotocol = "http"\n'
+                f"\n[[subaccounts.{SUBACCOUNT}.mappings.resources]]\n"
+                'path = "/"\nmatch = "prefix"\n'
+            )
         return (
             "# written by python -m bench\n"
             + _tunnel_table(tunnel)
@@ -265,12 +297,19 @@ class WorkDir:
         )
 
 
-def start_backend(work: WorkDir, timeout: float = 15.0) -> tuple[Proc, dict[str, int]]:
-    """Start ``python -m bench.backend``; returns the process and its ports."""
+def start_backend(
+    work: WorkDir,
+    timeout: float = 15.0,
+    *,
+    module: str = "bench.backend",
+    name: str = "backend",
+    args: Sequence[str] = (),
+) -> tuple[Proc, dict[str, int]]:
+    """Start ``python -m <module>``; returns the process and the ports it announced."""
     proc = spawn(
-        "backend",
-        [sys.executable, "-m", "bench.backend"],
-        work.path / "backend.log",
+        name,
+        [sys.executable, "-m", module, *args],
+        work.path / f"{name}.log",
         stdout_pipe=True,
     )
     assert proc.popen.stdout is not None
@@ -279,7 +318,7 @@ def start_backend(work: WorkDir, timeout: float = 15.0) -> tuple[Proc, dict[str,
     try:
         if not selector.select(timeout):
             proc.stop()
-            raise BenchError(f"the backend did not start within {timeout:g} s:\n{proc.log_tail()}")
+            raise BenchError(f"the {name} did not start within {timeout:g} s:\n{proc.log_tail()}")
         line = proc.popen.stdout.readline()
     finally:
         selector.close()
@@ -288,7 +327,7 @@ def start_backend(work: WorkDir, timeout: float = 15.0) -> tuple[Proc, dict[str,
     except (ValueError, KeyError) as exc:
         proc.stop()
         raise BenchError(
-            f"the backend did not announce its ports ({line!r}):\n{proc.log_tail()}"
+            f"the {name} did not announce its ports ({line!r}):\n{proc.log_tail()}"
         ) from exc
     return proc, {str(k): int(v) for k, v in ports.items()}
 
@@ -326,22 +365,28 @@ def start_pair(
     tunnel: Mapping[str, Any],
     log_level: str,
     timeout: float = 30.0,
+    http_backend: int | None = None,
 ) -> Pair:
     """Write the configs, start gateway then connector, wait until a stream reaches the backend.
 
     Ports are picked free a moment before the gateway binds them; if another program takes one
-    in between, the gateway exits at start-up and we try once more with fresh ports.
+    in between, the gateway exits at start-up and we try once more with fresh ports. With
+    ``http_backend`` the gateway also runs the HTTP proxy and the connector maps
+    :data:`HTTP_VIRTUAL` to that port.
     """
+    options: dict[str, Any] = {
+        "label": label,
+        "tunnel": tunnel,
+        "log_level": log_level,
+        "timeout": timeout,
+        "http_backend": http_backend,
+    }
     try:
-        return _start_pair(
-            work, backend_ports, label=label, tunnel=tunnel, log_level=log_level, timeout=timeout
-        )
+        return _start_pair(work, backend_ports, **options)
     except BenchError as exc:
         if "gateway exited" not in str(exc):
             raise
-    return _start_pair(
-        work, backend_ports, label=label, tunnel=tunnel, log_level=log_level, timeout=timeout
-    )
+    return _start_pair(work, backend_ports, **options)
 
 
 def _start_pair(
@@ -352,16 +397,20 @@ def _start_pair(
     tunnel: Mapping[str, Any],
     log_level: str,
     timeout: float,
+    http_backend: int | None,
 ) -> Pair:
     deadline = time.monotonic() + timeout
-    tunnel_port, socks_port, *forward_ports = free_ports(2 + len(backend_ports))
+    tunnel_port, socks_port, http_proxy, *forward_ports = free_ports(3 + len(backend_ports))
     addresses = Addresses(
-        tunnel_port, socks_port, dict(zip(backend_ports, forward_ports, strict=True))
+        tunnel_port,
+        socks_port,
+        dict(zip(backend_ports, forward_ports, strict=True)),
+        http_proxy if http_backend is not None else None,
     )
     gateway_toml = work.path / f"gateway-{label}.toml"
     connector_toml = work.path / f"connector-{label}.toml"
     gateway_toml.write_text(work.gateway_toml(addresses, tunnel))
-    connector_toml.write_text(work.connector_toml(tunnel_port, backend_ports, tunnel))
+    connector_toml.write_text(work.connector_toml(tunnel_port, backend_ports, tunnel, http_backend))
     command = backchannel_command()
     gateway = spawn(
         "gateway",
@@ -373,6 +422,8 @@ def _start_pair(
         wait_listening(gateway, tunnel_port, deadline)
         for port in addresses.forwards.values():
             wait_listening(gateway, port, deadline)
+        if addresses.http_proxy is not None:
+            wait_listening(gateway, addresses.http_proxy, deadline)
         connector = spawn(
             "connector",
             [*command, "connector", "-c", str(connector_toml), "--log-level", log_level],

@@ -167,6 +167,9 @@ def render_table(document: dict[str, Any]) -> str:
                 f"{_mib(row['second_round_after_close_kib'])}"
             )
         lines.append("")
+    http = document.get("http")
+    if http and "summary" in http:
+        lines += _http_lines(http)
     for label, section in (document.get("components") or {}).items():
         if not isinstance(section, dict) or "layers" not in section:
             continue
@@ -179,6 +182,24 @@ def render_table(document: dict[str, Any]) -> str:
                 f"  trio-websocket/TLS/TCP both ends, {variant}: "
                 f"{numbers['cpu_ms_per_mb_both_ends']:.3f} ms/MB"
             )
+        lines.append("")
+    for role, profile in (document.get("http_profile") or {}).items():
+        if "top_self" not in profile:
+            continue
+        lines.append(
+            f"Profile of the {role.replace('-c', ' at concurrency ')} during an extra HTTP tunnel"
+            f" window (py-spy, {profile['samples']} samples, busy"
+            f" ~{profile['busy_fraction_estimate']}, {profile['req_per_s_while_profiled']:.0f}"
+            " req/s): top self time"
+        )
+        for row in profile["top_self"][:10]:
+            lines.append(f"  {row['percent']:5.1f}%  {row['function']}")
+        lines.append(
+            f"  self time by package, without the {profile['wait_frame_percent']:.0f}% of samples"
+            " in epoll wait / socket calls:"
+        )
+        for row in profile["self_by_package_without_waits"][:10]:
+            lines.append(f"  {row['percent']:5.1f}%  {row['package']}")
         lines.append("")
     for role, profile in (document.get("profile") or {}).items():
         if "top_self" not in profile:
@@ -194,6 +215,65 @@ def render_table(document: dict[str, Any]) -> str:
     for error in document.get("errors", []):
         lines.append(f"ERROR in {error['scenario']}: {error['message']}")
     return "\n".join(lines)
+
+
+def _http_lines(http: dict[str, Any]) -> list[str]:
+    lines = [
+        f"HTTP, {http['request']}, kept-alive connections with one request in flight each, "
+        f"{http['seconds']:g} s per case after {http['warm_up_seconds']:g} s warm-up, "
+        f"{http['repeat']} run(s) per path (medians; latency in ms)",
+        f"  {'conc':>4} {'path':6} {'req/s':>9} {'p50':>8} {'p99':>8} {'p99.9':>8}"
+        f" {'tunnel/direct':>14} {'gw CPU':>7} {'conn CPU':>9} {'backend':>8} {'client':>7}"
+        f" {'other':>6}",
+    ]
+    for concurrency, row in http["summary"].items():
+        for path in ("direct", "tunnel"):
+            side = row[path]
+            latency = side["latency_ms_median"]
+            cpu = side["cpu_percent_median"]
+            ratio = f"{row['ratio_tunnel_to_direct']:14.3f}" if path == "tunnel" else " " * 14
+            lines.append(
+                f"  {concurrency:>4} {path:6} {side['req_per_s']['median']:9.0f}"
+                f" {latency['p50']:8.3f} {latency['p99']:8.3f} {latency['p99_9']:8.3f} {ratio}"
+                f" {cpu['gateway']:6.0f}% {cpu['connector']:8.0f}% {cpu['backend']:7.0f}%"
+                f" {cpu['client']:6.0f}% {cpu['other']:5.0f}%"
+            )
+    lines.append(
+        "  (CPU: percent of one core during the window; client = the load processes; other ="
+        " CPU not charged to the bench's processes: other programs, kernel softirq work)"
+    )
+    lines.append("  CPU per request through the tunnel (median, microseconds) and RSS (MiB)")
+    lines.append(
+        f"  {'conc':>4} {'gateway':>8} {'connector':>10} {'backend':>8} {'client':>7}"
+        f"   {'gateway start/peak/end':>24} {'connector start/peak/end':>26}"
+    )
+    for concurrency, row in http["summary"].items():
+        cost = row["tunnel"]["cpu_us_per_request_median"]
+        rss = row["tunnel"]["rss"]
+        cells = [
+            f"{_mib(rss[n]['start_kib'])} / {_mib(rss[n]['peak_kib'])} / {_mib(rss[n]['end_kib'])}"
+            for n in ("gateway", "connector")
+        ]
+        lines.append(
+            f"  {concurrency:>4} {cost['gateway']:8.0f} {cost['connector']:10.0f}"
+            f" {cost['backend']:8.0f} {cost['client']:7.0f}   {cells[0]:>24} {cells[1]:>26}"
+        )
+    big = http["big_download"]
+    cpu = big["tunnel_cpu_percent_median"]
+    cost = big["tunnel_cpu_ms_per_mb_median"]
+    rss = big["rss"]
+    lines.append(
+        f"  GET /big, {big['mib']} MiB on one connection (median MB/s): direct"
+        f" {big['direct_mb_per_s']['median']:.1f}, tunnel {big['tunnel_mb_per_s']['median']:.1f}"
+        f" ({big['ratio_tunnel_to_direct']:.3f})"
+    )
+    lines.append(
+        f"    tunnel CPU {cpu['gateway']:.0f}% gw / {cpu['connector']:.0f}% conn"
+        f" ({cost['gateway']:.2f} / {cost['connector']:.2f} ms per MB); RSS peak"
+        f" {_mib(rss['gateway']['peak_kib'])} / {_mib(rss['connector']['peak_kib'])} MiB"
+    )
+    lines.append("")
+    return lines
 
 
 def command_line() -> str:
