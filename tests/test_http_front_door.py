@@ -613,6 +613,8 @@ SMUGGLING = {
     "chunk-size-garbage": b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
     "chunk-without-crlf": b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcX0\r\n\r\n",
     "nul-in-header": b"X-A: a\x00b\r\n\r\n",
+    "escape-in-header": b"X-A: a\x1b[31mb\r\n\r\n",
+    "del-in-header": b"X-A: a\x7fb\r\n\r\n",
 }
 
 

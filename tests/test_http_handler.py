@@ -473,7 +473,8 @@ async def test_virtual_host_header_and_forwarded_headers(backend: Backend) -> No
         reply = await h.client.request("GET", "/public/h", [("x-forwarded-for", "10.0.0.1")])
     headers = dict(reply.json()["headers"])
     assert headers["host"] == SYSTEM
-    assert headers["x-forwarded-for"] == f"10.0.0.1, {CLIENT_IP}"
+    # A client's own X-Forwarded-For is not believed: only the gateway's view of it counts.
+    assert headers["x-forwarded-for"] == CLIENT_IP
     assert headers["x-forwarded-proto"] == "http"
     assert "x-forwarded-host" not in headers
 
@@ -858,7 +859,7 @@ def test_request_headers_internal_mode() -> None:
         (b"host", b"erp.corp.local:8080"),
         (b"transfer-encoding", b"chunked"),
         (b"x-forwarded-host", b"erp.virtual:8000"),
-        (b"x-forwarded-for", b"10.0.0.1, 198.51.100.1"),
+        (b"x-forwarded-for", b"198.51.100.1"),
         (b"x-forwarded-proto", b"http"),
     ]
 
@@ -938,8 +939,8 @@ def test_response_headers() -> None:
     ]
     switching = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"sec-x", b"1")]
     assert response_headers(switching, status=101, backend=INTERNAL, virtual=VIRTUAL) == [
-        (b"upgrade", b"websocket"),
         (b"sec-x", b"1"),
+        (b"upgrade", b"websocket"),
         (b"connection", b"upgrade"),
     ]
 
@@ -1000,3 +1001,80 @@ def test_implausible_client_ip_is_not_forwarded(client_ip: object) -> None:
         websocket=False,
     )
     assert headers == [(b"host", b"h"), (b"x-forwarded-proto", b"http")]
+
+
+# --------------------------------------------------------------------------- review regressions
+
+
+async def test_only_websocket_may_take_over_the_connection() -> None:
+    """A backend that switches a WebSocket-enabled path to h2c (or anything else) would let the
+    client send requests past the resource rules: the connector refuses to splice."""
+    seen: list[bytes] = []
+    backend_done = trio.Event()
+
+    async def h2c_backend(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(4096)
+            seen.append(request)
+            await stream.send_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+            )
+            seen.append(await stream.receive_some(4096))
+            backend_done.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, h2c_backend, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            async with http_stream(port) as h:
+                upgrade = [
+                    ("upgrade", "websocket, h2c"),
+                    ("connection", "Upgrade"),
+                    ("http2-settings", "AAMAAABkAAQAAP__"),
+                ]
+                await h.client.start("GET", "/ws/x", upgrade)
+                await h.client.send(h11.EndOfMessage())
+                reply = await h.client.reply()
+                await backend_done.wait()  # the backend connection ends without client bytes
+        nursery.cancel_scope.cancel()
+    assert reply.status == 502
+    assert seen[1] == b""
+    head = seen[0].lower()
+    assert b"upgrade: websocket\r\n" in head
+    assert b"h2c" not in head
+    assert b"http2-settings" not in head
+
+
+async def test_forged_forwarding_headers_do_not_reach_the_backend(backend: Backend) -> None:
+    forged = [
+        ("forwarded", "for=10.0.0.1;host=admin.internal"),
+        ("x-forwarded-host", "admin.internal"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-real-ip", "10.0.0.1"),
+        ("x-forwarded-proto", "https"),
+    ]
+    async with http_stream(backend.port) as h:
+        reply = await h.client.request("GET", "/public/h", forged)
+    headers = dict(reply.json()["headers"])
+    for name in (
+        "forwarded",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+    ):
+        assert name not in headers
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-for"] == CLIENT_IP
+
+
+async def test_the_query_stays_out_of_the_audit_trail(backend: Backend) -> None:
+    async with http_stream(backend.port) as h:
+        reply = await h.client.request("GET", "/private/x?api_key=s3cr3t-key")
+    assert reply.status == 403
+    (denial,) = h.audit.denials_seen
+    assert denial["path"] == "/private/x"
+    assert "s3cr3t-key" not in repr(h.audit.denials_seen)

@@ -258,7 +258,8 @@ class _StreamServer:
             "location": session.location,
             "app": session.app,
             "target": self.system,
-            "path": raw_target.decode("latin-1"),
+            # The query stays out of the audit trail: it often carries keys and tokens.
+            "path": raw_target.partition(b"?")[0].decode("latin-1"),
         }
 
     async def _serve_request(self, request: h11.Request) -> None:
@@ -388,6 +389,11 @@ class _StreamServer:
             raise _BackendGone(f"unexpected {head!r} instead of a response")
         headers = self._mapped(head)
         if isinstance(head, h11.InformationalResponse):  # 101 Switching Protocols
+            upgrade = b",".join(v for k, v in head.headers if k == b"upgrade").strip().lower()
+            if upgrade != b"websocket":
+                # Only a WebSocket may take the connection over: any other protocol (h2c...)
+                # would carry requests past the resource rules.
+                raise _BackendGone(f"backend switched to {upgrade!r}, not to websocket")
             switching = h11.InformationalResponse(
                 status_code=101, headers=headers, reason=head.reason
             )

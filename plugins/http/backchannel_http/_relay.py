@@ -42,6 +42,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
         b"te",
         b"upgrade",
+        b"http2-settings",  # connection-specific (RFC 9113 3.2.1): only an h2c upgrade uses it
     }
 )
 #: SAP Cloud Connector's control headers and backchannel's alias: for the gateway only.
@@ -174,7 +175,12 @@ class HeadScanner:
             self._header_count += 1
             if self._header_count > limits.max_headers:
                 raise BadHead(431, f"more than {limits.max_headers} header fields")
-            name, _, value = bytes(buffer[start:end]).partition(b":")
+            line = bytes(buffer[start:end])
+            if _CONTROL.search(line):
+                # h11 lets most control bytes through in values; backends and log readers
+                # may not treat them as harmless text.
+                raise BadHead(400, "a control character in a header line")
+            name, _, value = line.partition(b":")
             name = name.lower()
             if name in (b"content-length", b"transfer-encoding"):
                 self._framing.append((name, value.strip(b" \t")))
@@ -202,6 +208,10 @@ class HeadScanner:
             raise BadHead(400, "more than one Transfer-Encoding header")
         if codings and codings[0].lower() != b"chunked":
             raise BadHead(501, "only Transfer-Encoding: chunked is supported in requests")
+
+
+#: Control bytes other than horizontal tab (CR and LF are checked separately).
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _uri_too_long(limits: HttpLimits) -> BadHead:

@@ -37,7 +37,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 #: Hop-by-hop headers (RFC 9110 7.6.1 plus the historical Keep-Alive and Proxy-Connection).
 #: Transfer-Encoding is not here: it is the framing, which h11 re-creates on each leg.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade"})
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"http2-settings"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,19 +110,28 @@ def host_matches(value: bytes, origin: Origin) -> bool:
     return bool(host) and origin.same_server(host, port)
 
 
+_PROTECTED = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+
 def _strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: bool) -> Headers:
     """Remove hop-by-hop headers and those the Connection header names.
 
     With ``keep_upgrade`` the ``Upgrade`` header survives and ``Connection: upgrade`` is put
     back (a WebSocket handshake needs both on the next hop too).
     """
-    named = set(_tokens(headers, b"connection"))
+    # Framing and routing headers are never the sender's to remove (the gateway keeps the
+    # same set): dropping them would desynchronise the two ends' idea of the message.
+    named = set(_tokens(headers, b"connection")) - {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+    }
     out: Headers = []
     for name, value in headers:
         lower = name.lower()
-        if lower == b"upgrade" and keep_upgrade:
-            out.append((lower, value))
-        elif lower == b"te":
+        if lower == b"upgrade":
+            continue  # only ever "websocket", set below: no h2c or other protocol switch
+        if lower == b"te":
             # "TE: trailers" is the only value that means something end to end.
             if b"trailers" in _tokens([(name, value)], b"te"):
                 out.append((b"te", b"trailers"))
@@ -129,8 +140,21 @@ def _strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: b
         else:
             out.append((lower, value))
     if keep_upgrade:
+        out.append((b"upgrade", b"websocket"))
         out.append((b"connection", b"upgrade"))
     return out
+
+
+#: Forwarding headers a client could forge to mislead the backend; the connector sets its own.
+_CLIENT_FORWARDING = (
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-port",
+    b"x-forwarded-prefix",
+    b"x-forwarded-proto",
+    b"x-real-ip",
+)
 
 
 def _without(headers: Headers, *names: bytes) -> Headers:
@@ -157,7 +181,7 @@ def request_headers(
     are kept. Content-Length is dropped when Transfer-Encoding is
     present (a request with both is a smuggling attempt; the chunked framing wins, as in h11).
     """
-    out = _strip_hop_by_hop(headers, keep_upgrade=websocket)
+    out = _without(_strip_hop_by_hop(headers, keep_upgrade=websocket), *_CLIENT_FORWARDING)
     received_host = next((v for k, v in out if k == b"host"), None)
     if received_host is None:
         received_host = virtual.authority.encode("ascii")
@@ -166,8 +190,7 @@ def request_headers(
         out = _without(out, b"host", b"x-forwarded-host")
         out.insert(0, (b"host", internal.authority.encode("ascii")))
         out.append((b"x-forwarded-host", received_host))
-    forwarded_for = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
-    out = _without(out, b"x-forwarded-for", b"x-forwarded-proto")
+    forwarded_for: list[bytes] = []
     ip = client_ip if isinstance(client_ip, str) else ""
     if ip and ip.isascii() and ip.isprintable():
         forwarded_for.append(ip.encode("ascii"))
