@@ -1,0 +1,1 @@
+"""RFC plugin: a pyrfc-compatible client and a simulated ABAP system."""
