@@ -720,9 +720,8 @@ async def test_connector_refuses_a_gateway_signed_by_another_ca(tmp_path: Path) 
 
     async with _gateway_and_connector(gateway_toml, connector_doc) as (_, connector):
         status = connector.status["acme"]
-        with trio.fail_after(10):
-            while status.attempts < 3:  # it keeps trying (with back-off) and says why it fails
-                await trio.sleep(0.01)
+        with trio.fail_after(10):  # it keeps trying (with back-off) and says why it fails
+            await connector.wait_status(lambda s: s.attempts >= 3 and bool(s.last_error))
         assert "not trusted" in status.last_error
         assert not status.connected
 

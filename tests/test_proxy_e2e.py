@@ -117,8 +117,8 @@ async def test_wrong_proxy_password_keeps_retrying_without_leaking_it(
     ):
         status = connector.status["acme"]
         with trio.fail_after(10):
-            while len(proxy.records) < 3 or not status.last_error:
-                await trio.sleep(0.01)
+            await connector.wait_status(lambda s: s.attempts >= 4 and bool(s.last_error))
+        assert len(proxy.records) >= 3
         assert status.attempts >= 3
         assert not status.connected
         assert "407" in status.last_error

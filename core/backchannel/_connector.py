@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -123,6 +123,16 @@ class Connector:
                 return status.tunnel
             await self._changed.park()
 
+    async def wait_status(
+        self, condition: Callable[[TunnelStatus], bool], subaccount: str | None = None
+    ) -> TunnelStatus:
+        """Wait until ``condition(status)`` holds for ``subaccount`` (default: the only one);
+        re-checked after every attempt, connect and disconnect."""
+        name = subaccount or next(iter(self.status))
+        while not condition(self.status[name]):
+            await self._changed.park()
+        return self.status[name]
+
     async def wait_disconnected(self, subaccount: str | None = None) -> None:
         """Wait until the tunnel of ``subaccount`` is down."""
         name = subaccount or next(iter(self.status))
@@ -152,6 +162,7 @@ class Connector:
                 # the connector's job is to try again, not to stop.
                 status.last_error = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
                 log.warning("tunnel %s failed: %s", label, status.last_error)
+            self._changed.unpark_all()  # an attempt ended: wait_status callers re-check
             # Full jitter between half and all of the delay: many connectors restarting at
             # once (after a gateway restart) must not reconnect in lock-step.
             await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  (not for security)
