@@ -1,0 +1,405 @@
+"""``Connection``: a blocking, pyrfc-compatible RFC client speaking to the stub ABAP system.
+
+Mirrors ``pyrfc.Connection`` (SAP/PyRFC ``src/pyrfc/_cyrfc.pyx``): it connects and logs on in
+``__init__``; ``call`` fills parameters client-side (so type errors and unknown parameters are
+raised before anything is sent, as the NW RFC SDK does) and returns pyrfc's result dict.
+
+Addressing: ``ashost`` plus the gateway port, which is ``port`` if given (an extension: the stub
+may listen anywhere, e.g. on port 0 in tests), else ``gwserv`` (a number or ``sapgwNN``), else
+``33NN`` for ``sysnr`` NN.  Load balancing, SAProuter and SNC parameters (``mshost``, ``msserv``,
+``sysid``, ``group``, ``saprouter``, ``snc_*``) and ``dest`` are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from types import TracebackType
+from typing import Any
+
+from ._descriptions import (
+    FunctionDescription,
+    decode_params,
+    encode_params,
+    fill,
+    initial,
+    wrap,
+)
+from ._errors import (
+    ABAPRuntimeError,
+    CommunicationError,
+    ExternalRuntimeError,
+    LogonError,
+    RFCError,
+    RFCLibError,
+    RfcRc,
+    from_wire,
+    invalid_parameter,
+)
+from ._stub_protocol import (
+    MessageDecoder,
+    StubProtocolError,
+    description_from_wire,
+    encode_message,
+)
+
+_CONFIG_KEYS = ("dtime", "return_import_params", "rstrip", "timeout")
+_RECEIVE_SIZE = 65536
+# pyrfc re-opens the connection after errors of these classes (its error groups
+# ABAP_RUNTIME_FAILURE, LOGON_FAILURE, COMMUNICATION_FAILURE, EXTERNAL_RUNTIME_FAILURE).
+_REOPEN_AFTER = (ABAPRuntimeError, LogonError, CommunicationError, ExternalRuntimeError)
+_ISO_LANGUAGES = {"E": "EN", "D": "DE", "F": "FR", "S": "ES", "I": "IT", "J": "JA"}
+_handles = itertools.count(1)
+
+
+class _ParameterTypeError(TypeError, AttributeError):
+    """pyrfc encodes every connection parameter with ``value.encode()``, so a non-str raises
+    AttributeError there; this is also a TypeError, which is what it means."""
+
+
+def _communication_failure(message: str) -> CommunicationError:
+    return CommunicationError(
+        message,
+        RfcRc.RFC_COMMUNICATION_FAILURE,
+        "RFC_COMMUNICATION_FAILURE",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+    )
+
+
+def _invalid_handle() -> ExternalRuntimeError:
+    return ExternalRuntimeError(
+        "An invalid handle was passed to the API call",
+        RfcRc.RFC_INVALID_HANDLE,
+        "RFC_INVALID_HANDLE",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+    )
+
+
+def _gateway_port(params: dict[str, str]) -> int:
+    if "port" in params:
+        return int(params["port"])
+    gwserv = params.get("gwserv", "")
+    if gwserv.isdigit():
+        return int(gwserv)
+    if gwserv.lower().startswith("sapgw") and gwserv[5:].isdigit():
+        return 3300 + int(gwserv[5:])
+    return 3300 + int(params.get("sysnr", "00"))
+
+
+class _Channel:
+    """One logged-on TCP connection to the stub: blocking socket plus the sans-IO codec."""
+
+    def __init__(self, host: str, port: int, logon: dict[str, Any]) -> None:
+        self.handle = next(_handles)
+        try:
+            self.sock = socket.create_connection((host, port))
+        except OSError as exc:
+            raise _communication_failure(f"partner '{host}:{port}' not reached") from exc
+        self.decoder = MessageDecoder()
+        try:
+            self.info = self.request({"op": "logon", **logon})
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and return its ``ok`` response; raise the error it carries."""
+        try:
+            self.sock.settimeout(None)
+            self.sock.sendall(encode_message(message))
+            self.sock.settimeout(timeout)
+            while (response := self.decoder.next_message()) is None:
+                if self.decoder.at_eof:
+                    raise _communication_failure("connection closed by partner")
+                self.decoder.receive_data(self.sock.recv(_RECEIVE_SIZE))
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise _communication_failure(f"connection to partner broken: {exc}") from exc
+        except StubProtocolError as exc:
+            raise _communication_failure(str(exc)) from exc
+        if not response.get("ok"):
+            raise from_wire(response.get("error", {}))
+        return response
+
+    def close(self) -> None:
+        try:
+            self.sock.settimeout(None)
+            self.sock.sendall(encode_message({"op": "close"}))
+        except OSError:
+            pass  # closing a connection the partner already dropped is not an error
+        finally:
+            self.sock.close()
+
+
+class Connection:
+    """A connection to an (here simulated) SAP backend system, as ``pyrfc.Connection``.
+
+    ``config`` keys: ``dtime``, ``rstrip``, ``return_import_params``, ``timeout``.
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None, **params: Any) -> None:
+        config = config or {}
+        for k in config:
+            if k not in _CONFIG_KEYS:
+                raise RFCError(f"Connection configuration option '{k}' is not supported")
+        self.__config: dict[str, Any] = {
+            "dtime": config.get("dtime", False),
+            "return_import_params": config.get("return_import_params", False),
+            "rstrip": config.get("rstrip", True),
+            "timeout": config.get("timeout", None),
+        }
+        if len(params) < 1:
+            raise RFCError("Connection parameters missing")
+        for value in params.values():
+            if not isinstance(value, str):
+                raise _ParameterTypeError(
+                    f"'{type(value).__name__}' object has no attribute 'encode'"
+                )
+        self._params: dict[str, str] = {k.lower(): v for k, v in params.items()}
+        self._channel: _Channel | None = None
+        self._descriptions: dict[str, FunctionDescription] = {}
+        self._open()
+
+    # -- pyrfc's public surface ------------------------------------------------------------
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.__config
+
+    @property
+    def alive(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def handle(self) -> int | None:
+        return None if self._channel is None else self._channel.handle
+
+    def __bool__(self) -> bool:
+        return self.alive
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_channel", None) is not None:
+            self._close()
+
+    def open(self) -> None:
+        self._open()
+
+    def reopen(self) -> None:
+        self._close()
+        self._open()
+
+    def close(self) -> None:
+        self._close()
+
+    def free(self) -> None:
+        self._close()
+
+    def is_valid(self) -> bool:
+        return self.alive
+
+    def ping(self) -> None:
+        self._request({"op": "ping"})
+
+    def get_connection_attributes(self) -> dict[str, Any]:
+        """pyrfc's keys, as far as they mean something here; ``{}`` when closed, as pyrfc."""
+        channel = self._channel
+        if channel is None:
+            return {}
+        info = channel.info
+        local_host = socket.gethostname()
+        peer = channel.sock.getpeername()
+        return {
+            "dest": self._params.get("dest", ""),
+            "host": local_host,
+            "partnerHost": self._params.get("ashost", ""),
+            "sysNumber": self._params.get("sysnr", ""),
+            "sysId": info["sysid"],
+            "client": info["client"],
+            "user": info["user"],
+            "language": info["language"],
+            "trace": self._params.get("trace", "0"),
+            "isoLanguage": _ISO_LANGUAGES.get(info["language"], info["language"]),
+            "codepage": "4103",
+            "partnerCodepage": "4103",
+            "rfcRole": "C",
+            "type": "E",
+            "partnerType": "3",
+            "rel": "753",
+            "partnerRel": info["release"],
+            "kernelRel": info["release"],
+            "cpicConvId": f"{channel.handle:08d}",
+            "progName": "SAPLSYST",
+            "partnerBytesPerChar": "2",
+            "partnerSystemCodepage": "4103",
+            "partnerIP": str(peer[0]),
+            "partnerIPv6": "",
+            "reserved": "",
+            "active_unit": False,
+        }
+
+    def get_function_description(self, func_name: str) -> FunctionDescription:
+        """The description of ``func_name`` (upper-cased, as pyrfc), cached per connection."""
+        name = func_name.upper()
+        if name not in self._descriptions:
+            response = self._request({"op": "describe", "name": name})
+            self._descriptions[name] = description_from_wire(response["description"])
+        return self._descriptions[name]
+
+    def call(
+        self, func_name: str, options: dict[str, Any] | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """Invoke a function module; the result holds EXPORT, CHANGING and TABLES parameters
+        (and IMPORT ones if ``return_import_params``)."""
+        if type(func_name) is not str:
+            raise RFCError(
+                "Remote function module name must be unicode string, received:",
+                func_name,
+                type(func_name),
+            )
+        if self._channel is None:
+            raise RFCError(
+                f"Remote function module '{func_name}' invocation rejected because the "
+                "connection is closed"
+            )
+        options = options or {}
+        fd = self.get_function_description(func_name)
+        skip = options.get("not_requested", [])
+        skip = skip if isinstance(skip, list) else [skip]
+        for name in skip:
+            if fd.parameter(name) is None:
+                raise invalid_parameter(name)
+        canonical: dict[str, Any] = {}
+        for name, value in params.items():
+            p = fd.parameter(name)
+            if p is None:
+                raise invalid_parameter(name)
+            canonical[name] = fill(
+                p["parameter_type"],
+                value,
+                length=p["nuc_length"],
+                decimals=p["decimals"],
+                td=p["type_description"],
+                name=name,
+            )
+        sent = {k: v for k, v in canonical.items() if k not in skip}
+        return_imports = options.get("return_import_params", self.__config["return_import_params"])
+        response = self._invoke(
+            {
+                "op": "call",
+                "name": fd.name,
+                "params": encode_params(fd, sent),
+                "return_import_params": bool(return_imports),
+            },
+            options.get("timeout", self.__config["timeout"]),
+        )
+        result = decode_params(fd, response["result"])
+        out: dict[str, Any] = {}
+        for p in fd.parameters:
+            if p["name"] not in result:
+                continue
+            value = result[p["name"]]
+            if p["name"] in skip:
+                # An inactive parameter is neither sent nor received: its value stays initial.
+                value = initial(p["parameter_type"], p["nuc_length"], p["type_description"])
+            out[p["name"]] = wrap(
+                p["parameter_type"],
+                value,
+                p["type_description"],
+                dtime=bool(self.__config["dtime"]),
+                rstrip=bool(self.__config["rstrip"]),
+            )
+        return out
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self._channel is not None:
+            return
+        host = self._params.get("ashost")
+        if not host:
+            raise ExternalRuntimeError(
+                "Parameter ASHOST, GWHOST, MSHOST or SERVER_PORT is missing.",
+                RfcRc.RFC_INVALID_PARAMETER,
+                "RFC_INVALID_PARAMETER",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
+        logon: dict[str, Any] = {
+            k: self._params[k]
+            for k in ("client", "user", "passwd", "x509cert", "lang")
+            if k in self._params
+        }
+        self._channel = _Channel(host, _gateway_port(self._params), logon)
+
+    def _close(self) -> None:
+        channel, self._channel = self._channel, None
+        self._descriptions.clear()
+        if channel is not None:
+            channel.close()
+
+    def _drop(self) -> None:
+        channel, self._channel = self._channel, None
+        self._descriptions.clear()
+        if channel is not None:
+            channel.sock.close()
+
+    def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self._channel is None:
+            raise _invalid_handle()
+        try:
+            return self._channel.request(message)
+        except CommunicationError:
+            self._drop()
+            raise
+
+    def _invoke(self, message: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """``RfcInvoke`` with pyrfc's recovery: after a failure of the groups above, and after
+        a timeout (pyrfc's cancel), open a fresh connection; if that fails, raise its error."""
+        assert self._channel is not None
+        closed_handle = self._channel.handle
+        try:
+            return self._channel.request(message, timeout)
+        except TimeoutError:
+            error: RFCLibError = CommunicationError(
+                "", RfcRc.RFC_CANCELED, "RFC_CANCELED", "", "", "", "", "", "", ""
+            )
+        except _REOPEN_AFTER as exc:
+            error = exc
+        self._drop()
+        try:
+            self._open()
+        except RFCLibError as open_error:
+            raise open_error from error
+        if error.code == RfcRc.RFC_CANCELED:
+            error.message = f"Connection was canceled: {closed_handle}. New handle: {self.handle}"
+            error.args = (error.message,)
+        raise error
