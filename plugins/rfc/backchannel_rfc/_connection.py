@@ -35,6 +35,7 @@ from ._errors import (
     RfcRc,
     from_wire,
     invalid_parameter,
+    library_error,
 )
 from ._stub_protocol import (
     MessageDecoder,
@@ -58,32 +59,20 @@ class _ParameterTypeError(TypeError, AttributeError):
 
 
 def _communication_failure(message: str) -> CommunicationError:
-    return CommunicationError(
+    return library_error(
+        CommunicationError,
         message,
         RfcRc.RFC_COMMUNICATION_FAILURE,
         "RFC_COMMUNICATION_FAILURE",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
     )
 
 
 def _invalid_handle() -> ExternalRuntimeError:
-    return ExternalRuntimeError(
+    return library_error(
+        ExternalRuntimeError,
         "An invalid handle was passed to the API call",
         RfcRc.RFC_INVALID_HANDLE,
         "RFC_INVALID_HANDLE",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
     )
 
 
@@ -341,17 +330,11 @@ class Connection:
             return
         host = self._params.get("ashost")
         if not host:
-            raise ExternalRuntimeError(
+            raise library_error(
+                ExternalRuntimeError,
                 "Parameter ASHOST, GWHOST, MSHOST or SERVER_PORT is missing.",
                 RfcRc.RFC_INVALID_PARAMETER,
                 "RFC_INVALID_PARAMETER",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
-                "",
             )
         logon: dict[str, Any] = {
             k: self._params[k]

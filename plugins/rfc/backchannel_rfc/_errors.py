@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 
 class RfcRc(IntEnum):
@@ -83,6 +83,14 @@ class RFCLibError(RFCError):
             f" [MSG: class={self.msg_class}, type={self.msg_type}, number={self.msg_number},"
             f" v1-4:={self.msg_v1};{self.msg_v2};{self.msg_v3};{self.msg_v4}]"
         )
+
+
+_Error = TypeVar("_Error", bound=RFCLibError)
+
+
+def library_error(cls: type[_Error], message: str, code: int, key: str) -> _Error:
+    """An error the RFC library raises itself: its ABAP message fields are all empty."""
+    return cls(message, code, key, "", "", "", "", "", "", "")
 
 
 class ABAPApplicationError(RFCLibError):
@@ -181,17 +189,8 @@ def invalid_parameter(name: str) -> ExternalRuntimeError:
 
 def logon_failure() -> LogonError:
     """Wrong client, user, password or certificate: the system does not say which."""
-    return LogonError(
-        "Name or password is incorrect (repeat logon)",
-        2,
-        "RFC_LOGON_FAILURE",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
+    return library_error(
+        LogonError, "Name or password is incorrect (repeat logon)", 2, "RFC_LOGON_FAILURE"
     )
 
 
