@@ -39,6 +39,7 @@ from ._plugin_api import Role as Role
 from ._plugin_api import Session as Session
 from ._plugin_api import SystemMapping as SystemMapping
 from ._proto._errors import ResetCode as ResetCode
+from ._splice import splice_streams as splice_streams
 from ._stream import TunnelStream as TunnelStream
 from ._transport import verifying_client_context as verifying_client_context
 from ._tunnel import TunnelSettings as TunnelSettings

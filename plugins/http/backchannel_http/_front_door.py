@@ -39,6 +39,7 @@ from backchannel import (
     StreamError,
     TableReader,
     TunnelStream,
+    splice_streams,
 )
 
 from ._destinations import Destination, DestinationsRouter, parse_destinations
@@ -441,22 +442,16 @@ class ClientConnection:
         client_rest, _ = self._conn.trailing_data
         tunnel_rest, _ = leg.conn.trailing_data
 
-        async def pump(
-            first: bytes, source: trio.abc.ReceiveStream, sink: trio.abc.HalfCloseableStream
-        ) -> None:
-            try:
-                if first:
-                    await sink.send_all(first)
-                while data := await source.receive_some(TUNNEL_CHUNK):
-                    await sink.send_all(data)
-                await sink.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.debug("%s: websocket splice ended: %s", self._label, exc)
-                nursery.cancel_scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client_rest, self._client, leg.stream)
-            nursery.start_soon(pump, tunnel_rest, leg.stream, self._client)
+        broken = await splice_streams(
+            self._client,
+            leg.stream,
+            a_name="client",
+            b_name="tunnel",
+            a_first=client_rest,
+            b_first=tunnel_rest,
+        )
+        if broken is not None:
+            log.debug("%s: websocket splice ended: the %s side broke", self._label, broken)
         await self._drop_leg()
 
 

@@ -31,6 +31,7 @@ from backchannel import (
     TunnelStream,
     is_connection_refused,
     read_backend_tls,
+    splice_streams,
 )
 
 from ._resources import AmbiguousPath, Denied, ResourceRule, check_access, normalise_request_target
@@ -470,15 +471,15 @@ class _StreamServer:
 
     async def _splice(self, backend: _Leg) -> None:
         """After a 101: raw bytes both ways, h11's leftovers first, until both sides end."""
-        broken: list[str] = []
-        legs = [
-            (self.stream, backend.stream, self.tunnel.conn.trailing_data[0], "tunnel", "backend"),
-            (backend.stream, self.stream, backend.conn.trailing_data[0], "backend", "tunnel"),
-        ]
-        async with trio.open_nursery() as nursery:
-            for leg in legs:
-                nursery.start_soon(_pump, *leg, broken, nursery.cancel_scope)
-        if broken and broken[0] == "backend":
+        broken = await splice_streams(
+            self.stream,
+            backend.stream,
+            a_name="tunnel",
+            b_name="backend",
+            a_first=self.tunnel.conn.trailing_data[0],
+            b_first=backend.conn.trailing_data[0],
+        )
+        if broken == "backend":
             self.stream.reset_nowait(
                 ResetCode.BACKEND_UNREACHABLE,
                 f"the backend of system {self.system} broke the WebSocket connection",
@@ -516,35 +517,6 @@ class _Upload:
         except (_TunnelGone, _BadRequest) as exc:
             self.failure = exc
             scope.cancel()
-
-
-async def _pump(
-    source: trio.abc.ReceiveStream,
-    destination: trio.abc.SendStream,
-    first: bytes,
-    source_name: str,
-    destination_name: str,
-    broken: list[str],
-    scope: trio.CancelScope,
-) -> None:
-    """Copy ``first`` then everything from ``source``; on failure record which side broke."""
-    side = destination_name
-    try:
-        if first:
-            await destination.send_all(first)
-        while True:
-            side = source_name
-            data = await source.receive_some(CHUNK)
-            if not data:
-                break
-            side = destination_name
-            await destination.send_all(data)
-        side = destination_name
-        if isinstance(destination, trio.abc.HalfCloseableStream):
-            await destination.send_eof()
-    except _IO_ERRORS:
-        broken.append(side)
-        scope.cancel()
 
 
 async def _connect(

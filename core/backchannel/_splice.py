@@ -1,0 +1,63 @@
+"""Copying bytes both ways between two streams: the last step of most protocol plugins."""
+
+from __future__ import annotations
+
+import trio
+
+#: Large reads keep the per-byte Python overhead low on bulk transfers; the mux cuts frames.
+SPLICE_CHUNK = 256 * 1024
+
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def splice_streams(
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
+    *,
+    a_name: str = "a",
+    b_name: str = "b",
+    a_first: bytes = b"",
+    b_first: bytes = b"",
+) -> str | None:
+    """Copy ``a`` to ``b`` and ``b`` to ``a`` until both directions have ended.
+
+    ``a_first`` is sent to ``b`` before anything read from ``a`` (bytes a parser already took
+    from ``a``), ``b_first`` likewise to ``a``. Each direction forwards end-of-stream as a
+    half-close where the destination supports it (TLS cannot: that direction then stays open
+    until the other ends). If one side breaks, the other direction is cancelled and the broken
+    side's name is returned; None means both directions ended cleanly. Neither stream is closed.
+    """
+    broken: list[str] = []
+    async with trio.open_nursery() as nursery:
+        scope = nursery.cancel_scope
+        nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope)
+        nursery.start_soon(_pump, b, a, b_first, b_name, a_name, broken, scope)
+    return broken[0] if broken else None
+
+
+async def _pump(
+    source: trio.abc.ReceiveStream,
+    destination: trio.abc.SendStream,
+    first: bytes,
+    source_name: str,
+    destination_name: str,
+    broken: list[str],
+    scope: trio.CancelScope,
+) -> None:
+    side = destination_name
+    try:
+        if first:
+            await destination.send_all(first)
+        while True:
+            side = source_name
+            data = await source.receive_some(SPLICE_CHUNK)
+            if not data:
+                break
+            side = destination_name
+            await destination.send_all(data)
+        side = destination_name
+        if isinstance(destination, trio.abc.HalfCloseableStream):
+            await destination.send_eof()
+    except _BROKEN:
+        broken.append(side)
+        scope.cancel()
