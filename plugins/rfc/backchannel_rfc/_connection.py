@@ -12,7 +12,9 @@ may listen anywhere, e.g. on port 0 in tests), else ``gwserv`` (a number or ``sa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import socket
 from types import TracebackType
 from typing import Any
@@ -33,6 +35,7 @@ from ._errors import (
     RFCError,
     RFCLibError,
     RfcRc,
+    communication_failure,
     from_wire,
     invalid_parameter,
     library_error,
@@ -58,15 +61,6 @@ class _ParameterTypeError(TypeError, AttributeError):
     AttributeError there; this is also a TypeError, which is what it means."""
 
 
-def _communication_failure(message: str) -> CommunicationError:
-    return library_error(
-        CommunicationError,
-        message,
-        RfcRc.RFC_COMMUNICATION_FAILURE,
-        "RFC_COMMUNICATION_FAILURE",
-    )
-
-
 def _invalid_handle() -> ExternalRuntimeError:
     return library_error(
         ExternalRuntimeError,
@@ -87,6 +81,41 @@ def _gateway_port(params: dict[str, str]) -> int:
     return 3300 + int(params.get("sysnr", "00"))
 
 
+#: The parameters that send a connection through a backchannel gateway, and the environment
+#: variables that supply them when not passed (so code written for pyrfc runs unchanged).
+BACKCHANNEL_PARAMETERS = {
+    "gateway": "BACKCHANNEL_RFC_GATEWAY",
+    "app": "BACKCHANNEL_RFC_APP",
+    "app_secret": "BACKCHANNEL_RFC_APP_SECRET",
+    "app_token": "BACKCHANNEL_RFC_APP_TOKEN",
+    "location_id": "BACKCHANNEL_RFC_LOCATION_ID",
+}
+#: Through a gateway the connector enforces a call's timeout and answers RFC_CANCELED; the
+#: client waits this much longer before cancelling on its own.
+GATEWAY_TIMEOUT_MARGIN = 5.0
+
+
+def _backchannel_parameters(params: dict[str, str]) -> dict[str, str]:
+    found = {
+        key: params.get(key) or os.environ.get(variable, "")
+        for key, variable in BACKCHANNEL_PARAMETERS.items()
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def _split_gateway(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) of the gateway's RFC front door."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise library_error(
+            ExternalRuntimeError,
+            f"gateway {text!r} is not host:port (the gateway's RFC front door)",
+            RfcRc.RFC_INVALID_PARAMETER,
+            "RFC_INVALID_PARAMETER",
+        )
+    return host.strip("[]"), int(port)
+
+
 class _Channel:
     """One logged-on TCP connection to the stub: blocking socket plus the sans-IO codec."""
 
@@ -95,8 +124,9 @@ class _Channel:
         try:
             self.sock = socket.create_connection((host, port))
         except OSError as exc:
-            raise _communication_failure(f"partner '{host}:{port}' not reached") from exc
+            raise communication_failure(f"partner '{host}:{port}' not reached") from exc
         self.decoder = MessageDecoder()
+        self.cancelled = False
         try:
             self.info = self.request({"op": "logon", **logon})
         except BaseException:
@@ -111,17 +141,27 @@ class _Channel:
             self.sock.settimeout(timeout)
             while (response := self.decoder.next_message()) is None:
                 if self.decoder.at_eof:
-                    raise _communication_failure("connection closed by partner")
+                    if self.cancelled:
+                        raise TimeoutError("cancelled")
+                    raise communication_failure("connection closed by partner")
                 self.decoder.receive_data(self.sock.recv(_RECEIVE_SIZE))
         except TimeoutError:
             raise
         except OSError as exc:
-            raise _communication_failure(f"connection to partner broken: {exc}") from exc
+            if self.cancelled:
+                raise TimeoutError("cancelled") from exc
+            raise communication_failure(f"connection to partner broken: {exc}") from exc
         except StubProtocolError as exc:
-            raise _communication_failure(str(exc)) from exc
+            raise communication_failure(str(exc)) from exc
         if not response.get("ok"):
             raise from_wire(response.get("error", {}))
         return response
+
+    def cancel(self) -> None:
+        """Abort the request in progress (from another thread): it ends as a timeout."""
+        self.cancelled = True
+        with contextlib.suppress(OSError):  # already closed: nothing is in progress
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         try:
@@ -158,6 +198,7 @@ class Connection:
                     f"'{type(value).__name__}' object has no attribute 'encode'"
                 )
         self._params: dict[str, str] = {k.lower(): v for k, v in params.items()}
+        self._backchannel = _backchannel_parameters(self._params)
         self._channel: _Channel | None = None
         self._descriptions: dict[str, FunctionDescription] = {}
         self._open()
@@ -209,6 +250,13 @@ class Connection:
 
     def is_valid(self) -> bool:
         return self.alive
+
+    def cancel(self) -> None:
+        """Cancel the call in progress, from another thread (pyrfc's ``cancel``): it raises
+        CommunicationError RFC_CANCELED and the connection is opened anew."""
+        channel = self._channel
+        if channel is not None:
+            channel.cancel()
 
     def ping(self) -> None:
         self._request({"op": "ping"})
@@ -296,15 +344,20 @@ class Connection:
             )
         sent = {k: v for k, v in canonical.items() if k not in skip}
         return_imports = options.get("return_import_params", self.__config["return_import_params"])
-        response = self._invoke(
-            {
-                "op": "call",
-                "name": fd.name,
-                "params": encode_params(fd, sent),
-                "return_import_params": bool(return_imports),
-            },
-            options.get("timeout", self.__config["timeout"]),
-        )
+        timeout = options.get("timeout", self.__config["timeout"])
+        message: dict[str, Any] = {
+            "op": "call",
+            "name": fd.name,
+            "params": encode_params(fd, sent),
+            "return_import_params": bool(return_imports),
+        }
+        if skip:
+            message["not_requested"] = [str(name) for name in skip]
+        if timeout is not None:
+            message["timeout"] = float(timeout)
+            if "gateway" in self._backchannel:
+                timeout = float(timeout) + GATEWAY_TIMEOUT_MARGIN
+        response = self._invoke(message, timeout)
         result = decode_params(fd, response["result"])
         out: dict[str, Any] = {}
         for p in fd.parameters:
@@ -328,6 +381,17 @@ class Connection:
     def _open(self) -> None:
         if self._channel is not None:
             return
+        logon: dict[str, Any] = {
+            k: self._params[k]
+            for k in ("client", "user", "passwd", "x509cert", "lang")
+            if k in self._params
+        }
+        gateway = self._backchannel.get("gateway")
+        if gateway:
+            gateway_host, gateway_port = _split_gateway(gateway)
+            logon["route"] = self._route()
+            self._channel = _Channel(gateway_host, gateway_port, logon)
+            return
         host = self._params.get("ashost")
         if not host:
             raise library_error(
@@ -336,12 +400,20 @@ class Connection:
                 RfcRc.RFC_INVALID_PARAMETER,
                 "RFC_INVALID_PARAMETER",
             )
-        logon: dict[str, Any] = {
-            k: self._params[k]
-            for k in ("client", "user", "passwd", "x509cert", "lang")
-            if k in self._params
-        }
         self._channel = _Channel(host, _gateway_port(self._params), logon)
+
+    def _route(self) -> dict[str, str]:
+        """What the backchannel gateway needs to route this connection: the app's
+        credentials and a destination name or the virtual system and location."""
+        route = {
+            k: v
+            for k, v in self._backchannel.items()
+            if k in ("app", "app_secret", "app_token", "location_id")
+        }
+        for key in ("dest", "ashost", "sysnr", "gwserv"):
+            if key in self._params:
+                route[key] = self._params[key]
+        return route
 
     def _close(self) -> None:
         channel, self._channel = self._channel, None

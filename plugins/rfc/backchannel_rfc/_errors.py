@@ -180,6 +180,13 @@ def function_not_found(name: str) -> ABAPApplicationError:
     )
 
 
+def communication_failure(message: str) -> CommunicationError:
+    """The partner cannot be reached or the connection broke."""
+    return library_error(
+        CommunicationError, message, RfcRc.RFC_COMMUNICATION_FAILURE, "RFC_COMMUNICATION_FAILURE"
+    )
+
+
 def invalid_parameter(name: str) -> ExternalRuntimeError:
     """A parameter name the function module does not declare."""
     return ExternalRuntimeError(
@@ -236,10 +243,17 @@ def _unjsonable(value: Any) -> Any:
 
 
 def to_wire(exc: BaseException) -> dict[str, Any]:
-    """A JSON-safe dict naming the exception's class and carrying every pyrfc field."""
-    if isinstance(exc, RFCLibError):
-        return {"class": type(exc).__name__, **{f: getattr(exc, f) for f in _FIELDS}}
-    if isinstance(exc, RFCError):
+    """A JSON-safe dict naming the exception's class and carrying every pyrfc field.
+
+    Exceptions of the real pyrfc are recognised by class name (its classes have the same
+    names and fields), so a connector using SAP's pyrfc sends the same form as the stub.
+    """
+    names = [cls.__name__ for cls in type(exc).__mro__]
+    lib_class = next((name for name in names if name in _LIB_CLASSES), None)
+    if lib_class is not None and hasattr(exc, "code"):
+        fields = {f: getattr(exc, f, None) for f in _FIELDS}
+        return {"class": lib_class, **{k: _jsonable(v) for k, v in fields.items()}}
+    if "RFCError" in names:
         return {"class": "RFCError", "args": [_jsonable(a) for a in exc.args]}
     if isinstance(exc, TypeError):
         return {"class": "TypeError", "args": [_jsonable(a) for a in exc.args]}

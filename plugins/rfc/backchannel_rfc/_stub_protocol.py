@@ -81,6 +81,12 @@ class MessageDecoder:
         """True once EOF was fed and every complete message has been taken."""
         return self._eof and not self._buffer
 
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes not yet taken as messages."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     def next_message(self) -> dict[str, Any] | None:
         """The next complete message, or None if more bytes are needed (or the peer is done)."""
         if len(self._buffer) < _PREFIX.size:

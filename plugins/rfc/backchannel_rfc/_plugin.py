@@ -1,0 +1,124 @@
+"""The RFC plugin's hooks (entry point ``rfc`` in the group ``backchannel.plugins``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from backchannel import (
+    ConnectorContext,
+    ConnectorHandler,
+    FrontDoor,
+    GatewayContext,
+    PluginInfo,
+    Role,
+    TableReader,
+    __version__,
+    hookimpl,
+)
+
+from ._backend import BACKENDS, BackendPool, PoolSettings, connector_for, load_client_module
+from ._destinations import read_destinations
+from ._front_door import RfcFrontDoor
+from ._handler import HandlerSettings, RfcHandler
+from ._stub_protocol import MAX_MESSAGE_SIZE
+
+NAME = "rfc"
+_GATEWAY_KEYS = (
+    "listen",
+    "http_listen",
+    "handshake_timeout",
+    "http_max_body",
+    "http_request_timeout",
+)
+
+
+@hookimpl
+def backchannel_plugin_info() -> PluginInfo:
+    """Describe the RFC plugin."""
+    return PluginInfo(
+        name=NAME,
+        version=__version__,
+        description="RFC: pyrfc-compatible client front door and JSON endpoint; ABAP backends "
+        "through pyrfc or the stub",
+        roles=frozenset({Role.GATEWAY, Role.CONNECTOR}),
+        mapping_protocols=("rfc",),
+    )
+
+
+def _handler_settings(table: TableReader) -> HandlerSettings:
+    return HandlerSettings(
+        call_timeout=table.number("call_timeout", 60.0, minimum=0.01, maximum=86400),
+        idle_timeout=table.number("idle_timeout", 3600.0, minimum=1, maximum=7 * 86400),
+        max_message_size=table.integer(
+            "max_message_size", MAX_MESSAGE_SIZE, minimum=64 * 1024, maximum=MAX_MESSAGE_SIZE
+        ),
+    )
+
+
+def _pool_settings(table: TableReader) -> PoolSettings:
+    return PoolSettings(
+        max_connections=table.integer("max_connections", 20, minimum=1, maximum=10_000),
+        max_idle=table.integer("max_idle", 5, minimum=0, maximum=10_000),
+        idle_timeout=table.number("pool_idle_timeout", 300.0, minimum=0, maximum=86400),
+        wait_timeout=table.number("pool_wait_timeout", 30.0, minimum=0.01, maximum=3600),
+        max_threads=table.integer("max_threads", 32, minimum=1, maximum=1024),
+    )
+
+
+def _backend_choice(table: TableReader) -> str:
+    choice = table.string("backend", "auto")
+    if choice not in BACKENDS:
+        raise table.error("backend", f"must be one of {', '.join(BACKENDS)}")
+    return choice
+
+
+def _skip(table: TableReader, keys: Sequence[str]) -> None:
+    for key in keys:
+        if key in table:
+            table.optional_string(key) if key.endswith("listen") else table.number(
+                key, 0, minimum=0, maximum=2**31
+            )
+
+
+@hookimpl
+def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[ConnectorHandler]:
+    """The rfc backend handler."""
+    table = context.config_for(NAME)
+    choice = _backend_choice(table)
+    settings = _handler_settings(table)
+    pool_settings = _pool_settings(table)
+    # Gateway-side keys may share the file in a combined set-up; they are checked there.
+    _skip(table, _GATEWAY_KEYS)
+    list(table.tables("destinations"))
+    table.finish()
+    try:
+        kind, module = load_client_module(choice)
+    except ImportError as exc:
+        raise table.error("backend", str(exc)) from None
+    pool = BackendPool(connector_for(kind, module), pool_settings)
+    return [RfcHandler(pool, settings, backend_kind=kind)]
+
+
+@hookimpl
+def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDoor]:
+    """The RFC front door (``listen``) and the JSON endpoint (``http_listen``)."""
+    table = context.config_for(NAME)
+    services = context.services
+    _backend_choice(table)  # connector keys, accepted in a shared file
+    _handler_settings(table)
+    _pool_settings(table)
+    destinations = read_destinations(table, services)
+    handshake_timeout = table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600)
+    doors: list[FrontDoor] = []
+    if "listen" in table:
+        doors.append(
+            RfcFrontDoor(
+                services,
+                table.host_port("listen"),
+                destinations,
+                handshake_timeout=handshake_timeout,
+            )
+        )
+    _skip(table, ("http_listen", "http_max_body", "http_request_timeout"))
+    table.finish()
+    return doors
