@@ -432,16 +432,16 @@ BAD_CASES = [
     BadCase(
         "protocol-not-served",
         "connector",
-        _set("subaccounts.acme.mappings[0].protocol", "rfc"),
+        _set("subaccounts.acme.mappings[0].protocol", "ldap"),
         "subaccounts.acme.mappings[0].protocol",
-        "'rfc' is not served by an enabled plugin (served: http, https, tcp, tcps)",
+        "'ldap' is not served by an enabled plugin (served: http, https, rfc, tcp, tcps)",
     ),
     BadCase(
         "protocol-of-a-disabled-plugin",
         "connector",
         None,
         "subaccounts.acme.mappings[0].protocol",
-        "'tcp' is not served by an enabled plugin (served: http, https)",
+        "'tcp' is not served by an enabled plugin (served: http, https, rfc)",
         args=("--disable-plugin", "tcp"),
     ),
     BadCase(
@@ -449,7 +449,7 @@ BAD_CASES = [
         "connector",
         None,
         "--plugins",
-        "no plugin named 'nosuch' is installed (found: http, tcp",
+        "no plugin named 'nosuch' is installed (found: http, rfc, tcp",
         args=("--plugins", "tcp,nosuch"),
     ),
     BadCase(

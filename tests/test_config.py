@@ -820,16 +820,16 @@ def test_mapping_keys_are_required(base: Path) -> None:
 
 
 def test_mapping_protocol_not_served(base: Path) -> None:
-    text = CONNECTOR + mapping("erp.virtual:3300", "erp.corp:3300", "rfc")
+    text = CONNECTOR + mapping("erp.virtual:3300", "erp.corp:3300", "ldap")
     expect_error(
         write(base, text),
         "subaccounts.acme.mappings[0].protocol",
-        "'rfc' is not served by an enabled plugin (served: http, https, tcp, tcps)",
+        "'ldap' is not served by an enabled plugin (served: http, https, rfc, tcp, tcps)",
     )
     text = (
         CONNECTOR
         + mapping("db.virtual:1", "db.corp:1")
-        + '\n[plugins]\ndisable = ["tcp", "http"]\n'
+        + '\n[plugins]\ndisable = ["tcp", "http", "rfc"]\n'
     )
     expect_error(
         write(base, text),

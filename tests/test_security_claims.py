@@ -401,7 +401,7 @@ async def test_only_mapped_ports_and_protocols_are_allowed(tmp_path: Path) -> No
                 with pytest.raises(StreamError) as unsupported:
                     await pair.gateway.open_stream(
                         AppIdentity("acme", "crm"),
-                        protocol="rfc",
+                        protocol="ldap",
                         target=HostPort("echo.virtual", 7000),
                     )
             assert info.value.code == ResetCode.ACCESS_DENIED
@@ -409,7 +409,7 @@ async def test_only_mapped_ports_and_protocols_are_allowed(tmp_path: Path) -> No
                 "virtual host echo.virtual:7000 is mapped for tcp, not for http"
             )
             assert unsupported.value.code == ResetCode.UNSUPPORTED_PROTOCOL
-            assert unsupported.value.reason == "this connector has no plugin for protocol 'rfc'"
+            assert unsupported.value.reason == "this connector has no plugin for protocol 'ldap'"
 
 
 async def test_access_is_checked_on_every_stream_open(tmp_path: Path) -> None:
