@@ -3,17 +3,23 @@ connector -> stub ABAP system, all real sockets on 127.0.0.1."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
+from backchannel_rfc._connection import Connection
+from backchannel_rfc._demo_data import demo_system
 from backchannel_rfc._errors import (
     ABAPApplicationError,
     CommunicationError,
     ExternalAuthorizationError,
     LogonError,
+    RfcRc,
 )
-from tests.harness import audit_lines
+from tests.harness import APP_SECRET, audit_lines
 from tests.rfc_harness import VIRTUAL_HOST, in_thread, rfc_setup
 
 pytestmark = pytest.mark.integration
@@ -101,3 +107,129 @@ async def test_unmapped_system_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ExternalAuthorizationError) as info:
             await in_thread(lambda: setup.connect(ashost="other.virtual"))
     assert "other.virtual" in str(info.value)
+
+
+async def test_client_timeout_cancels_the_call_and_the_connection_goes_on(tmp_path: Path) -> None:
+    async with rfc_setup(tmp_path) as setup:
+
+        def run() -> CommunicationError:
+            params = setup.params()
+            with Connection({"timeout": 0.3}, **params) as connection:
+                first_handle = connection.handle
+                with pytest.raises(CommunicationError) as info:
+                    connection.call("RFC_PING_AND_WAIT", SECONDS=5)
+                assert connection.handle != first_handle  # pyrfc reopens after a cancel
+                assert connection.call("RFC_PING") == {}
+            return info.value
+
+        error = await in_thread(run)
+    assert error.code == RfcRc.RFC_CANCELED
+    assert error.key == "RFC_CANCELED"
+    assert "Connection was canceled" in str(error.message)
+
+
+async def test_mapping_call_timeout_applies_without_a_client_timeout(tmp_path: Path) -> None:
+    async with rfc_setup(tmp_path, mapping_extra={"call_timeout": 0.3}) as setup:
+
+        def run() -> CommunicationError:
+            with setup.connect() as connection, pytest.raises(CommunicationError) as info:
+                connection.call("RFC_PING_AND_WAIT", SECONDS=5)
+            return info.value
+
+        error = await in_thread(run)
+    assert error.key == "RFC_CANCELED"
+
+
+async def test_hundred_concurrent_calls_from_ten_clients(tmp_path: Path) -> None:
+    async with rfc_setup(tmp_path) as setup:
+        results: dict[tuple[int, int], str] = {}
+        limiter = trio.CapacityLimiter(100)
+
+        def one_call(client: int, call: int) -> None:
+            with setup.connect() as connection:
+                text = f"client {client} call {call}"
+                results[client, call] = connection.call("STFC_CONNECTION", REQUTEXT=text)[
+                    "ECHOTEXT"
+                ]
+
+        async with trio.open_nursery() as nursery:
+            for client in range(10):
+                for call in range(10):
+                    nursery.start_soon(
+                        partial(trio.to_thread.run_sync, one_call, client, call, limiter=limiter)
+                    )
+    assert len(results) == 100
+    assert all(text == f"client {c} call {n}" for (c, n), text in results.items())
+
+
+async def test_destination_supplies_system_and_logon(tmp_path: Path) -> None:
+    destination = {
+        "name": "ERP",
+        "subaccount": "acme",
+        "ashost": VIRTUAL_HOST,
+        "sysnr": "00",
+        "client": "100",
+        "authentication": "BasicAuthentication",
+        "user": "DEMO",
+        "password": "welcome",
+    }
+    async with rfc_setup(tmp_path, destinations=[destination]) as setup:
+        route = {
+            "gateway": str(setup.front_door),
+            "app": "acme/crm",
+            "app_secret": APP_SECRET,
+        }
+
+        def run() -> str:
+            with Connection(None, dest="erp", **route) as connection:
+                text: str = connection.call("STFC_CONNECTION", REQUTEXT="x")["RESPTEXT"]
+                return text
+
+        resptext = await in_thread(run)
+        # Another tenant cannot use the name, and learns nothing beyond "no such destination".
+        other = {**route, "app": "globex/erp"}
+        with pytest.raises(ExternalAuthorizationError) as info:
+            await in_thread(lambda: Connection(None, dest="ERP", **other))
+    assert "Logon_Data: 100/DEMO/" in resptext
+    assert "no RFC destination named 'ERP' for subaccount 'globex'" in str(info.value)
+    assert "welcome" not in setup.gateway_audit.read_text()
+
+
+async def test_other_tenant_cannot_reach_the_system(tmp_path: Path) -> None:
+    async with rfc_setup(tmp_path) as setup:
+        with pytest.raises(CommunicationError) as info:
+            await in_thread(lambda: setup.connect(app="globex/erp"))
+    assert "no connector of subaccount 'globex'" in str(info.value)
+
+
+async def test_backend_connections_are_pooled(tmp_path: Path) -> None:
+    system = demo_system()
+    logons: list[str] = []
+    original = system.logon
+
+    def counting_logon(client: str, **kwargs: Any) -> Any:
+        logons.append(str(kwargs.get("user")))
+        return original(client, **kwargs)
+
+    system.logon = counting_logon  # type: ignore[method-assign]
+    async with rfc_setup(tmp_path, system=system) as setup:
+        for _ in range(3):
+            await in_thread(lambda: setup.connect().close())
+        # Another user's logon does not reuse DEMO's connection.
+        await in_thread(lambda: setup.connect(user="ALICE", passwd="secret1").close())
+    assert logons == ["DEMO", "ALICE"]
+
+
+async def test_garbage_on_the_front_door_gets_a_protocol_error(tmp_path: Path) -> None:
+    async with rfc_setup(tmp_path) as setup:
+        stream = await trio.open_tcp_stream(setup.front_door.host, setup.front_door.port)
+        async with stream:
+            await stream.send_all(b"\x00\x00\x00\x05hello")
+            data = b""
+            with trio.fail_after(5):
+                while chunk := await stream.receive_some():
+                    data += chunk
+        # The RFC front door still serves others.
+        result = await in_thread(lambda: setup.connect().call("RFC_PING"))
+    assert b"RFC_INVALID_PROTOCOL" in data
+    assert result == {}
