@@ -22,6 +22,8 @@ STEPS = (
     "http via the HTTP proxy",
     "http access control",
     "http via a destination",
+    "rfc via the pyrfc-compatible client",
+    "rfc access control",
 )
 
 
@@ -81,6 +83,14 @@ def _patch(monkeypatch: pytest.MonkeyPatch, template: str, old: str, new: str) -
             "expected 200 and the greeting, got 403",
             id="root-not-allowed",
         ),
+        pytest.param(
+            "CONNECTOR_TOML",
+            'name = "STFC_CONNECTION"',
+            'name = "BAPI_USER_GET_DETAIL"',
+            ["rfc via the pyrfc-compatible client", "rfc access control"],
+            "Access denied to function module STFC_CONNECTION on system erp.virtual:3300",
+            id="rfc-rules-swapped",
+        ),
     ],
 )
 async def test_a_failing_step_is_named_and_exits_1(
@@ -98,7 +108,7 @@ async def test_a_failing_step_is_named_and_exits_1(
         mark = "FAIL" if name in failing else "ok  "
         assert step_line(lines, name).startswith(f"  [{mark}] {name}: "), "\n".join(lines)
     summary = lines[-1]
-    assert summary.startswith(f"demo FAILED at step {failing[0]!r}: OSError: "), summary
+    assert summary.startswith(f"demo FAILED at step {failing[0]!r}: "), summary
     assert detail in summary
     if len(failing) > 1:
         assert summary.endswith(f" (and {len(failing) - 1} more)")
