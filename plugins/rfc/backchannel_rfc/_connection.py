@@ -383,7 +383,7 @@ class Connection:
             return
         logon: dict[str, Any] = {
             k: self._params[k]
-            for k in ("client", "user", "passwd", "x509cert", "lang")
+            for k in ("client", "user", "passwd", "x509cert", "lang", "tpname")
             if k in self._params
         }
         gateway = self._backchannel.get("gateway")
@@ -392,7 +392,7 @@ class Connection:
             logon["route"] = self._route()
             self._channel = _Channel(gateway_host, gateway_port, logon)
             return
-        host = self._params.get("ashost")
+        host = self._params.get("ashost") or self._params.get("gwhost")
         if not host:
             raise library_error(
                 ExternalRuntimeError,

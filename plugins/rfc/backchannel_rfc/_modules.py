@@ -1,9 +1,10 @@
-"""Standard function modules: RFC_PING, STFC_CONNECTION, STFC_STRUCTURE, RFC_READ_TABLE,
-BAPI_USER_GET_DETAIL, with their real interfaces and behaviour."""
+"""Standard function modules: RFC_PING, RFC_PING_AND_WAIT, STFC_CONNECTION, STFC_STRUCTURE,
+RFC_READ_TABLE, BAPI_USER_GET_DETAIL, with their real interfaces and behaviour."""
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from . import _abap_types as t
@@ -87,6 +88,19 @@ def _resptext(session: Session) -> str:
 
 
 def rfc_ping(session: Session, params: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+#: RFC_PING_AND_WAIT waits at most this long, whatever SECONDS says: a stub must not be
+#: tied up for days by one call.
+MAX_WAIT_SECONDS = 3600
+
+
+def rfc_ping_and_wait(session: Session, params: dict[str, Any]) -> dict[str, Any]:
+    """Return after SECONDS seconds (at most MAX_WAIT_SECONDS).  Real systems ship this module
+    for testing timeouts and cancellation; it is the one module here that blocks, which is why
+    the stub server runs calls in worker threads."""
+    time.sleep(min(max(params["SECONDS"], 0), MAX_WAIT_SECONDS))
     return {}
 
 
@@ -205,6 +219,10 @@ def install_standard_modules(system: AbapSystem) -> None:
     """Register every standard module of this file on ``system``."""
     fd = FunctionDescription("RFC_PING")
     system.register(fd, rfc_ping)
+
+    fd = FunctionDescription("RFC_PING_AND_WAIT")
+    _param(fd, "SECONDS", t.INT, "RFC_IMPORT", 4, default="0")
+    system.register(fd, rfc_ping_and_wait)
 
     fd = FunctionDescription("STFC_CONNECTION")
     _param(fd, "REQUTEXT", t.CHAR, "RFC_IMPORT", 255, optional=False)

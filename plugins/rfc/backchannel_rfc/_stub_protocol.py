@@ -21,6 +21,38 @@ Any request may instead be answered ``{"ok": false, "error": to_wire(exc)}``.  T
 on a connection must be ``logon``, and only the first; a failed logon closes the connection, as
 a real gateway does.  ``params`` and ``result`` hold canonical values in the JSON form of
 ``_descriptions.encode_params``; descriptions use ``description_to_wire`` below.
+
+Registered server programs (``GATEWAY_TRANSITIONS``; only the stub system's gateway accepts
+them, the tunnel never carries them).  A ``Server`` opens a connection whose first request is::
+
+    {"op": "register", "program_id": "SERVER1", "functions": ["STFC_CONNECTION"]}
+        -> {"ok": true, "sysid": "BCH"}
+
+``functions`` names what it serves at that moment (for the record: describe requests reach the
+server, which may learn more functions later).  From then on the roles swap: the stub sends the
+requests (``SERVER_TRANSITIONS``), each with an ``id`` that the response repeats, and the server
+answers them in order::
+
+    {"op": "describe", "id": 1, "name": "STFC_CONNECTION"}
+        -> {"id": 1, "ok": true, "description": {...}}
+    {"op": "call", "id": 2, "name": "STFC_CONNECTION", "params": {...},
+     "return_import_params": false,
+     "connection": {"client": "100", "user": "DEMO", "language": "E", "partner_host": "..."}}
+        -> {"id": 2, "ok": true, "result": {...}}
+    {"op": "ping", "id": 3} -> {"id": 3, "ok": true}
+
+(a response whose ``id`` is not the one awaited answers a request whose caller gave up, and is
+dropped).  The registration ends when either side closes the connection.  A client reaches a
+registered program by naming it in its logon, where no user check applies (the program is the
+partner, not the ABAP system); an unknown program id fails the logon with the gateway's
+"program not registered"::
+
+    {"op": "logon", "tpname": "SERVER1", "client": "100", "user": "DEMO", "lang": "E"}
+        -> {"ok": true, "sysid": "", "release": "753", "client": "100", "user": "DEMO",
+            "language": "E"}
+
+after which its describe, call and ping requests go to the program (calls with the caller's
+``connection`` added), and the program's answers back to it.
 """
 
 from __future__ import annotations
@@ -43,6 +75,19 @@ CLOSED = "closed"
 TRANSITIONS: dict[str, dict[str, str]] = {
     AWAITING_LOGON: {"logon": LOGGED_ON},
     LOGGED_ON: {"call": LOGGED_ON, "ping": LOGGED_ON, "describe": LOGGED_ON, "close": CLOSED},
+    CLOSED: {},
+}
+# The stub system's gateway takes registrations as well; a registered connection accepts no
+# further request from its peer, it only answers the stub's (SERVER_TRANSITIONS).
+REGISTERED = "registered"
+GATEWAY_TRANSITIONS: dict[str, dict[str, str]] = {
+    **TRANSITIONS,
+    AWAITING_LOGON: {**TRANSITIONS[AWAITING_LOGON], "register": REGISTERED},
+    REGISTERED: {},
+}
+# The requests a registered server program accepts from the stub.
+SERVER_TRANSITIONS: dict[str, dict[str, str]] = {
+    REGISTERED: {"describe": REGISTERED, "call": REGISTERED, "ping": REGISTERED},
     CLOSED: {},
 }
 
