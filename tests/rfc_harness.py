@@ -53,7 +53,13 @@ class RfcSetup:
 
     @property
     def front_door(self) -> HostPort:
-        return self.gateway.front_door_addresses["rfc"][0]
+        """The RFC front door (pyrfc-compatible clients)."""
+        return self.gateway.front_door_addresses["rfc.pyrfc"][0]
+
+    @property
+    def json_endpoint(self) -> HostPort:
+        """The RFC JSON endpoint."""
+        return self.gateway.front_door_addresses["rfc.json"][0]
 
     def params(self, **overrides: str) -> dict[str, str]:
         """Connection parameters through the gateway (virtual ashost, sysnr 00)."""
@@ -100,6 +106,7 @@ async def rfc_setup(
         document = gateway_document(tls, gateway_audit, socks=False)
         document["plugins"]["rfc"] = {
             "listen": "127.0.0.1:0",
+            "http_listen": "127.0.0.1:0",
             "destinations": list(destinations),
             **(gateway_plugin or {}),
         }

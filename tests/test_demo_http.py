@@ -23,6 +23,7 @@ STEPS = (
     "http access control",
     "http via a destination",
     "rfc via the pyrfc-compatible client",
+    "rfc via the JSON endpoint",
     "rfc access control",
 )
 
@@ -82,14 +83,6 @@ def _patch(monkeypatch: pytest.MonkeyPatch, template: str, old: str, new: str) -
             ["http via the HTTP proxy", "http via a destination"],
             "expected 200 and the greeting, got 403",
             id="root-not-allowed",
-        ),
-        pytest.param(
-            "CONNECTOR_TOML",
-            'name = "STFC_CONNECTION"',
-            'name = "BAPI_USER_GET_DETAIL"',
-            ["rfc via the pyrfc-compatible client", "rfc access control"],
-            "Access denied to function module STFC_CONNECTION on system erp.virtual:3300",
-            id="rfc-rules-swapped",
         ),
     ],
 )

@@ -5,7 +5,11 @@ the same class, code and key."""
 
 from __future__ import annotations
 
+import base64
 import datetime
+import json
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +17,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from backchannel import HostPort
 from backchannel_rfc._abap_types import (
     BCD,
     BYTE,
@@ -32,14 +37,17 @@ from backchannel_rfc._abap_types import (
 )
 from backchannel_rfc._connection import Connection
 from backchannel_rfc._demo_data import demo_system
-from backchannel_rfc._descriptions import FunctionDescription, structure
+from backchannel_rfc._descriptions import FunctionDescription, decode_params, structure
 from backchannel_rfc._errors import (
     ABAPApplicationError,
     ExternalRuntimeError,
     LogonError,
+    from_wire,
 )
+from backchannel_rfc._stub_protocol import description_from_wire
 from backchannel_rfc._system import AbapSystem, Session
-from tests.rfc_harness import LOGON, in_thread, rfc_setup
+from tests.harness import APP_SECRET
+from tests.rfc_harness import LOGON, VIRTUAL_HOST, in_thread, rfc_setup
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +127,59 @@ class PyrfcWay:
         return PyrfcWay(self.connect, passwd="wrong")
 
 
-WAYS = ["direct", "tunnel"]
+class JsonWay:
+    """POST /rfc/<destination>/<FUNCTION> with urllib; results decoded by the description the
+    endpoint serves (GET), errors rebuilt from the JSON error body."""
+
+    def __init__(self, endpoint: HostPort, destination: str = "ERP") -> None:
+        self.base = f"http://{endpoint}/rfc/{destination}/"
+        self.endpoint = endpoint
+        credentials = base64.b64encode(f"acme/crm:{APP_SECRET}".encode()).decode()
+        self.headers = {"Authorization": f"Basic {credentials}"}
+
+    def _exchange(self, function: str, body: bytes | None) -> Any:
+        request = urllib.request.Request(self.base + function, data=body, headers=self.headers)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                error = json.loads(exc.read())["error"]
+            raise from_wire(error) from None
+
+    def call(self, function: str, **params: Any) -> dict[str, Any]:
+        body = json.dumps(params, default=_json_value).encode()
+        result = self._exchange(function, body)
+        description = description_from_wire(self._exchange(function, None))
+        return decode_params(description, result)
+
+    def with_wrong_password(self) -> Way:
+        return JsonWay(self.endpoint, "ERP_WRONGPW")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"not JSON: {value!r}")
+
+
+DESTINATIONS = [
+    {
+        "name": name,
+        "subaccount": "acme",
+        "ashost": VIRTUAL_HOST,
+        "client": "100",
+        "authentication": "BasicAuthentication",
+        "user": "DEMO",
+        "password": password,
+    }
+    for name, password in (("ERP", "welcome"), ("ERP_WRONGPW", "wrong"))
+]
+WAYS = ["direct", "tunnel", "json"]
 FUNCTIONS = [
     {"name": name}
     for name in (
@@ -137,7 +197,9 @@ FUNCTIONS = [
 @pytest.fixture(params=WAYS)
 async def way(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Way]:
     system = conformance_system()
-    async with rfc_setup(tmp_path, system=system, functions=FUNCTIONS) as setup:
+    async with rfc_setup(
+        tmp_path, system=system, functions=FUNCTIONS, destinations=DESTINATIONS
+    ) as setup:
         if request.param == "direct":
 
             def direct(**overrides: str) -> Connection:
@@ -145,8 +207,10 @@ async def way(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[W
                 return Connection(None, **params)
 
             yield PyrfcWay(direct)
-        else:
+        elif request.param == "tunnel":
             yield PyrfcWay(setup.connect)
+        else:
+            yield JsonWay(setup.json_endpoint)
 
 
 ALL_VALUES: dict[str, Any] = {

@@ -31,6 +31,9 @@ from ._pki import write_throwaway_tls_material as write_throwaway_tls_material
 from ._plugin_api import AppIdentity as AppIdentity
 from ._plugin_api import ConnectorContext as ConnectorContext
 from ._plugin_api import ConnectorHandler as ConnectorHandler
+from ._plugin_api import DemoContext as DemoContext
+from ._plugin_api import DemoPart as DemoPart
+from ._plugin_api import DemoStep as DemoStep
 from ._plugin_api import FrontDoor as FrontDoor
 from ._plugin_api import GatewayContext as GatewayContext
 from ._plugin_api import GatewayServices as GatewayServices

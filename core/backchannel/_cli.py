@@ -254,11 +254,15 @@ async def _drain_then_cancel(
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import CONNECTOR_TOML, GATEWAY_TOML, run_demo
+    from ._demo import CONNECTOR_TOML, GATEWAY_TOML, demo_parts, run_demo
 
     if args.print_config:
-        print("# gateway.toml (placeholders are filled in at start)\n" + GATEWAY_TOML)
-        print("# connector.toml\n" + CONNECTOR_TOML)
+        parts = demo_parts()
+        work_dir = Path("{work_dir}")
+        gateway = GATEWAY_TOML + "".join(part.gateway_toml(work_dir) for part in parts)
+        connector = CONNECTOR_TOML + "".join(part.connector_toml(work_dir) for part in parts)
+        print("# gateway.toml (placeholders are filled in at start)\n" + gateway)
+        print("# connector.toml\n" + connector)
         return 0
     configure_logging(args.log_level, json_lines=args.log_json)
 

@@ -7,7 +7,6 @@ throwaway certificate paths and a random app secret are filled in at start.
 from __future__ import annotations
 
 import base64
-import datetime
 import logging
 import secrets
 import socket
@@ -19,21 +18,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import h11
 import trio
-
-# The demo shows every bundled plugin, so it uses the RFC plugin's stub system and client.
-from backchannel_rfc._connection import Connection
-from backchannel_rfc._demo_data import demo_system
-from backchannel_rfc._errors import ExternalAuthorizationError
-from backchannel_rfc._stub_server import serve_stub
 
 from ._config import ConnectorConfig, GatewayConfig
 from ._configutil import HostPort
 from ._connector import Connector, open_connector
 from ._gateway import Gateway, open_gateway
 from ._pki import write_throwaway_tls_material
+from ._plugin_api import DemoContext, DemoPart
+from ._plugins import collect_hook_results, get_plugin_manager
 
 log = logging.getLogger("backchannel.demo")
 
@@ -73,19 +69,6 @@ subaccount = "demo"
 url = "http://hello.virtual:80"
 authentication = "NoAuthentication"
 
-# RFC: the front door for pyrfc-compatible clients, and one destination (system and logon).
-[plugins.rfc]
-listen = "127.0.0.1:{rfc_port}"
-
-[[plugins.rfc.destinations]]
-name = "ERP"
-subaccount = "demo"
-ashost = "erp.virtual"
-sysnr = "00"
-client = "100"
-authentication = "BasicAuthentication"
-user = "DEMO"
-password_file = "{work_dir}/erp.password"
 """
 
 CONNECTOR_TOML = """\
@@ -125,23 +108,6 @@ internal = "127.0.0.1:{http_port}"
 protocol = "tcp"
 description = "the same web server, reached as raw TCP through SOCKS5"
 
-[[subaccounts.demo.mappings]]
-virtual = "erp.virtual:3300"
-internal = "127.0.0.1:{abap_port}"
-protocol = "rfc"
-description = "the stub ABAP system (backchannel-rfc-stub); only these function modules are open"
-
-[[subaccounts.demo.mappings.functions]]
-name = "STFC_CONNECTION"
-
-[[subaccounts.demo.mappings.functions]]
-name = "RFC_PING"
-
-[[subaccounts.demo.mappings.functions]]
-name = "RFC_READ_TABLE"
-
-[plugins.rfc]
-backend = "auto"    # SAP's pyrfc if installed, else the stub client
 """
 
 HELLO_BODY = b"Hello from the on-premise backend, through backchannel.\n"
@@ -306,7 +272,6 @@ class _Doors:
     forward: HostPort
     proxy: HostPort
     destinations: HostPort
-    rfc: HostPort
 
     @classmethod
     def of(cls, gateway: Gateway) -> _Doors:
@@ -317,7 +282,6 @@ class _Doors:
             forward=forward[0],
             proxy=addresses["http.proxy"][0],
             destinations=addresses["http.destinations"][0],
-            rfc=addresses["rfc"][0],
         )
 
 
@@ -326,8 +290,10 @@ class Demo:
 
     user = "demo/app"
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, parts: Sequence[DemoPart] = ()) -> None:
         self.work_dir = work_dir
+        #: The installed plugins' parts of the demo (backends, config, steps).
+        self.parts = list(parts)
         self.tls = write_throwaway_tls_material(work_dir / "tls")
         self.app_secret = secrets.token_urlsafe(24)
         #: Request targets the sample web server answered, in order.
@@ -335,7 +301,6 @@ class Demo:
         for name, value in (
             ("connector.token", secrets.token_urlsafe(32)),
             ("app.secret", self.app_secret),
-            ("erp.password", "welcome"),  # DEMO's password in the stub system's demo data
         ):
             path = work_dir / name
             path.write_text(value)
@@ -351,8 +316,8 @@ class Demo:
             echo = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
             hello = partial(_hello_http, self.served)
             http = await nursery.start(partial(trio.serve_tcp, hello, 0, host="127.0.0.1"))
-            abap = demo_system(now=datetime.datetime.now)  # the real clock: RESPTEXT shows it
-            abap_port = await nursery.start(serve_stub, abap, "127.0.0.1", 0)
+            for part in self.parts:
+                await part.start(nursery, self.work_dir)
             gateway_text = self._render(
                 GATEWAY_TOML,
                 tunnel_port=0,
@@ -360,8 +325,7 @@ class Demo:
                 forward_port=_free_port(20007),
                 http_proxy_port=_free_port(20003),
                 destinations_port=_free_port(20005),
-                rfc_port=_free_port(23300),
-            )
+            ) + "".join(part.gateway_toml(self.work_dir) for part in self.parts)
             (self.work_dir / "gateway.toml").write_text(gateway_text)
             gateway_config = GatewayConfig.from_mapping(
                 tomllib.loads(gateway_text), source=str(self.work_dir / "gateway.toml")
@@ -374,8 +338,7 @@ class Demo:
                     tunnel_port=gateway.tunnel_address.port,
                     echo_port=echo[0].socket.getsockname()[1],
                     http_port=http[0].socket.getsockname()[1],
-                    abap_port=abap_port,
-                )
+                ) + "".join(part.connector_toml(self.work_dir) for part in self.parts)
                 (self.work_dir / "connector.toml").write_text(connector_text)
                 connector_config = ConnectorConfig.from_mapping(
                     tomllib.loads(connector_text), source=str(self.work_dir / "connector.toml")
@@ -391,7 +354,7 @@ class Demo:
                     if once:
                         nursery.cancel_scope.cancel()
                     else:
-                        self._print_try_it(gateway, print_line)
+                        self._print_try_it(gateway, connector, print_line)
                         await trio.sleep_forever()
         return results
 
@@ -494,38 +457,6 @@ class Demo:
                 raise OSError(f"expected 200 and the greeting, got {status} {_short(body)}")
             return f"GET http://{doors.destinations}{target} answered 200 → http://hello.virtual/"
 
-        def rfc_params() -> dict[str, str]:
-            return {"gateway": str(doors.rfc), "app": user, "app_secret": secret, "dest": "ERP"}
-
-        async def rfc_call() -> str:
-            def call() -> dict[str, object]:
-                with Connection(None, **rfc_params()) as connection:
-                    result: dict[str, object] = connection.call("STFC_CONNECTION", REQUTEXT="hello")
-                    return result
-
-            result = await trio.to_thread.run_sync(call)
-            if result["ECHOTEXT"] != "hello" or "/DEMO/" not in str(result["RESPTEXT"]):
-                raise OSError(f"unexpected result {result}")
-            return (
-                f"STFC_CONNECTION via the RFC front door {doors.rfc} (destination ERP) → "
-                f"erp.virtual:3300: {str(result['RESPTEXT']).split('   Logon_Data')[0].strip()}"
-            )
-
-        async def rfc_denied() -> str:
-            def call() -> str:
-                with Connection(None, **rfc_params()) as connection:
-                    try:
-                        connection.call("BAPI_USER_GET_DETAIL", USERNAME="DEMO")
-                    except ExternalAuthorizationError as exc:
-                        return str(exc.message)
-                raise OSError("a function without a rule was callable")
-
-            denials = connector.audit.denials
-            message = await trio.to_thread.run_sync(call)
-            if connector.audit.denials == denials:
-                raise OSError("refused, but the connector wrote no audit line")
-            return f"BAPI_USER_GET_DETAIL refused (ExternalAuthorizationError): {message}"
-
         steps: list[tuple[str, Callable[[], Awaitable[str]]]] = [
             ("tunnel", tunnel_up),
             ("tcp via SOCKS5", socks_echo),
@@ -535,9 +466,10 @@ class Demo:
             ("http via the HTTP proxy", proxy_http),
             ("http access control", proxy_denied),
             ("http via a destination", destination),
-            ("rfc via the pyrfc-compatible client", rfc_call),
-            ("rfc access control", rfc_denied),
         ]
+        context = self._context(gateway, connector)
+        for part in self.parts:
+            steps.extend(part.steps(context))
         results = []
         for name, step in steps:
             begin = time.perf_counter() if name != "tunnel" else started
@@ -550,7 +482,12 @@ class Demo:
                 results.append(StepResult(name, False, detail, time.perf_counter() - begin))
         return results
 
-    def _print_try_it(self, gateway: Gateway, print_line: Callable[[str], None]) -> None:
+    def _context(self, gateway: Gateway, connector: Connector) -> DemoContext:
+        return DemoContext(gateway, connector, self.user, self.app_secret, self.work_dir)
+
+    def _print_try_it(
+        self, gateway: Gateway, connector: Connector, print_line: Callable[[str], None]
+    ) -> None:
         doors = _Doors.of(gateway)
         credentials = f"'{self.user}:{self.app_secret}'"
         proxy = f"curl -x http://{doors.proxy} --proxy-user {credentials}"
@@ -568,13 +505,10 @@ class Demo:
                 "echo via the port forward",
             ),
             (f"{socks} http://secret.virtual:22/", "refused: not mapped"),
-            (
-                f"BACKCHANNEL_RFC_APP_SECRET='{self.app_secret}' python -c \"from backchannel_rfc "
-                f"import Connection; print(Connection(gateway='{doors.rfc}', app='{self.user}', "
-                "dest='ERP').call('STFC_CONNECTION', REQUTEXT='hi'))\"",
-                "RFC via the pyrfc-compatible client",
-            ),
         ]
+        context = self._context(gateway, connector)
+        for part in self.parts:
+            lines.extend(part.try_it(context))
         print_line("")
         print_line("Try it from another terminal (demo credentials, valid while this runs):")
         for command, comment in lines:
@@ -583,13 +517,24 @@ class Demo:
         print_line("Press Ctrl-C to stop.")
 
 
+def demo_parts() -> list[DemoPart]:
+    """The parts of the demo that installed plugins contribute (``backchannel_demo_parts``)."""
+    manager = get_plugin_manager()
+    parts: list[DemoPart] = []
+    for _plugin, returned in collect_hook_results(manager, "backchannel_demo_parts"):
+        parts.extend(cast(DemoPart, part) for part in returned)
+    return parts
+
+
 async def run_demo(*, once: bool, print_line: Callable[[str], None] = print) -> int:
     """Entry point of ``backchannel demo``; returns the exit code."""
     with tempfile.TemporaryDirectory(prefix="backchannel-demo-") as tmp:
-        demo = Demo(Path(tmp))
+        parts = demo_parts()
+        demo = Demo(Path(tmp), parts)
+        extra = "".join(f", {part.name}" for part in parts)
         print_line(
-            "backchannel demo: gateway, connector and three sample backends (TCP echo, web "
-            "server, stub ABAP system) on 127.0.0.1"
+            "backchannel demo: gateway, connector and sample backends (TCP echo, web server"
+            f"{extra}) on 127.0.0.1"
         )
         results = await demo.run(once=once, print_line=print_line)
     failed = [r for r in results if not r.ok]

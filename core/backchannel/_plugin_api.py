@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import trio
 
@@ -13,6 +14,8 @@ from ._configutil import HostPort, TableReader
 
 if TYPE_CHECKING:
     from ._audit import AuditLog
+    from ._connector import Connector
+    from ._gateway import Gateway
     from ._stream import TunnelStream
 
 
@@ -198,3 +201,60 @@ def _config_for(tables: Mapping[str, TableReader], plugin_name: str) -> TableRea
             "name the plugin is registered under (its entry-point name), and make sure it "
             "implements backchannel_plugin_info"
         ) from None
+
+
+#: One self-check step of ``backchannel demo``: its name, and a coroutine function that returns
+#: what it showed (one line) or raises with what went wrong.
+DemoStep: TypeAlias = tuple[str, Callable[[], Awaitable[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoContext:
+    """What a plugin's demo steps can use once the demo's gateway and connector run."""
+
+    gateway: Gateway
+    connector: Connector
+    #: The demo app's user name (``subaccount/app``) and secret.
+    app_user: str
+    app_secret: str
+    #: The demo's temporary folder (configuration, secrets, audit logs).
+    work_dir: Path
+    #: The demo's subaccount.
+    subaccount: str = "demo"
+
+    def front_door(self, name: str) -> HostPort:
+        """The first address a front door (by its ``name``) listens on."""
+        return self.gateway.front_door_addresses[name][0]
+
+
+class DemoPart(Protocol):
+    """A plugin's share of ``backchannel demo``: sample backends, configuration, self-checks.
+
+    The demo calls ``start`` (start backends, write secret files), then appends
+    ``gateway_toml()`` and ``connector_toml()`` to its own configuration (subaccount ``demo``,
+    app ``app``), starts gateway and connector, runs ``steps`` in order after its own, and
+    shows ``try_it`` while it runs.
+    """
+
+    #: The plugin name, for messages.
+    name: str
+
+    async def start(self, nursery: trio.Nursery, work_dir: Path) -> None:
+        """Start the part's sample backends in ``nursery``; write its secret files."""
+        ...
+
+    def gateway_toml(self, work_dir: Path) -> str:
+        """TOML appended to the demo gateway's configuration."""
+        ...
+
+    def connector_toml(self, work_dir: Path) -> str:
+        """TOML appended to the demo connector's configuration (mappings of ``demo``)."""
+        ...
+
+    def steps(self, demo: DemoContext) -> Sequence[DemoStep]:
+        """The self-check steps."""
+        ...
+
+    def try_it(self, demo: DemoContext) -> Sequence[tuple[str, str]]:
+        """(shell command, comment) pairs for a user to try while the demo runs."""
+        ...

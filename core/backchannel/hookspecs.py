@@ -12,7 +12,14 @@ from collections.abc import Sequence
 
 import pluggy
 
-from ._plugin_api import ConnectorContext, ConnectorHandler, FrontDoor, GatewayContext, PluginInfo
+from ._plugin_api import (
+    ConnectorContext,
+    ConnectorHandler,
+    DemoPart,
+    FrontDoor,
+    GatewayContext,
+    PluginInfo,
+)
 
 hookspec = pluggy.HookspecMarker("backchannel")
 hookimpl = pluggy.HookimplMarker("backchannel")
@@ -44,4 +51,12 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
 
     Same configuration rules as ``backchannel_connector_handlers``. Not firstresult: the
     results of all enabled plugins are collected.
+    """
+
+
+@hookspec
+def backchannel_demo_parts() -> Sequence[DemoPart]:  # type: ignore[empty-body]
+    """Optional: this plugin's part of ``backchannel demo`` (backends, config, self-checks).
+
+    Not firstresult: the parts of all installed plugins are collected.
     """

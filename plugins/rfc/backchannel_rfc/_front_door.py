@@ -41,7 +41,7 @@ def _refusal(message: str) -> RFCLibError:
 class RfcFrontDoor:
     """The listener for pyrfc-compatible cloud clients."""
 
-    name = "rfc"
+    name = "rfc.pyrfc"
 
     def __init__(
         self,

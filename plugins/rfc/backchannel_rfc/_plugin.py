@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from backchannel import (
     ConnectorContext,
     ConnectorHandler,
+    DemoPart,
     FrontDoor,
     GatewayContext,
     PluginInfo,
@@ -17,9 +19,11 @@ from backchannel import (
 )
 
 from ._backend import BACKENDS, BackendPool, PoolSettings, connector_for, load_client_module
+from ._demo_part import RfcDemoPart
 from ._destinations import read_destinations
 from ._front_door import RfcFrontDoor
 from ._handler import HandlerSettings, RfcHandler
+from ._json_endpoint import MAX_BODY, RfcJsonEndpoint
 from ._stub_protocol import MAX_MESSAGE_SIZE
 
 NAME = "rfc"
@@ -72,12 +76,19 @@ def _backend_choice(table: TableReader) -> str:
     return choice
 
 
-def _skip(table: TableReader, keys: Sequence[str]) -> None:
-    for key in keys:
-        if key in table:
-            table.optional_string(key) if key.endswith("listen") else table.number(
-                key, 0, minimum=0, maximum=2**31
-            )
+@dataclass(frozen=True, slots=True)
+class _GatewaySettings:
+    handshake_timeout: float
+    max_body: int
+    request_timeout: float
+
+
+def _gateway_settings(table: TableReader) -> _GatewaySettings:
+    return _GatewaySettings(
+        handshake_timeout=table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600),
+        max_body=table.integer("http_max_body", MAX_BODY, minimum=1024, maximum=64 * 1024 * 1024),
+        request_timeout=table.number("http_request_timeout", 30.0, minimum=0.1, maximum=3600),
+    )
 
 
 @hookimpl
@@ -88,7 +99,9 @@ def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[Connec
     settings = _handler_settings(table)
     pool_settings = _pool_settings(table)
     # Gateway-side keys may share the file in a combined set-up; they are checked there.
-    _skip(table, _GATEWAY_KEYS)
+    _gateway_settings(table)
+    for key in ("listen", "http_listen"):
+        table.optional_string(key)
     list(table.tables("destinations"))
     table.finish()
     try:
@@ -108,7 +121,7 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
     _handler_settings(table)
     _pool_settings(table)
     destinations = read_destinations(table, services)
-    handshake_timeout = table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600)
+    settings = _gateway_settings(table)
     doors: list[FrontDoor] = []
     if "listen" in table:
         doors.append(
@@ -116,9 +129,24 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
                 services,
                 table.host_port("listen"),
                 destinations,
-                handshake_timeout=handshake_timeout,
+                handshake_timeout=settings.handshake_timeout,
             )
         )
-    _skip(table, ("http_listen", "http_max_body", "http_request_timeout"))
+    if "http_listen" in table:
+        doors.append(
+            RfcJsonEndpoint(
+                services,
+                table.host_port("http_listen"),
+                destinations,
+                max_body=settings.max_body,
+                request_timeout=settings.request_timeout,
+            )
+        )
     table.finish()
     return doors
+
+
+@hookimpl
+def backchannel_demo_parts() -> Sequence[DemoPart]:
+    """The stub ABAP system and the RFC self-checks of ``backchannel demo``."""
+    return [RfcDemoPart()]

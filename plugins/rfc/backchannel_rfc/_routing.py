@@ -160,4 +160,4 @@ async def open_route(services: GatewayServices, route: RfcRoute) -> TunnelStream
             attributes=attributes,
         )
     except StreamError as exc:
-        raise stream_refusal(exc, route) from None
+        raise stream_refusal(exc, route) from exc
