@@ -19,13 +19,9 @@ import socket
 from types import TracebackType
 from typing import Any
 
+from ._call_codec import call_request, prepare_call, read_result
 from ._descriptions import (
     FunctionDescription,
-    decode_params,
-    encode_params,
-    fill,
-    initial,
-    wrap,
 )
 from ._errors import (
     ABAPRuntimeError,
@@ -37,7 +33,6 @@ from ._errors import (
     RfcRc,
     communication_failure,
     from_wire,
-    invalid_parameter,
     library_error,
 )
 from ._stub_protocol import (
@@ -324,57 +319,26 @@ class Connection:
             )
         options = options or {}
         fd = self.get_function_description(func_name)
-        skip = options.get("not_requested", [])
-        skip = skip if isinstance(skip, list) else [skip]
-        for name in skip:
-            if fd.parameter(name) is None:
-                raise invalid_parameter(name)
-        canonical: dict[str, Any] = {}
-        for name, value in params.items():
-            p = fd.parameter(name)
-            if p is None:
-                raise invalid_parameter(name)
-            canonical[name] = fill(
-                p["parameter_type"],
-                value,
-                length=p["nuc_length"],
-                decimals=p["decimals"],
-                td=p["type_description"],
-                name=name,
-            )
-        sent = {k: v for k, v in canonical.items() if k not in skip}
+        wire_params, skip = prepare_call(fd, params, options)
         return_imports = options.get("return_import_params", self.__config["return_import_params"])
         timeout = options.get("timeout", self.__config["timeout"])
-        message: dict[str, Any] = {
-            "op": "call",
-            "name": fd.name,
-            "params": encode_params(fd, sent),
-            "return_import_params": bool(return_imports),
-        }
-        if skip:
-            message["not_requested"] = [str(name) for name in skip]
-        if timeout is not None:
-            message["timeout"] = float(timeout)
-            if "gateway" in self._backchannel:
-                timeout = float(timeout) + GATEWAY_TIMEOUT_MARGIN
+        message = call_request(
+            fd,
+            wire_params,
+            skip,
+            return_import_params=bool(return_imports),
+            timeout=None if timeout is None else float(timeout),
+        )
+        if timeout is not None and "gateway" in self._backchannel:
+            timeout = float(timeout) + GATEWAY_TIMEOUT_MARGIN
         response = self._invoke(message, timeout)
-        result = decode_params(fd, response["result"])
-        out: dict[str, Any] = {}
-        for p in fd.parameters:
-            if p["name"] not in result:
-                continue
-            value = result[p["name"]]
-            if p["name"] in skip:
-                # An inactive parameter is neither sent nor received: its value stays initial.
-                value = initial(p["parameter_type"], p["nuc_length"], p["type_description"])
-            out[p["name"]] = wrap(
-                p["parameter_type"],
-                value,
-                p["type_description"],
-                dtime=bool(self.__config["dtime"]),
-                rstrip=bool(self.__config["rstrip"]),
-            )
-        return out
+        return read_result(
+            fd,
+            response["result"],
+            skip,
+            dtime=bool(self.__config["dtime"]),
+            rstrip=bool(self.__config["rstrip"]),
+        )
 
     # -- internals ---------------------------------------------------------------------------
 
