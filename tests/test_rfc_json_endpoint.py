@@ -63,10 +63,10 @@ from backchannel_rfc._errors import (
     library_error,
     to_wire,
 )
-from backchannel_rfc._json_endpoint import (
+from backchannel_rfc._json_endpoint import RfcJsonEndpoint
+from backchannel_rfc._json_http import (
     CallOptions,
     HttpRefusal,
-    RfcJsonEndpoint,
     parse_options,
     parse_target,
     status_for,

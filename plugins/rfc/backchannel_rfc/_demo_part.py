@@ -20,7 +20,7 @@ from ._connection import Connection
 from ._demo_data import demo_system
 from ._errors import ExternalAuthorizationError
 from ._front_door import RfcFrontDoor
-from ._json_endpoint import NAME as JSON_ENDPOINT
+from ._json_endpoint import RfcJsonEndpoint
 from ._stub_server import serve_stub
 
 DESTINATION = "ERP"
@@ -94,7 +94,7 @@ class RfcDemoPart:
     def steps(self, demo: DemoContext) -> Sequence[DemoStep]:
         """pyrfc client, JSON endpoint, a denied function."""
         front_door = demo.front_door(RfcFrontDoor.name)
-        endpoint = demo.front_door(JSON_ENDPOINT)
+        endpoint = demo.front_door(RfcJsonEndpoint.name)
         params = {
             "gateway": str(front_door),
             "app": demo.app_user,
@@ -169,7 +169,7 @@ class RfcDemoPart:
     def try_it(self, demo: DemoContext) -> Sequence[tuple[str, str]]:
         """A Python one-liner with the pyrfc API, and curl against the JSON endpoint."""
         front_door = demo.front_door(RfcFrontDoor.name)
-        endpoint = demo.front_door(JSON_ENDPOINT)
+        endpoint = demo.front_door(RfcJsonEndpoint.name)
         secret = shlex.quote(demo.app_secret)
         script = (
             "from backchannel_rfc import Connection; "

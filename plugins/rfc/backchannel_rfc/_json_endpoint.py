@@ -91,19 +91,12 @@ credentials are audited as ``rfc_app_auth``, unknown destinations as ``rfc_desti
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import http
-import json
 import logging
 import math
-import re
 import socket
-import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import h11
@@ -114,370 +107,54 @@ from backchannel import (
     AuthenticationError,
     GatewayServices,
     HostPort,
-    ResetCode,
     StreamError,
 )
 
 from ._call_codec import (
     call_request,
     params_from_json,
-    parse_json,
     prepare_call,
     read_result,
     result_to_json,
 )
 from ._destinations import RfcDestinations
 from ._errors import (
-    ABAPApplicationError,
-    ABAPRuntimeError,
     CommunicationError,
-    ExternalAuthorizationError,
-    ExternalRuntimeError,
     RFCError,
     RFCLibError,
-    RfcRc,
-    RFCTypeError,
-    library_error,
-    to_wire,
 )
-from ._functions import MAX_NAME_LENGTH, canonical_name
+from ._json_http import (
+    ALLOW,
+    CHALLENGE,
+    HEAD_END,
+    MAX_BODY,
+    MAX_HEAD,
+    NAME,
+    RECEIVE_SIZE,
+    RESET_STATUS,
+    SEND_TIMEOUT,
+    TIMEOUT_MARGIN,
+    CallOptions,
+    Failed,
+    HttpRefusal,
+    canceled,
+    credentials_of,
+    declares_no_body,
+    error_body,
+    error_header,
+    gateway_refusal,
+    is_json,
+    json_bytes,
+    parse_body,
+    parse_options,
+    parse_target,
+    refusal_for,
+)
 from ._message_stream import MessageStream
 from ._routing import RfcRoute, gateway_logon_error, open_route, resolve_route, stream_refusal
 from ._stub_protocol import description_from_wire, description_to_wire
 
 log = logging.getLogger("backchannel.rfc")
-
-NAME = "rfc.json"
-MAX_BODY = 1 << 20
-#: Largest request head (request line and headers); h11 refuses a larger one with 431.
-MAX_HEAD = 16 * 1024
-RECEIVE_SIZE = 64 * 1024
-#: Time a client has to take one response off the socket.
-SEND_TIMEOUT = 60.0
-#: How much longer than a call's ``timeout`` the gateway waits for the connector's answer (the
-#: connector cancels the backend call at ``timeout`` and answers RFC_CANCELED itself).
-TIMEOUT_MARGIN = 5.0
-PREFIX = "/rfc/"
-ALLOW = "GET, POST"
-CHALLENGE = (
-    ("WWW-Authenticate", 'Basic realm="backchannel"'),
-    ("WWW-Authenticate", 'Bearer realm="backchannel"'),
-)
-OPTIONS = ("return_import_params", "rstrip", "timeout", "not_requested")
-ERROR_FIELDS = (
-    "class",
-    "code",
-    "key",
-    "message",
-    "msg_class",
-    "msg_type",
-    "msg_number",
-    "msg_v1",
-    "msg_v2",
-    "msg_v3",
-    "msg_v4",
-)
-_BAD_VALUE_KEYS = frozenset(
-    {"RFC_INVALID_PARAMETER", "RFC_CONVERSION_FAILURE", "RFC_BUFFER_TOO_SMALL"}
-)
-_TIME_UP = frozenset({RfcRc.RFC_CANCELED, RfcRc.RFC_TIMEOUT})
-#: The status of a refused or reset tunnel stream, by reset code (otherwise 502).
-_RESET_STATUS = {
-    ResetCode.NOT_CONNECTED: 503,
-    ResetCode.ACCESS_DENIED: 403,
-    ResetCode.BACKEND_TIMEOUT: 504,
-}
-_TRUE = frozenset({"", "1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_JSON_TYPES = {
-    str: "string",
-    int: "integer",
-    float: "number",
-    Decimal: "number",
-    bool: "boolean",
-    type(None): "null",
-    dict: "object",
-    list: "array",
-}
-_FRAMING = (b"content-length", b"transfer-encoding")
-#: The blank line that ends a request head (h11 accepts bare LF line ends too).
-_HEAD_END = re.compile(rb"\n\r?\n")
-_HEADER_UNSAFE = re.compile(r"[^\x21-\x7e]")
-
-
-# ---------------------------------------------------------------------------- errors
-
-
-class HttpRefusal(Exception):
-    """An answer other than 200: status, the ``error`` object, extra headers, and whether the
-    connection closes after it."""
-
-    def __init__(
-        self,
-        status: int,
-        error: dict[str, Any],
-        headers: Sequence[tuple[str, str]] = (),
-        *,
-        close: bool = False,
-    ) -> None:
-        super().__init__(f"{status} {error['class']}:{error['key']}: {error['message']}")
-        self.status = status
-        self.error = error
-        self.headers = tuple(headers)
-        self.close = close
-
-
-def gateway_error(key: str, message: str) -> dict[str, Any]:
-    """The ``error`` object of a failure of the HTTP exchange itself."""
-    return {**dict.fromkeys(ERROR_FIELDS), "class": "RFCError", "key": key, "message": message}
-
-
-def _gateway_refusal(
-    status: int,
-    key: str,
-    message: str,
-    headers: Sequence[tuple[str, str]] = (),
-    *,
-    close: bool = False,
-) -> HttpRefusal:
-    return HttpRefusal(status, gateway_error(key, message), headers, close=close)
-
-
-def error_body(exc: BaseException) -> dict[str, Any]:
-    """The ``error`` object of a pyrfc exception (or of pyrfc's TypeError)."""
-    wire = to_wire(exc)
-    body = {field: wire.get(field) for field in ERROR_FIELDS}
-    if "args" in wire:
-        body["args"] = wire["args"]  # pyrfc's TypeError arguments, for clients that rebuild it
-    if body["message"] is None:
-        body["message"] = (
-            describe_type_error(exc) if isinstance(exc, TypeError) else _text_of_args(exc.args)
-        )
-    return body
-
-
-def status_for(exc: BaseException) -> int:
-    """The HTTP status of a pyrfc exception (the table in the module docstring)."""
-    if isinstance(exc, TypeError | RFCTypeError):
-        return 400
-    if not isinstance(exc, RFCLibError):
-        return 502
-    if exc.code in _TIME_UP or exc.key in ("RFC_CANCELED", "RFC_TIMEOUT"):
-        return 504
-    if isinstance(exc, ExternalRuntimeError) and exc.key in _BAD_VALUE_KEYS:
-        return 400
-    if isinstance(exc, ExternalAuthorizationError):
-        return 403
-    if isinstance(exc, ABAPApplicationError):
-        return 404 if exc.key == "FU_NOT_FOUND" else 422
-    if isinstance(exc, ABAPRuntimeError):
-        return 500
-    return 502
-
-
-def refusal_for(exc: BaseException, status: int | None = None) -> HttpRefusal:
-    """The answer to a pyrfc exception (with its own status unless ``status`` is given)."""
-    return HttpRefusal(status_for(exc) if status is None else status, error_body(exc))
-
-
-def describe_type_error(exc: TypeError) -> str:
-    """pyrfc's TypeError ``(text, value, "of type", type, field[, parameter])`` as one line,
-    with JSON's type names and long values cut short."""
-    args = exc.args
-    if len(args) >= 5 and args[2] == "of type" and isinstance(args[3], type):
-        text = f"{args[0]} {_short(args[1])} of type {_type_name(args[3])}, field {args[4]}"
-        return text + "".join(f" of {parent}" for parent in args[5:])
-    return _text_of_args(args)
-
-
-def _short(value: Any) -> str:
-    text = str(value) if isinstance(value, Decimal | int | float) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _type_name(value: Any) -> str:
-    return _JSON_TYPES.get(value, value.__name__) if isinstance(value, type) else str(value)
-
-
-def _text_of_args(args: tuple[Any, ...]) -> str:
-    return " ".join(_type_name(a) for a in args)[:1000]
-
-
-def _error_header(error: Mapping[str, Any]) -> str:
-    text = f"{error['class'] or ''}:{error['key'] or ''}"
-    return _HEADER_UNSAFE.sub("?", text)[:200]
-
-
-def _canceled(message: str) -> CommunicationError:
-    return library_error(CommunicationError, message, RfcRc.RFC_CANCELED, "RFC_CANCELED")
-
-
-class _Failed(Exception):
-    """A pyrfc exception where one is expected: in an answer, or from filling parameters
-    (other exceptions there are bugs, answered 500)."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-# ---------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True, slots=True)
-class CallOptions:
-    """The query parameters of a request."""
-
-    return_import_params: bool = False
-    rstrip: bool = True
-    #: Seconds, already capped by the endpoint's ``call_timeout``; None: no limit.
-    timeout: float | None = None
-    not_requested: tuple[str, ...] = ()
-
-
-def parse_target(target: bytes) -> tuple[str, str, str]:
-    """``/rfc/<destination>/<FUNCTION>[?query]`` → (destination, FUNCTION upper-cased, query);
-    raises HttpRefusal 404."""
-    path, _, query = target.decode("ascii", "replace").partition("?")
-    usage = f"not found: use {PREFIX}<destination>/<FUNCTION>"
-    if not path.startswith(PREFIX):
-        raise _gateway_refusal(404, "NOT_FOUND", usage)
-    raw_destination, slash, raw_function = path[len(PREFIX) :].partition("/")
-    try:
-        destination = urllib.parse.unquote(raw_destination, errors="strict")
-        function = urllib.parse.unquote(raw_function, errors="strict")
-    except UnicodeDecodeError:
-        raise _gateway_refusal(404, "NOT_FOUND", f"{usage} (percent-encoded UTF-8)") from None
-    if not destination or not slash or not function:
-        raise _gateway_refusal(404, "NOT_FOUND", usage)
-    name = canonical_name(function)
-    if name is None:
-        raise _gateway_refusal(
-            404,
-            "INVALID_FUNCTION_NAME",
-            f"{function[:64]!r} is not a function module name (letters, digits, '_' and an "
-            f"optional /NAMESPACE/ part, up to {MAX_NAME_LENGTH} characters)",
-        )
-    return destination, name, query
-
-
-def _option_error(message: str) -> HttpRefusal:
-    return _gateway_refusal(400, "INVALID_OPTION", message)
-
-
-def _boolean(name: str, value: str) -> bool:
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise _option_error(f"option {name}: {value[:32]!r} is neither true nor false")
-
-
-def parse_options(query: str, *, call_timeout: float | None = None) -> CallOptions:
-    """The options of a query string; HttpRefusal 400 for anything else."""
-    try:
-        pairs = urllib.parse.parse_qsl(
-            query, keep_blank_values=True, errors="strict", max_num_fields=100
-        )
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _option_error(f"malformed query string: {exc}") from None
-    given: dict[str, str] = {}
-    not_requested: list[str] = []
-    for key, value in pairs:
-        if key not in OPTIONS:
-            known = ", ".join(OPTIONS)
-            raise _option_error(f"unknown option {key[:32]!r}: the options are {known}")
-        if key == "not_requested":
-            not_requested.extend(name.strip() for name in value.split(",") if name.strip())
-            continue
-        if key in given:
-            raise _option_error(f"option {key} given twice")
-        given[key] = value
-    timeout = call_timeout
-    if "timeout" in given:
-        text = given["timeout"]
-        try:
-            requested = float(text)
-        except ValueError:
-            requested = math.nan
-        if not (math.isfinite(requested) and requested > 0):
-            raise _option_error(f"option timeout: {text[:32]!r} is not a positive number")
-        timeout = requested if call_timeout is None else min(requested, call_timeout)
-    return CallOptions(
-        return_import_params=_boolean(
-            "return_import_params", given.get("return_import_params", "false")
-        ),
-        rstrip=_boolean("rstrip", given.get("rstrip", "true")),
-        timeout=timeout,
-        not_requested=tuple(not_requested),
-    )
-
-
-def credentials_of(request: h11.Request) -> tuple[str, str] | str:
-    """``(subaccount/app, secret)`` from Basic or the app token from Bearer; raises
-    AuthenticationError (whose message never repeats a secret)."""
-    values = [value for name, value in request.headers if name == b"authorization"]
-    if not values:
-        raise AuthenticationError(
-            "no credentials: send Authorization: Basic (subaccount/app:secret) or Bearer "
-            "(app token)"
-        )
-    if len(values) > 1:
-        raise AuthenticationError("more than one Authorization header")
-    scheme, _, credentials = values[0].strip().partition(b" ")
-    credentials = credentials.strip()
-    if scheme.lower() == b"basic":
-        try:
-            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise AuthenticationError("malformed Basic credentials") from None
-        username, colon, secret = decoded.partition(":")
-        if not colon:
-            raise AuthenticationError("malformed Basic credentials (no ':')")
-        return username, secret
-    if scheme.lower() == b"bearer":
-        if not credentials.isascii() or not credentials:
-            raise AuthenticationError("malformed Bearer token")
-        return credentials.decode("ascii")
-    raise AuthenticationError("unsupported authorization scheme: use Basic or Bearer")
-
-
-def parse_body(body: bytes) -> dict[str, Any]:
-    """The JSON object of parameters (``{}`` for an empty body); HttpRefusal 400 if not."""
-    if not body.strip():
-        return {}
-    try:
-        params = parse_json(body)
-    except ValueError as exc:
-        message = f"the body is not JSON: {str(exc)[:200]}"
-        raise _gateway_refusal(400, "MALFORMED_JSON", message) from None
-    if not isinstance(params, dict):
-        message = "the body must be a JSON object of parameters by name"
-        raise _gateway_refusal(400, "NOT_AN_OBJECT", message)
-    return params
-
-
-def is_json(content_type: bytes) -> bool:
-    """Whether a Content-Type value is JSON (``application/json`` or ``application/*+json``)."""
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (
-        media.startswith(b"application/") and media.endswith(b"+json")
-    )
-
-
-def _declares_no_body(request: h11.Request) -> bool:
-    framing = {name: value for name, value in request.headers if name in _FRAMING}
-    return (
-        framing.get(b"content-length", b"0").strip() == b"0" and b"transfer-encoding" not in framing
-    )
-
-
-def json_bytes(document: Any) -> bytes:
-    """Compact UTF-8 JSON; strings that UTF-8 cannot carry are written as escapes."""
-    try:
-        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(document, separators=(",", ":")).encode("ascii")
 
 
 # ---------------------------------------------------------------------------- the endpoint
@@ -582,22 +259,22 @@ class RfcJsonEndpoint:
                 # open_route raises its pyrfc error while handling the StreamError.
                 cause = exc.__cause__ or exc.__context__
                 if isinstance(cause, StreamError):
-                    raise refusal_for(exc, _RESET_STATUS.get(cause.code, 502)) from None
+                    raise refusal_for(exc, RESET_STATUS.get(cause.code, 502)) from None
                 raise refusal_for(exc) from None
             async with stream:
                 try:
                     return await self._converse(
                         MessageStream(stream), route, function, options, params
                     )
-                except _Failed as failure:
+                except Failed as failure:
                     reset = stream.error
                     if isinstance(failure.error, CommunicationError) and reset is not None:
                         # The stream was reset under the call: say why, as open_route does.
                         error = stream_refusal(reset, route)
-                        raise refusal_for(error, _RESET_STATUS.get(reset.code, 502)) from None
+                        raise refusal_for(error, RESET_STATUS.get(reset.code, 502)) from None
                     raise refusal_for(failure.error) from None
         raise refusal_for(
-            _canceled(
+            canceled(
                 f"no answer from partner '{route.target}' within {timeout:g} s "
                 f"(and {TIMEOUT_MARGIN:g} s more): the call was canceled"
             )
@@ -623,7 +300,7 @@ class RfcJsonEndpoint:
                 skip_names = {"not_requested": list(options.not_requested)}
                 wire_params, skip = prepare_call(fd, python_params, skip_names)
             except (TypeError, RFCError) as exc:
-                raise _Failed(exc) from None
+                raise Failed(exc) from None
             request = call_request(
                 fd,
                 wire_params,
@@ -634,7 +311,7 @@ class RfcJsonEndpoint:
             response = await _request(messages, request)
             result = read_result(fd, response["result"], skip, rstrip=options.rstrip)
             answer = result_to_json(result)
-        with contextlib.suppress(_Failed):
+        with contextlib.suppress(Failed):
             await _request(messages, {"op": "close"})  # the answer is complete without it
         return answer
 
@@ -643,7 +320,7 @@ async def _request(messages: MessageStream, message: dict[str, Any]) -> dict[str
     try:
         return await messages.request(message)
     except (TypeError, RFCError) as exc:  # the error the answer carries, or the stream broke
-        raise _Failed(exc) from None
+        raise Failed(exc) from None
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -708,7 +385,7 @@ class _HttpConnection:
         except Exception:
             log.exception("RFC JSON %s: request failed", self._peer)
             message = "internal error of the gateway (see its log)"
-            return await self._refuse(_gateway_refusal(500, "INTERNAL_ERROR", message, close=True))
+            return await self._refuse(gateway_refusal(500, "INTERNAL_ERROR", message, close=True))
         await self._respond(200, payload)
         return self._next_cycle()
 
@@ -731,18 +408,18 @@ class _HttpConnection:
                 # h11 only limits a head that is still incomplete: one that arrived whole in
                 # a single read is measured here.
                 buffered = self._conn.trailing_data[0]
-                if len(buffered) > MAX_HEAD and not _HEAD_END.search(buffered, 0, MAX_HEAD):
-                    raise _gateway_refusal(431, "HEADERS_TOO_LARGE", too_large, close=True)
+                if len(buffered) > MAX_HEAD and not HEAD_END.search(buffered, 0, MAX_HEAD):
+                    raise gateway_refusal(431, "HEADERS_TOO_LARGE", too_large, close=True)
                 try:
                     event = self._conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     status = exc.error_status_hint
                     if status == 431:
-                        raise _gateway_refusal(
+                        raise gateway_refusal(
                             431, "HEADERS_TOO_LARGE", too_large, close=True
                         ) from None
                     message = f"malformed request: {exc}"
-                    raise _gateway_refusal(status, "BAD_REQUEST", message, close=True) from None
+                    raise gateway_refusal(status, "BAD_REQUEST", message, close=True) from None
                 if event is h11.NEED_DATA:
                     self._conn.receive_data(await self._receive())
                     continue
@@ -753,13 +430,13 @@ class _HttpConnection:
 
     def _too_slow(self) -> HttpRefusal:
         message = f"the request did not arrive within {self._endpoint.request_timeout:g} s"
-        return _gateway_refusal(408, "REQUEST_TIMEOUT", message, close=True)
+        return gateway_refusal(408, "REQUEST_TIMEOUT", message, close=True)
 
     async def _read_body(self, request: h11.Request, deadline: float) -> bytes:
         """The whole body, at most ``max_body`` bytes, by ``deadline``."""
         max_body = self._endpoint.max_body
         message = f"the body exceeds {max_body} bytes"
-        too_large = _gateway_refusal(413, "BODY_TOO_LARGE", message, close=True)
+        too_large = gateway_refusal(413, "BODY_TOO_LARGE", message, close=True)
         lengths = [value for name, value in request.headers if name == b"content-length"]
         if lengths and int(lengths[0]) > max_body:  # h11 made sure it is one number
             raise too_large
@@ -772,7 +449,7 @@ class _HttpConnection:
                     event = self._conn.next_event()
                 except h11.RemoteProtocolError as exc:
                     message = f"malformed body: {exc}"
-                    raise _gateway_refusal(400, "BAD_REQUEST", message, close=True) from None
+                    raise gateway_refusal(400, "BAD_REQUEST", message, close=True) from None
                 if event is h11.NEED_DATA:
                     self._conn.receive_data(await self._receive())
                 elif isinstance(event, h11.Data):
@@ -791,16 +468,16 @@ class _HttpConnection:
         destination, function, query = parse_target(request.target)
         if request.method not in (b"GET", b"POST"):
             message = f"{request.method.decode('ascii', 'replace')} is not allowed: use {ALLOW}"
-            raise _gateway_refusal(405, "METHOD_NOT_ALLOWED", message, (("Allow", ALLOW),))
+            raise gateway_refusal(405, "METHOD_NOT_ALLOWED", message, (("Allow", ALLOW),))
         options = parse_options(query, call_timeout=endpoint.call_timeout)
         app = endpoint.authenticate(request, self._peer)
         if request.method == b"GET":
             await self._read_body(request, deadline)  # ignored, but bounded all the same
             return await endpoint.invoke(app, destination, function, options, None)
         types = [value for name, value in request.headers if name == b"content-type"]
-        if not (len(types) == 1 and is_json(types[0])) and not _declares_no_body(request):
+        if not (len(types) == 1 and is_json(types[0])) and not declares_no_body(request):
             message = "send the parameters as Content-Type: application/json"
-            raise _gateway_refusal(415, "UNSUPPORTED_MEDIA_TYPE", message)
+            raise gateway_refusal(415, "UNSUPPORTED_MEDIA_TYPE", message)
         body = await self._read_body(request, deadline)
         return await endpoint.invoke(app, destination, function, options, parse_body(body))
 
@@ -818,7 +495,7 @@ class _HttpConnection:
         close = refusal.close or not self._take_buffered_body()
         if self._conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return False  # nothing can be answered any more
-        headers = [("X-Backchannel-Error", _error_header(error)), *refusal.headers]
+        headers = [("X-Backchannel-Error", error_header(error)), *refusal.headers]
         await self._respond(refusal.status, json_bytes({"error": error}), headers, close=close)
         return not close and self._next_cycle()
 

@@ -23,7 +23,8 @@ from ._demo_part import RfcDemoPart
 from ._destinations import read_destinations
 from ._front_door import RfcFrontDoor
 from ._handler import HandlerSettings, RfcHandler
-from ._json_endpoint import MAX_BODY, RfcJsonEndpoint
+from ._json_endpoint import RfcJsonEndpoint
+from ._json_http import MAX_BODY
 from ._stub_protocol import MAX_MESSAGE_SIZE
 
 NAME = "rfc"
