@@ -29,6 +29,9 @@ from ._transport import client_ssl_context, closed_reason, dial_gateway
 from ._tunnel import Tunnel
 from ._version import __version__
 
+#: How long a handler's ``aclose()`` may take when the connector stops.
+HANDLER_CLOSE_TIMEOUT = 5.0
+
 log = logging.getLogger("backchannel.connector")
 
 
@@ -112,7 +115,22 @@ class Connector:
                     nursery.start_soon(self._keep_tunnel, sub)
                 task_status.started()
         finally:
+            with trio.CancelScope(shield=True):
+                await self._close_handlers()
             self.audit.close()
+
+    async def _close_handlers(self) -> None:
+        """Let handlers with an optional ``aclose()`` release what they keep (pooled backend
+        connections, for one), each for at most HANDLER_CLOSE_TIMEOUT seconds."""
+        for handler in {id(h): h for h in self.handlers.values()}.values():
+            close = getattr(handler, "aclose", None)
+            if close is None:
+                continue
+            with trio.move_on_after(HANDLER_CLOSE_TIMEOUT):
+                try:
+                    await close()
+                except Exception:
+                    log.exception("handler %s failed to close", handler.name)
 
     async def wait_connected(self, subaccount: str | None = None) -> Tunnel:
         """Wait until the tunnel of ``subaccount`` (default: the only one) is up."""

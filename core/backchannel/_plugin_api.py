@@ -97,7 +97,12 @@ class Session:
 
 
 class ConnectorHandler(Protocol):
-    """Connector side of a plugin: takes accepted-for-routing streams to the backend."""
+    """Connector side of a plugin: takes accepted-for-routing streams to the backend.
+
+    A handler that keeps resources between streams (a pool of backend connections, say) may
+    also define ``async def aclose(self) -> None``: the connector awaits it once when it stops,
+    shielded from cancellation, for at most 5 seconds.
+    """
 
     #: The stream protocol it handles (the plugin name; the ``protocol`` field of OPEN).
     name: str

@@ -14,6 +14,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
@@ -233,13 +234,17 @@ class BackendPool:
         _close_in_background(connection)
 
     async def aclose(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (logging off), each in a worker thread, and wait."""
+        idle: list[BackendConnection] = []
         for backend in self._backends.values():
             for entries in backend.idle.values():
-                for entry in entries:
-                    _close_in_background(entry.connection)
+                idle.extend(entry.connection for entry in entries)
+                for _ in entries:
                     backend.slots.release()
                 entries.clear()
+        async with trio.open_nursery() as nursery:
+            for connection in idle:
+                nursery.start_soon(partial(trio.to_thread.run_sync, _close_quietly, connection))
 
 
 def is_alive(connection: BackendConnection) -> bool:
@@ -249,16 +254,16 @@ def is_alive(connection: BackendConnection) -> bool:
         return False
 
 
+def _close_quietly(connection: BackendConnection) -> None:
+    try:
+        connection.close()
+    except Exception as exc:  # a connection that cannot even close is gone anyway
+        log.debug("closing a backend connection failed: %s", exc)
+
+
 def _close_in_background(connection: BackendConnection) -> None:
     """Close without waiting: a close may block on a dead peer, and nobody needs its result."""
-
-    def close() -> None:
-        try:
-            connection.close()
-        except Exception as exc:  # a connection that cannot even close is gone anyway
-            log.debug("closing a backend connection failed: %s", exc)
-
-    trio.lowlevel.start_thread_soon(close, lambda _result: None)
+    trio.lowlevel.start_thread_soon(partial(_close_quietly, connection), lambda _result: None)
 
 
 def connector_for(

@@ -108,6 +108,10 @@ class RfcHandler:
         mapping.finish()
         return RfcMappingOptions(functions, call_timeout)
 
+    async def aclose(self) -> None:
+        """Close the pooled backend connections (called once when the connector stops)."""
+        await self.pool.aclose()
+
     async def handle(self, session: Session, stream: TunnelStream) -> None:
         """Accept the stream and serve the RFC connection until it closes."""
         await stream.accept()
