@@ -272,6 +272,24 @@ def test_config_options(stub: StubThread) -> None:
         Connection(config={"bogus": 1}, **params(stub))
 
 
+def test_check_date_and_check_time(stub: StubThread) -> None:
+    struct = {"RFCDATE": "20260231", "RFCTIME": "256000"}  # no such day, no such time
+    with Connection(**params(stub)) as conn:
+        assert conn.options["check_date"] is True
+        with pytest.raises(TypeError) as info:
+            conn.call("STFC_STRUCTURE", IMPORTSTRUCT={"RFCDATE": "20260231"})
+        assert info.value.args[0] == "date value required, received"
+    config = {"check_date": False, "check_time": False}
+    with Connection(config=config, **params(stub)) as conn:
+        echoed = conn.call("STFC_STRUCTURE", IMPORTSTRUCT=struct)["ECHOSTRUCT"]
+    # ABAP takes the characters as they are, as it does from SAP's pyrfc.
+    assert (echoed["RFCDATE"], echoed["RFCTIME"]) == ("20260231", "256000")
+    with Connection(config={"check_date": False}, **params(stub)) as conn:
+        with pytest.raises(TypeError) as info:
+            conn.call("STFC_STRUCTURE", IMPORTSTRUCT=struct)
+        assert info.value.args[0] == "time value required, received"
+
+
 def test_not_requested_parameter_is_initial(conn: Connection) -> None:
     result = conn.call(
         "BAPI_USER_GET_DETAIL", options={"not_requested": ["ADDRESS"]}, USERNAME="ALICE"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -109,6 +110,21 @@ def bcd_digits(nuc_length: int) -> int:
     return 2 * nuc_length - 1
 
 
+@dataclass(frozen=True, slots=True)
+class Checks:
+    """Which values are checked beyond their type and length: pyrfc's ``check_date`` and
+    ``check_time`` options (a real calendar date, a real time of day)."""
+
+    date: bool = True
+    time: bool = True
+
+
+#: pyrfc's defaults.
+STRICT = Checks()
+#: What an ABAP system itself does with incoming DATS/TIMS values: takes any characters.
+LENIENT = Checks(date=False, time=False)
+
+
 def fill_value(
     field_type: str,
     value: Any,
@@ -117,6 +133,7 @@ def fill_value(
     decimals: int,
     name: str,
     context: tuple[str, ...] = (),
+    checks: Checks = STRICT,
 ) -> Any:
     """Check ``value`` as pyrfc does before sending it and return its canonical form."""
     if field_type in (CHAR, STRING):
@@ -139,7 +156,10 @@ def fill_value(
         if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
             return value.strftime("%Y%m%d").zfill(8)
         if isinstance(value, str) and (
-            value in ("", "00000000") or value == " " * 8 or _date_or_none(value) is not None
+            value in ("", "00000000")
+            or value == " " * 8
+            or _date_or_none(value) is not None
+            or (not checks.date and len(value) <= 8)
         ):
             return value
         raise rfc_type_error("date value required, received", value, name, *context)
@@ -147,7 +167,10 @@ def fill_value(
         if isinstance(value, datetime.time):
             return value.strftime("%H%M%S")
         if isinstance(value, str) and (
-            value == "" or value == " " * 6 or _time_or_none(value) is not None
+            value == ""
+            or value == " " * 6
+            or _time_or_none(value) is not None
+            or (not checks.time and len(value) <= 6)
         ):
             return "000000" if value == "" else value
         raise rfc_type_error("time value required, received", value, name, *context)

@@ -49,9 +49,14 @@ def not_requested(fd: FunctionDescription, options: Mapping[str, Any]) -> frozen
 
 
 def prepare_call(
-    fd: FunctionDescription, params: Mapping[str, Any], options: Mapping[str, Any] | None = None
+    fd: FunctionDescription,
+    params: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
+    *,
+    checks: t.Checks = t.STRICT,
 ) -> tuple[dict[str, Any], frozenset[str]]:
-    """Check and fill ``params`` (pyrfc's Python values) by ``fd``.
+    """Check and fill ``params`` (pyrfc's Python values) by ``fd`` (``checks``: pyrfc's
+    ``check_date`` and ``check_time``).
 
     Returns the ``params`` of the call request (wire form, without the inactive parameters,
     which are checked all the same) and the set of inactive parameters for
@@ -70,6 +75,7 @@ def prepare_call(
             decimals=p["decimals"],
             td=p["type_description"],
             name=name,
+            checks=checks,
         )
     sent = {name: value for name, value in canonical.items() if name not in skip}
     return encode_params(fd, sent), skip

@@ -19,6 +19,7 @@ import socket
 from types import TracebackType
 from typing import Any
 
+from ._abap_types import Checks
 from ._call_codec import call_request, prepare_call, read_result
 from ._descriptions import (
     FunctionDescription,
@@ -42,7 +43,7 @@ from ._stub_protocol import (
     encode_message,
 )
 
-_CONFIG_KEYS = ("dtime", "return_import_params", "rstrip", "timeout")
+_CONFIG_KEYS = ("dtime", "return_import_params", "rstrip", "timeout", "check_date", "check_time")
 _RECEIVE_SIZE = 65536
 # pyrfc re-opens the connection after errors of these classes (its error groups
 # ABAP_RUNTIME_FAILURE, LOGON_FAILURE, COMMUNICATION_FAILURE, EXTERNAL_RUNTIME_FAILURE).
@@ -171,7 +172,9 @@ class _Channel:
 class Connection:
     """A connection to an (here simulated) SAP backend system, as ``pyrfc.Connection``.
 
-    ``config`` keys: ``dtime``, ``rstrip``, ``return_import_params``, ``timeout``.
+    ``config`` keys: ``dtime``, ``rstrip``, ``return_import_params``, ``timeout``,
+    ``check_date`` and ``check_time`` (default true: DATE and TIME values must be real dates
+    and times of day before they are sent; false sends any 8 / 6 characters, as ABAP takes).
     """
 
     def __init__(self, config: dict[str, Any] | None = None, **params: Any) -> None:
@@ -184,6 +187,8 @@ class Connection:
             "return_import_params": config.get("return_import_params", False),
             "rstrip": config.get("rstrip", True),
             "timeout": config.get("timeout", None),
+            "check_date": config.get("check_date", True),
+            "check_time": config.get("check_time", True),
         }
         if len(params) < 1:
             raise RFCError("Connection parameters missing")
@@ -319,7 +324,11 @@ class Connection:
             )
         options = options or {}
         fd = self.get_function_description(func_name)
-        wire_params, skip = prepare_call(fd, params, options)
+        checks = Checks(
+            date=bool(options.get("check_date", self.__config["check_date"])),
+            time=bool(options.get("check_time", self.__config["check_time"])),
+        )
+        wire_params, skip = prepare_call(fd, params, options, checks=checks)
         return_imports = options.get("return_import_params", self.__config["return_import_params"])
         timeout = options.get("timeout", self.__config["timeout"])
         message = call_request(

@@ -198,6 +198,7 @@ def fill(
     td: TypeDescription | None,
     name: str,
     context: tuple[str, ...] = (),
+    checks: t.Checks = t.STRICT,
 ) -> Any:
     """Check a parameter or field value as pyrfc does and return its canonical form."""
     if field_type == t.STRUCTURE:
@@ -205,17 +206,25 @@ def fill(
             raise TypeError(
                 "dictionary required for structure parameter, received", str(type(value)), name
             )
-        return fill_structure(_require_td(td, name), value, name)
+        return fill_structure(_require_td(td, name), value, name, checks=checks)
     if field_type == t.TABLE:
         if not isinstance(value, list):
             raise TypeError("list required for table parameter, received", str(type(value)), name)
-        return [fill_structure(_require_td(td, name), row, name) for row in value]
+        return [fill_structure(_require_td(td, name), row, name, checks=checks) for row in value]
     return t.fill_value(
-        field_type, value, length=length, decimals=decimals, name=name, context=context
+        field_type,
+        value,
+        length=length,
+        decimals=decimals,
+        name=name,
+        context=context,
+        checks=checks,
     )
 
 
-def fill_structure(td: TypeDescription, value: Any, param: str) -> dict[str, Any]:
+def fill_structure(
+    td: TypeDescription, value: Any, param: str, *, checks: t.Checks = t.STRICT
+) -> dict[str, Any]:
     """A complete canonical structure: given fields checked, missing fields initial."""
     if not isinstance(value, dict):
         raise TypeError(
@@ -236,6 +245,7 @@ def fill_structure(td: TypeDescription, value: Any, param: str) -> dict[str, Any
                 td=f["type_description"],
                 name=f["name"],
                 context=(param,),
+                checks=checks,
             )
         else:
             row[f["name"]] = initial(f["field_type"], f["nuc_length"], f["type_description"])

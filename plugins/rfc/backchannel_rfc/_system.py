@@ -11,6 +11,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ._abap_types import LENIENT
 from ._descriptions import FunctionDescription, fill, initial
 from ._errors import function_not_found, invalid_parameter, logon_failure
 
@@ -140,6 +141,7 @@ class AbapSystem:
                 decimals=p["decimals"],
                 td=p["type_description"],
                 name=key,
+                checks=LENIENT,  # an ABAP system takes any characters into DATS and TIMS
             )
         for p in fd.parameters:
             if p["direction"] != "RFC_EXPORT" and p["name"] not in inputs:
@@ -164,7 +166,8 @@ class AbapSystem:
                     p["parameter_type"], p["nuc_length"], p["type_description"]
                 )
             else:
-                # The implementation's values are checked as strictly as the caller's.
+                # The implementation's values are checked as the caller's: types and lengths,
+                # and DATS/TIMS as ABAP holds them (any characters).
                 result[p["name"]] = fill(
                     p["parameter_type"],
                     value,
@@ -172,6 +175,7 @@ class AbapSystem:
                     decimals=p["decimals"],
                     td=p["type_description"],
                     name=p["name"],
+                    checks=LENIENT,
                 )
         return result
 
