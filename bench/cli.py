@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import components, http_scenario, scenarios
+from . import components, http_scenario, rfc_scenario, scenarios
 from .procs import BenchError, Pair, Proc, WorkDir, start_backend, start_pair
 from .profile import Profiler, py_spy_path
 from .report import RESULTS_DIR, command_line, machine_info, render_table, write_json
@@ -28,6 +28,8 @@ QUICK: dict[str, Any] = {
     "http_seconds": 2.0,
     "http_warm_up": 0.5,
     "http_big_mib": 64,
+    "rfc_seconds": 2.0,
+    "rfc_warm_up": 0.5,
 }
 FULL: dict[str, Any] = {
     "bulk_mib": 1024,
@@ -36,8 +38,10 @@ FULL: dict[str, Any] = {
     "http_seconds": 5.0,
     "http_warm_up": 1.0,
     "http_big_mib": 256,
+    "rfc_seconds": 5.0,
+    "rfc_warm_up": 1.0,
 }
-SCENARIOS = ("idle", "bulk", "http")
+SCENARIOS = ("idle", "bulk", "http", "rfc")
 
 
 class TimeLimit(BaseException):
@@ -50,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmark backchannel on 127.0.0.1: gateway, connector and backend as "
         "separate processes; bulk throughput vs a direct connection, RSS per idle stream, HTTP "
-        "requests per second and latency through the HTTP proxy vs direct.",
+        "requests per second and latency through the HTTP proxy vs direct, RFC calls per second "
+        "and latency through the RFC front door vs direct to a stub ABAP system.",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 128 MiB, 200 streams, 1 repeat, HTTP 2 s per case and a 64 MiB download",
+        help="smoke run: 128 MiB, 200 streams, 1 repeat, HTTP 2 s per case and a 64 MiB "
+        "download, RFC 2 s per case",
     )
     parser.add_argument(
         "--bulk-mib", type=int, help="MiB per bulk transfer (default 1024; quick 128)"
@@ -74,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only",
+        "--scenario",
+        dest="only",
         choices=list(SCENARIOS),
         action="append",
         help="run only this scenario (repeatable)",
@@ -107,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP: MiB of the large download (default 256; quick 64)",
     )
     parser.add_argument(
+        "--rfc-seconds",
+        type=float,
+        help="RFC: measured seconds per case (default 5; quick 2)",
+    )
+    parser.add_argument(
+        "--rfc-warm-up",
+        type=float,
+        help="RFC: warm-up seconds before each measured window (default 1; quick 0.5)",
+    )
+    parser.add_argument(
+        "--rfc-concurrency",
+        type=int,
+        action="append",
+        help="RFC: connections with one call in flight each (repeatable; default 1 and 8)",
+    )
+    parser.add_argument(
+        "--rfc-clients",
+        type=int,
+        help="RFC: load-generating processes sharing the connections, a thread per connection "
+        "(default: one process per connection)",
+    )
+    parser.add_argument(
         "--direction",
         choices=["upload", "download"],
         action="append",
@@ -123,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         choices=["gateway", "connector", "both"],
         help="after the measured runs, one extra tunnel transfer per direction (bulk) and one "
-        "extra tunnel window per concurrency (http) under py-spy",
+        "extra tunnel window per concurrency (http, rfc) under py-spy",
     )
     parser.add_argument(
         "--components",
@@ -212,20 +242,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         "processes": args.http_clients,
         "big_mib": args.http_big_mib or preset["http_big_mib"],
     }
+    rfc_options = {
+        "seconds": args.rfc_seconds or preset["rfc_seconds"],
+        "warm_up": preset["rfc_warm_up"] if args.rfc_warm_up is None else args.rfc_warm_up,
+        "concurrencies": sorted(set(args.rfc_concurrency or [1, 8])),
+        "processes": args.rfc_clients,
+    }
     if (
         min(bulk_mib, repeat, streams, http_options["big_mib"], args.http_clients) < 1
         or min(http_options["concurrencies"]) < 1
+        or min(rfc_options["concurrencies"]) < 1
+        or (args.rfc_clients is not None and args.rfc_clients < 1)
     ):
         print(
-            "bench: --bulk-mib, --repeat, --idle-streams and the --http-* counts must be positive",
+            "bench: --bulk-mib, --repeat, --idle-streams and the --http-* and --rfc-* counts "
+            "must be positive",
             file=sys.stderr,
         )
         return 2
-    if http_options["seconds"] <= 0 or http_options["warm_up"] < 0:
-        print(
-            "bench: --http-seconds must be positive, --http-warm-up not negative", file=sys.stderr
-        )
-        return 2
+    for name, options in (("http", http_options), ("rfc", rfc_options)):
+        if options["seconds"] <= 0 or options["warm_up"] < 0:
+            print(
+                f"bench: --{name}-seconds must be positive, --{name}-warm-up not negative",
+                file=sys.stderr,
+            )
+            return 2
     try:
         tunnel = _parse_tunnel(args.tunnel)
         if args.profile:
@@ -250,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scenarios": wanted,
             "directions": directions,
             "http": http_options,
+            "rfc": rfc_options,
             "tunnel_settings": tunnel,
             "log_level": args.log_level,
             "profile": args.profile,
@@ -276,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_path = Path(tempfile.mkdtemp(prefix="backchannel-bench-"))
     backend: Proc | None = None
     http_backend: Proc | None = None
+    stub: Proc | None = None
     try:
         work = WorkDir(work_path)
         progress(f"bench: work folder {work_path}")
@@ -291,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args=["--big-mib", str(http_options["big_mib"])],
             )
             ports["http"] = http_ports["http"]
+        if "rfc" in wanted:
+            stub, ports["rfc"] = rfc_scenario.start_stub(work)
         for scenario in SCENARIOS:
             if scenario not in wanted:
                 continue
@@ -311,14 +356,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress,
                     http_backend,
                     http_options,
+                    stub,
+                    rfc_options,
                 )
                 document[scenario] = result
             except BenchError as exc:
                 document["errors"].append({"scenario": scenario, "message": str(exc)})
                 progress(f"bench: {scenario} failed: {exc}")
             backend.check_alive(f"after the {scenario} scenario")
-            if http_backend is not None:
-                http_backend.check_alive(f"after the {scenario} scenario")
+            for extra in (http_backend, stub):
+                if extra is not None:
+                    extra.check_alive(f"after the {scenario} scenario")
         if args.components:
             progress("bench: components (CPU per MB of each layer, in this process)")
             document["components"] = components.run(
@@ -337,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"bench: {exc}")
     finally:
         signal.alarm(0)
+        if stub is not None:
+            stub.stop()
         if http_backend is not None:
             http_backend.stop()
         if backend is not None:
@@ -372,10 +422,12 @@ def _run_scenario(
     progress: Any,
     http_backend: Proc | None,
     http_options: dict[str, Any],
+    stub: Proc | None,
+    rfc_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Fresh gateway + connector processes for each scenario, so one does not skew the other."""
     progress(f"bench: {scenario}: starting gateway and connector")
-    tcp_ports = {name: port for name, port in ports.items() if name != "http"}
+    tcp_ports = {name: port for name, port in ports.items() if name not in ("http", "rfc")}
     pair = start_pair(
         work,
         tcp_ports,
@@ -383,6 +435,7 @@ def _run_scenario(
         tunnel=tunnel,
         log_level=args.log_level,
         http_backend=ports["http"] if scenario == "http" else None,
+        rfc_backend=ports["rfc"] if scenario == "rfc" else None,
     )
     try:
         document["nofile"][f"{scenario}_gateway"] = pair.gateway.nofile_limit()
@@ -397,6 +450,16 @@ def _run_scenario(
             result = http_scenario.run_http(run, repeat=repeat, **http_options)
             if args.profile:
                 document["http_profile"] = _profile_http(run, args.profile, http_options, stamp)
+            return result
+        if scenario == "rfc":
+            assert stub is not None
+            rfc = rfc_scenario.RfcRun(work, pair, stub, ports["rfc"], progress)
+            result = rfc_scenario.run_rfc(rfc, repeat=repeat, **rfc_options)
+            if args.profile:
+                roles = ["gateway", "connector"] if args.profile == "both" else [args.profile]
+                document["rfc_profile"] = rfc_scenario.profile_rfc(
+                    rfc, roles, stamp=stamp, **rfc_options
+                )
             return result
         result = scenarios.run_bulk(
             pair,

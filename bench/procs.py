@@ -35,6 +35,10 @@ VIRTUAL = {
 }
 #: The virtual host the connector maps to the HTTP backend (``protocol = "http"``).
 HTTP_VIRTUAL = ("web.virtual", 80)
+#: The virtual ABAP system the connector maps to the stub system (``protocol = "rfc"``, sysnr 00).
+RFC_VIRTUAL = ("erp.virtual", 3300)
+#: The function modules the ``rfc`` mapping allows.
+RFC_FUNCTIONS = ("STFC_CONNECTION", "RFC_PING")
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
@@ -222,6 +226,8 @@ class Addresses:
     forwards: dict[str, int] = field(default_factory=dict)
     #: The HTTP plugin's forward proxy (``[plugins.http] proxy_listen``), if the pair has one.
     http_proxy: int | None = None
+    #: The RFC plugin's front door (``[plugins.rfc] listen``), if the pair has one.
+    rfc_front_door: int | None = None
 
 
 class WorkDir:
@@ -262,6 +268,11 @@ class WorkDir:
                 if addresses.http_proxy is not None
                 else ""
             )
+            + (
+                f'\n[plugins.rfc]\nlisten = "127.0.0.1:{addresses.rfc_front_door}"\n'
+                if addresses.rfc_front_door is not None
+                else ""
+            )
         )
 
     def connector_toml(
@@ -270,9 +281,12 @@ class WorkDir:
         backend_ports: Mapping[str, int],
         tunnel: Mapping[str, Any],
         http_backend: int | None = None,
+        rfc_backend: int | None = None,
     ) -> str:
         """The connector: one subaccount, one mapping per backend server (and an ``http``
-        mapping of :data:`HTTP_VIRTUAL` with one prefix resource ``/`` if ``http_backend``)."""
+        mapping of :data:`HTTP_VIRTUAL` with one prefix resource ``/`` if ``http_backend``; an
+        ``rfc`` mapping of :data:`RFC_VIRTUAL` allowing :data:`RFC_FUNCTIONS` to the stub ABAP
+        system on port ``rfc_backend``, with the stub client as backend, if that is given)."""
         mappings = "".join(
             f"\n[[subaccounts.{SUBACCOUNT}.mappings]]\n"
             f'virtual = "{VIRTUAL[name][0]}:{VIRTUAL[name][1]}"\n'
@@ -287,9 +301,21 @@ class WorkDir:
                 f"\n[[subaccounts.{SUBACCOUNT}.mappings.resources]]\n"
                 'path = "/"\nmatch = "prefix"\n'
             )
+        plugins = ""
+        if rfc_backend is not None:
+            mappings += (
+                f"\n[[subaccounts.{SUBACCOUNT}.mappings]]\n"
+                f'virtual = "{RFC_VIRTUAL[0]}:{RFC_VIRTUAL[1]}"\n'
+                f'internal = "127.0.0.1:{rfc_backend}"\nprotocol = "rfc"\n'
+            ) + "".join(
+                f'\n[[subaccounts.{SUBACCOUNT}.mappings.functions]]\nname = "{name}"\n'
+                for name in RFC_FUNCTIONS
+            )
+            plugins = '[plugins.rfc]\nbackend = "stub"\n\n'
         return (
             "# written by python -m bench\n"
             + _tunnel_table(tunnel)
+            + plugins
             + f'[audit]\nfile = "{self.path}/connector-audit.jsonl"\n\n'
             f'[subaccounts.{SUBACCOUNT}]\ngateway = "wss://127.0.0.1:{tunnel_port}/tunnel"\n'
             f'token_file = "{self.path}/connector.token"\nca_file = "{self.tls.ca_file}"\n'
@@ -366,13 +392,15 @@ def start_pair(
     log_level: str,
     timeout: float = 30.0,
     http_backend: int | None = None,
+    rfc_backend: int | None = None,
 ) -> Pair:
     """Write the configs, start gateway then connector, wait until a stream reaches the backend.
 
     Ports are picked free a moment before the gateway binds them; if another program takes one
     in between, the gateway exits at start-up and we try once more with fresh ports. With
     ``http_backend`` the gateway also runs the HTTP proxy and the connector maps
-    :data:`HTTP_VIRTUAL` to that port.
+    :data:`HTTP_VIRTUAL` to that port; with ``rfc_backend`` (a stub ABAP system's port) the
+    gateway also runs the RFC front door and the connector maps :data:`RFC_VIRTUAL` to it.
     """
     options: dict[str, Any] = {
         "label": label,
@@ -380,6 +408,7 @@ def start_pair(
         "log_level": log_level,
         "timeout": timeout,
         "http_backend": http_backend,
+        "rfc_backend": rfc_backend,
     }
     try:
         return _start_pair(work, backend_ports, **options)
@@ -398,19 +427,25 @@ def _start_pair(
     log_level: str,
     timeout: float,
     http_backend: int | None,
+    rfc_backend: int | None,
 ) -> Pair:
     deadline = time.monotonic() + timeout
-    tunnel_port, socks_port, http_proxy, *forward_ports = free_ports(3 + len(backend_ports))
+    tunnel_port, socks_port, http_proxy, rfc_front_door, *forward_ports = free_ports(
+        4 + len(backend_ports)
+    )
     addresses = Addresses(
         tunnel_port,
         socks_port,
         dict(zip(backend_ports, forward_ports, strict=True)),
         http_proxy if http_backend is not None else None,
+        rfc_front_door if rfc_backend is not None else None,
     )
     gateway_toml = work.path / f"gateway-{label}.toml"
     connector_toml = work.path / f"connector-{label}.toml"
     gateway_toml.write_text(work.gateway_toml(addresses, tunnel))
-    connector_toml.write_text(work.connector_toml(tunnel_port, backend_ports, tunnel, http_backend))
+    connector_toml.write_text(
+        work.connector_toml(tunnel_port, backend_ports, tunnel, http_backend, rfc_backend)
+    )
     command = backchannel_command()
     gateway = spawn(
         "gateway",
@@ -422,8 +457,9 @@ def _start_pair(
         wait_listening(gateway, tunnel_port, deadline)
         for port in addresses.forwards.values():
             wait_listening(gateway, port, deadline)
-        if addresses.http_proxy is not None:
-            wait_listening(gateway, addresses.http_proxy, deadline)
+        for door in (addresses.http_proxy, addresses.rfc_front_door):
+            if door is not None:
+                wait_listening(gateway, door, deadline)
         connector = spawn(
             "connector",
             [*command, "connector", "-c", str(connector_toml), "--log-level", log_level],

@@ -170,6 +170,9 @@ def render_table(document: dict[str, Any]) -> str:
     http = document.get("http")
     if http and "summary" in http:
         lines += _http_lines(http)
+    rfc = document.get("rfc")
+    if rfc and "summary" in rfc:
+        lines += _rfc_lines(rfc)
     for label, section in (document.get("components") or {}).items():
         if not isinstance(section, dict) or "layers" not in section:
             continue
@@ -183,14 +186,20 @@ def render_table(document: dict[str, Any]) -> str:
                 f"{numbers['cpu_ms_per_mb_both_ends']:.3f} ms/MB"
             )
         lines.append("")
-    for role, profile in (document.get("http_profile") or {}).items():
+    windows = [
+        ("HTTP", role, profile, f"{profile.get('req_per_s_while_profiled', 0):.0f} req/s")
+        for role, profile in (document.get("http_profile") or {}).items()
+    ] + [
+        ("RFC", role, profile, f"{profile.get('calls_per_s_while_profiled', 0):.0f} calls/s")
+        for role, profile in (document.get("rfc_profile") or {}).items()
+    ]
+    for scenario, role, profile, rate in windows:
         if "top_self" not in profile:
             continue
         lines.append(
-            f"Profile of the {role.replace('-c', ' at concurrency ')} during an extra HTTP tunnel"
-            f" window (py-spy, {profile['samples']} samples, busy"
-            f" ~{profile['busy_fraction_estimate']}, {profile['req_per_s_while_profiled']:.0f}"
-            " req/s): top self time"
+            f"Profile of the {role.replace('-c', ' at concurrency ')} during an extra {scenario}"
+            f" tunnel window (py-spy, {profile['samples']} samples, busy"
+            f" ~{profile['busy_fraction_estimate']}, {rate}): top self time"
         )
         for row in profile["top_self"][:10]:
             lines.append(f"  {row['percent']:5.1f}%  {row['function']}")
@@ -272,6 +281,67 @@ def _http_lines(http: dict[str, Any]) -> list[str]:
         f" ({cost['gateway']:.2f} / {cost['connector']:.2f} ms per MB); RSS peak"
         f" {_mib(rss['gateway']['peak_kib'])} / {_mib(rss['connector']['peak_kib'])} MiB"
     )
+    lines.append("")
+    return lines
+
+
+def _ms(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:8.3f}"
+
+
+def _rfc_lines(rfc: dict[str, Any]) -> list[str]:
+    clients = (
+        "a client process each"
+        if rfc["client_processes"] is None
+        else f"{rfc['client_processes']} client process(es)"
+    )
+    lines = [
+        f"RFC, {rfc['call']}, one call in flight per connection ({clients}), "
+        f"{rfc['seconds']:g} s per case after {rfc['warm_up_seconds']:g} s warm-up, "
+        f"{rfc['repeat']} run(s) per path (calls/s: median of the runs; latency in ms over the"
+        f" calls of all runs, p99.9 from {rfc['p99_9_min_calls']} calls up)",
+        f"  {'conc':>4} {'path':6} {'calls/s':>9} {'p50':>8} {'p99':>8} {'p99.9':>8}"
+        f" {'tunnel/direct':>14} {'gw CPU':>7} {'conn CPU':>9} {'stub':>6} {'client':>7}"
+        f" {'other':>6}",
+    ]
+    for concurrency, row in rfc["summary"].items():
+        for path in ("direct", "tunnel"):
+            side = row[path]
+            latency = side["latency_ms_pooled"]
+            cpu = side["cpu_percent_median"]
+            ratio = f"{row['ratio_tunnel_to_direct']:14.3f}" if path == "tunnel" else " " * 14
+            lines.append(
+                f"  {concurrency:>4} {path:6} {side['calls_per_s']['median']:9.0f}"
+                f" {_ms(latency['p50'])} {_ms(latency['p99'])} {_ms(latency['p99_9'])} {ratio}"
+                f" {cpu['gateway']:6.0f}% {cpu['connector']:8.0f}% {cpu['stub']:5.0f}%"
+                f" {cpu['client']:6.0f}% {cpu['other']:5.0f}%"
+            )
+    lines.append(
+        "  (CPU: percent of one core during the window; client = the load processes; other ="
+        " CPU not charged to the bench's processes)"
+    )
+    lines.append(
+        "  CPU per call (median, microseconds): gateway and connector through the tunnel, stub"
+        " and client direct / tunnel; logon (median ms) direct / tunnel; tunnel RSS (MiB)"
+    )
+    lines.append(
+        f"  {'conc':>4} {'gateway':>8} {'connector':>10} {'stub d/t':>10} {'client d/t':>11}"
+        f" {'logon d/t':>12}   {'gateway start/peak/end':>24} {'connector start/peak/end':>26}"
+    )
+    for concurrency, row in rfc["summary"].items():
+        direct = row["direct"]["cpu_us_per_call_median"]
+        cost = row["tunnel"]["cpu_us_per_call_median"]
+        rss = row["tunnel"]["rss"]
+        cells = [
+            f"{_mib(rss[n]['start_kib'])} / {_mib(rss[n]['peak_kib'])} / {_mib(rss[n]['end_kib'])}"
+            for n in ("gateway", "connector")
+        ]
+        logon = f"{row['direct']['logon_ms_median']:.1f} / {row['tunnel']['logon_ms_median']:.1f}"
+        lines.append(
+            f"  {concurrency:>4} {cost['gateway']:8.0f} {cost['connector']:10.0f}"
+            f" {direct['stub']:4.0f} / {cost['stub']:3.0f} {direct['client']:5.0f} / "
+            f"{cost['client']:3.0f} {logon:>12}   {cells[0]:>24} {cells[1]:>26}"
+        )
     lines.append("")
     return lines
 
