@@ -18,76 +18,27 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
-import math
-import selectors
 import socket
 import statistics
 import sys
 import time
-from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .procs import APP, HTTP_VIRTUAL, SUBACCOUNT, BenchError, Pair, Proc, WorkDir, spawn
-from .profile import Profiler
+from .closed_loop import (
+    NAMES,
+    ClosedLoop,
+    latency_summary,
+    median,
+    rss_merge,
+    spread,
+)
+from .procs import APP, HTTP_VIRTUAL, SUBACCOUNT, BenchError, Pair, Proc, WorkDir
 from .scenarios import MIB, CpuMeter, RssSampler
 
 SMALL_PATH = "/small"
 BIG_CHUNK = 4 * MIB
-NAMES = ("gateway", "connector")
-#: py-spy samples per second for the HTTP profile (a 5 s window at 100 Hz is too few samples).
-PROFILE_RATE = 500
-
-
-# ----------------------------------------------------------------------------- request rate
-
-
-def _percentile(ordered: Sequence[int], fraction: float) -> float:
-    """Nearest-rank percentile of sorted ns values, in ms."""
-    if not ordered:
-        return math.nan
-    index = max(0, math.ceil(fraction * len(ordered)) - 1)
-    return ordered[index] / 1e6
-
-
-def _latency_summary(values: array[int]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "p50": round(_percentile(ordered, 0.50), 3),
-        "p99": round(_percentile(ordered, 0.99), 3),
-        "p99_9": round(_percentile(ordered, 0.999), 3),
-        "mean": round(sum(ordered) / len(ordered) / 1e6, 3) if ordered else math.nan,
-        "max": round(ordered[-1] / 1e6, 3) if ordered else math.nan,
-    }
-
-
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def _read_line(proc: Proc, deadline: float, what: str) -> dict[str, Any]:
-    """One JSON line from the process's stdout, or BenchError (with its log) at the deadline."""
-    assert proc.popen.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.popen.stdout, selectors.EVENT_READ)
-        left = deadline - time.monotonic()
-        if left <= 0 or not selector.select(left):
-            raise BenchError(f"{proc.name} did not report {what} in time:\n{proc.log_tail()}")
-    line = proc.popen.stdout.readline()
-    try:
-        data = json.loads(line)
-    except ValueError as exc:
-        proc.popen.wait(5)
-        raise BenchError(
-            f"{proc.name} did not report {what} (exit code {proc.popen.returncode}, "
-            f"output {line!r}):\n{proc.log_tail()}"
-        ) from exc
-    if not isinstance(data, dict):
-        raise BenchError(f"{proc.name} reported {line!r} instead of {what}")
-    return data
 
 
 class HttpRun:
@@ -112,7 +63,7 @@ class HttpRun:
             {"gateway": pair.gateway, "connector": pair.connector, "backend": backend}
         )
         self.virtual = f"{HTTP_VIRTUAL[0]}:{HTTP_VIRTUAL[1]}"
-        self._serial = 0
+        self.loop = ClosedLoop("http", work, pair, self.meter, self._load_argv)
 
     def check_alive(self, during: str) -> None:
         """Raise if gateway, connector or backend has exited."""
@@ -158,100 +109,27 @@ class HttpRun:
     ) -> dict[str, Any]:
         """One measured window of closed-loop GET /small at ``concurrency``."""
         self.check_alive(f"http {path} c={concurrency}")
-        processes = max(1, min(processes, concurrency))
-        loads: list[tuple[Proc, Path]] = []
-        try:
-            for index, connections in enumerate(_split(concurrency, processes)):
-                self._serial += 1
-                out = self.work.path / f"http-load-{self._serial}.lat"
-                proc = spawn(
-                    f"http load client {index + 1}",
-                    self._load_argv(path, connections, out),
-                    self.work.path / "http-load.log",
-                    stdout_pipe=True,
-                    stdin_pipe=True,
-                )
-                loads.append((proc, out))
-            ready_by = time.monotonic() + 20
-            for proc, _ in loads:
-                _read_line(proc, ready_by, "that its connections are open")
-            measure_from = time.monotonic() + warm_up
-            until = measure_from + seconds
-            for proc, _ in loads:
-                assert proc.popen.stdin is not None
-                proc.popen.stdin.write(f"{measure_from!r} {until!r}\n".encode())
-                proc.popen.stdin.flush()
-            with contextlib.ExitStack() as stack:
-                time.sleep(max(0.0, measure_from - time.monotonic()))
-                profilers = [
-                    stack.enter_context(
-                        Profiler(
-                            self.pair.gateway if role == "gateway" else self.pair.connector,
-                            Path(f"{profile_stem}-{role}.pyspy.txt"),
-                            rate=PROFILE_RATE,
-                        )
-                    )
-                    for role in profile_roles
-                ]
-                sampler = (
-                    stack.enter_context(RssSampler(self.pair.procs())) if path == "tunnel" else None
-                )
-                before = self.meter.snapshot()
-                time.sleep(max(0.0, until - time.monotonic()))
-                after = self.meter.snapshot()
-            reports = [_read_line(proc, until + 30, "its results") for proc, _ in loads]
-            latencies: array[int] = array("q")
-            for _, out in loads:
-                with out.open("rb") as handle:
-                    latencies.frombytes(handle.read())
-                out.unlink()
-        finally:
-            for proc, _ in loads:
-                proc.stop()
-        wall = after["_wall"] - before["_wall"]
-        cpu = CpuMeter.percent(before, after)
-        cpu_seconds = CpuMeter.seconds(before, after)
-        client_seconds = sum(float(r["cpu_seconds"]) for r in reports)
-        cpu["client"] = round(100 * client_seconds / wall, 1)
-        cpu["other"] = round(max(0.0, cpu["other"] - cpu["client"]), 1)
-        errors = sum(int(r["error_count"]) for r in reports)
-        messages = [m for r in reports for m in r["errors"]][:5]
-        if errors:
-            raise BenchError(
-                f"http {path} c={concurrency}: {errors} failed requests/connections, e.g. "
-                + "; ".join(messages)
-            )
-        requests = len(latencies)
-        if not requests:
-            raise BenchError(f"http {path} c={concurrency}: no response in the measured window")
-        result: dict[str, Any] = {
-            "path": path,
-            "concurrency": concurrency,
-            "client_processes": processes,
-            "seconds": round(seconds, 3),
+        window = self.loop.measure(
+            path,
+            concurrency,
+            processes=processes,
+            warm_up=warm_up,
+            seconds=seconds,
+            ready_within=20,
+            ready_what="that its connections are open",
+            profile_roles=profile_roles,
+            profile_stem=profile_stem,
+        )
+        requests = window.completed(
+            failed="failed requests/connections", nothing="no response in the measured window"
+        )
+        counts = {
             "requests": requests,
-            "warm_up_requests": sum(int(r["warm_up_completed"]) for r in reports),
+            "warm_up_requests": window.warm_up_completed(),
             "req_per_s": round(requests / seconds, 1),
-            "latency_ms": _latency_summary(latencies),
-            "cpu_percent": cpu,
-            "cpu_seconds": cpu_seconds,
-            "cpu_us_per_request": {
-                name: round(1e6 * cpu_seconds[name] / requests, 1)
-                for name in (*NAMES, "backend", *(f"{n}_sys" for n in NAMES))
-            }
-            | {"client": round(1e6 * client_seconds / requests, 1)},
+            "latency_ms": latency_summary(window.latencies),
         }
-        if sampler is not None:
-            if sampler.error:
-                raise BenchError(sampler.error)
-            result["rss"] = {name: sampler.summary(i) for i, name in enumerate(NAMES)}
-        if profilers:
-            result["profiles"] = {}
-            for role, profiler in zip(profile_roles, profilers, strict=True):
-                summary = profiler.summary()
-                summary["raw_file"] = str(profiler.output)
-                result["profiles"][role] = summary
-        return result
+        return window.case_json(counts, "cpu_us_per_request", "backend")
 
     # ------------------------------------------------------------------------- big download
 
@@ -337,31 +215,6 @@ class HttpRun:
         return result
 
 
-def _median(values: Iterable[float]) -> float:
-    return round(statistics.median(list(values)), 3)
-
-
-def _spread(values: Iterable[float]) -> dict[str, float]:
-    items = list(values)
-    return {
-        "median": round(statistics.median(items), 2),
-        "min": round(min(items), 2),
-        "max": round(max(items), 2),
-    }
-
-
-def _rss_merge(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    merged = {}
-    for name in NAMES:
-        parts = [r["rss"][name] for r in runs if "rss" in r]
-        merged[name] = {
-            "start_kib": parts[0]["start_kib"],
-            "peak_kib": max(p["peak_kib"] for p in parts),
-            "end_kib": parts[-1]["end_kib"],
-        }
-    return merged
-
-
 def run_http(
     run: HttpRun,
     *,
@@ -413,45 +266,45 @@ def run_http(
         row: dict[str, Any] = {}
         for path, group in (("direct", direct), ("tunnel", tunnel)):
             row[path] = {
-                "req_per_s": _spread(c["req_per_s"] for c in group),
+                "req_per_s": spread(c["req_per_s"] for c in group),
                 "latency_ms_median": {
-                    key: _median(c["latency_ms"][key] for c in group)
+                    key: median(c["latency_ms"][key] for c in group)
                     for key in ("p50", "p99", "p99_9", "mean")
                 },
                 "cpu_percent_median": {
-                    key: _median(c["cpu_percent"][key] for c in group)
+                    key: median(c["cpu_percent"][key] for c in group)
                     for key in group[0]["cpu_percent"]
                 },
                 "cpu_us_per_request_median": {
-                    key: _median(c["cpu_us_per_request"][key] for c in group)
+                    key: median(c["cpu_us_per_request"][key] for c in group)
                     for key in group[0]["cpu_us_per_request"]
                 },
             }
         row["ratio_tunnel_to_direct"] = round(
             row["tunnel"]["req_per_s"]["median"] / row["direct"]["req_per_s"]["median"], 4
         )
-        row["tunnel"]["rss"] = _rss_merge(tunnel)
+        row["tunnel"]["rss"] = rss_merge(tunnel)
         summary[str(concurrency)] = row
     direct_big = [d for d in downloads if d["path"] == "direct"]
     tunnel_big = [d for d in downloads if d["path"] == "tunnel"]
     big = {
         "mib": big_mib,
-        "direct_mb_per_s": _spread(d["mb_per_s"] for d in direct_big),
-        "tunnel_mb_per_s": _spread(d["mb_per_s"] for d in tunnel_big),
+        "direct_mb_per_s": spread(d["mb_per_s"] for d in direct_big),
+        "tunnel_mb_per_s": spread(d["mb_per_s"] for d in tunnel_big),
         "ratio_tunnel_to_direct": round(
             statistics.median(d["mb_per_s"] for d in tunnel_big)
             / statistics.median(d["mb_per_s"] for d in direct_big),
             4,
         ),
         "tunnel_cpu_percent_median": {
-            key: _median(d["cpu_percent"][key] for d in tunnel_big)
+            key: median(d["cpu_percent"][key] for d in tunnel_big)
             for key in tunnel_big[0]["cpu_percent"]
         },
         "tunnel_cpu_ms_per_mb_median": {
-            key: _median(d["cpu_ms_per_mb"][key] for d in tunnel_big)
+            key: median(d["cpu_ms_per_mb"][key] for d in tunnel_big)
             for key in tunnel_big[0]["cpu_ms_per_mb"]
         },
-        "rss": _rss_merge(tunnel_big),
+        "rss": rss_merge(tunnel_big),
     }
     return {
         "backend": "bench.http_backend (Python, single-threaded epoll, pre-built responses)",

@@ -91,6 +91,42 @@ def _mib(kib: int) -> str:
     return f"{kib / 1024:.1f}"
 
 
+def _rss_cell(rss: dict[str, int]) -> str:
+    """One process's RSS over the runs: start / peak / end, in MiB."""
+    return f"{_mib(rss['start_kib'])} / {_mib(rss['peak_kib'])} / {_mib(rss['end_kib'])}"
+
+
+def _ms(value: float | None) -> str:
+    return f"{'-':>8}" if value is None else f"{value:8.3f}"
+
+
+def _rate_table(
+    summary: dict[str, Any], *, rate: str, heading: str, latency: str, server: str, width: int
+) -> list[str]:
+    """The table of a closed-loop scenario (HTTP, RFC): a header, then per concurrency a row per
+    path with the median ``rate`` (under ``heading``), the ``latency`` percentiles, the
+    tunnel/direct ratio and CPU of gateway, connector, ``server`` (a column ``width`` wide),
+    client and other."""
+    lines = [
+        f"  {'conc':>4} {'path':6} {heading:>9} {'p50':>8} {'p99':>8} {'p99.9':>8}"
+        f" {'tunnel/direct':>14} {'gw CPU':>7} {'conn CPU':>9} {server:>{width}} {'client':>7}"
+        f" {'other':>6}",
+    ]
+    for concurrency, row in summary.items():
+        for path in ("direct", "tunnel"):
+            side = row[path]
+            ms = side[latency]
+            cpu = side["cpu_percent_median"]
+            ratio = f"{row['ratio_tunnel_to_direct']:14.3f}" if path == "tunnel" else " " * 14
+            lines.append(
+                f"  {concurrency:>4} {path:6} {side[rate]['median']:9.0f}"
+                f" {_ms(ms['p50'])} {_ms(ms['p99'])} {_ms(ms['p99_9'])} {ratio}"
+                f" {cpu['gateway']:6.0f}% {cpu['connector']:8.0f}% {cpu[server]:{width - 1}.0f}%"
+                f" {cpu['client']:6.0f}% {cpu['other']:5.0f}%"
+            )
+    return lines
+
+
 def render_table(document: dict[str, Any]) -> str:
     """The human-readable summary."""
     machine = document["machine"]
@@ -142,12 +178,10 @@ def render_table(document: dict[str, Any]) -> str:
         lines.append("  RSS during the tunnel runs, MiB (start / peak / end, sampled every 100 ms)")
         lines.append(f"  {'direction':9} {'gateway':>22} {'connector':>22}")
         for direction, row in bulk["summary"].items():
-            cells = [
-                f"{_mib(row['rss'][n]['start_kib'])} / {_mib(row['rss'][n]['peak_kib'])} / "
-                f"{_mib(row['rss'][n]['end_kib'])}"
-                for n in ("gateway", "connector")
-            ]
-            lines.append(f"  {direction:9} {cells[0]:>22} {cells[1]:>22}")
+            rss = row["rss"]
+            lines.append(
+                f"  {direction:9} {_rss_cell(rss['gateway']):>22} {_rss_cell(rss['connector']):>22}"
+            )
         lines.append("")
     idle = document.get("idle")
     if idle and "sides" in idle:
@@ -231,22 +265,15 @@ def _http_lines(http: dict[str, Any]) -> list[str]:
         f"HTTP, {http['request']}, kept-alive connections with one request in flight each, "
         f"{http['seconds']:g} s per case after {http['warm_up_seconds']:g} s warm-up, "
         f"{http['repeat']} run(s) per path (medians; latency in ms)",
-        f"  {'conc':>4} {'path':6} {'req/s':>9} {'p50':>8} {'p99':>8} {'p99.9':>8}"
-        f" {'tunnel/direct':>14} {'gw CPU':>7} {'conn CPU':>9} {'backend':>8} {'client':>7}"
-        f" {'other':>6}",
+        *_rate_table(
+            http["summary"],
+            rate="req_per_s",
+            heading="req/s",
+            latency="latency_ms_median",
+            server="backend",
+            width=8,
+        ),
     ]
-    for concurrency, row in http["summary"].items():
-        for path in ("direct", "tunnel"):
-            side = row[path]
-            latency = side["latency_ms_median"]
-            cpu = side["cpu_percent_median"]
-            ratio = f"{row['ratio_tunnel_to_direct']:14.3f}" if path == "tunnel" else " " * 14
-            lines.append(
-                f"  {concurrency:>4} {path:6} {side['req_per_s']['median']:9.0f}"
-                f" {latency['p50']:8.3f} {latency['p99']:8.3f} {latency['p99_9']:8.3f} {ratio}"
-                f" {cpu['gateway']:6.0f}% {cpu['connector']:8.0f}% {cpu['backend']:7.0f}%"
-                f" {cpu['client']:6.0f}% {cpu['other']:5.0f}%"
-            )
     lines.append(
         "  (CPU: percent of one core during the window; client = the load processes; other ="
         " CPU not charged to the bench's processes: other programs, kernel softirq work)"
@@ -259,13 +286,10 @@ def _http_lines(http: dict[str, Any]) -> list[str]:
     for concurrency, row in http["summary"].items():
         cost = row["tunnel"]["cpu_us_per_request_median"]
         rss = row["tunnel"]["rss"]
-        cells = [
-            f"{_mib(rss[n]['start_kib'])} / {_mib(rss[n]['peak_kib'])} / {_mib(rss[n]['end_kib'])}"
-            for n in ("gateway", "connector")
-        ]
         lines.append(
             f"  {concurrency:>4} {cost['gateway']:8.0f} {cost['connector']:10.0f}"
-            f" {cost['backend']:8.0f} {cost['client']:7.0f}   {cells[0]:>24} {cells[1]:>26}"
+            f" {cost['backend']:8.0f} {cost['client']:7.0f}"
+            f"   {_rss_cell(rss['gateway']):>24} {_rss_cell(rss['connector']):>26}"
         )
     big = http["big_download"]
     cpu = big["tunnel_cpu_percent_median"]
@@ -285,10 +309,6 @@ def _http_lines(http: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _ms(value: float | None) -> str:
-    return f"{'-':>8}" if value is None else f"{value:8.3f}"
-
-
 def _rfc_lines(rfc: dict[str, Any]) -> list[str]:
     clients = (
         "a client process each"
@@ -300,22 +320,15 @@ def _rfc_lines(rfc: dict[str, Any]) -> list[str]:
         f"{rfc['seconds']:g} s per case after {rfc['warm_up_seconds']:g} s warm-up, "
         f"{rfc['repeat']} run(s) per path (calls/s: median of the runs; latency in ms over the"
         f" calls of all runs, p99.9 from {rfc['p99_9_min_calls']} calls up)",
-        f"  {'conc':>4} {'path':6} {'calls/s':>9} {'p50':>8} {'p99':>8} {'p99.9':>8}"
-        f" {'tunnel/direct':>14} {'gw CPU':>7} {'conn CPU':>9} {'stub':>6} {'client':>7}"
-        f" {'other':>6}",
+        *_rate_table(
+            rfc["summary"],
+            rate="calls_per_s",
+            heading="calls/s",
+            latency="latency_ms_pooled",
+            server="stub",
+            width=6,
+        ),
     ]
-    for concurrency, row in rfc["summary"].items():
-        for path in ("direct", "tunnel"):
-            side = row[path]
-            latency = side["latency_ms_pooled"]
-            cpu = side["cpu_percent_median"]
-            ratio = f"{row['ratio_tunnel_to_direct']:14.3f}" if path == "tunnel" else " " * 14
-            lines.append(
-                f"  {concurrency:>4} {path:6} {side['calls_per_s']['median']:9.0f}"
-                f" {_ms(latency['p50'])} {_ms(latency['p99'])} {_ms(latency['p99_9'])} {ratio}"
-                f" {cpu['gateway']:6.0f}% {cpu['connector']:8.0f}% {cpu['stub']:5.0f}%"
-                f" {cpu['client']:6.0f}% {cpu['other']:5.0f}%"
-            )
     lines.append(
         "  (CPU: percent of one core during the window; client = the load processes; other ="
         " CPU not charged to the bench's processes)"
@@ -332,15 +345,12 @@ def _rfc_lines(rfc: dict[str, Any]) -> list[str]:
         direct = row["direct"]["cpu_us_per_call_median"]
         cost = row["tunnel"]["cpu_us_per_call_median"]
         rss = row["tunnel"]["rss"]
-        cells = [
-            f"{_mib(rss[n]['start_kib'])} / {_mib(rss[n]['peak_kib'])} / {_mib(rss[n]['end_kib'])}"
-            for n in ("gateway", "connector")
-        ]
         logon = f"{row['direct']['logon_ms_median']:.1f} / {row['tunnel']['logon_ms_median']:.1f}"
         lines.append(
             f"  {concurrency:>4} {cost['gateway']:8.0f} {cost['connector']:10.0f}"
             f" {direct['stub']:4.0f} / {cost['stub']:3.0f} {direct['client']:5.0f} / "
-            f"{cost['client']:3.0f} {logon:>12}   {cells[0]:>24} {cells[1]:>26}"
+            f"{cost['client']:3.0f} {logon:>12}"
+            f"   {_rss_cell(rss['gateway']):>24} {_rss_cell(rss['connector']):>26}"
         )
     lines.append("")
     return lines

@@ -30,26 +30,20 @@ the connections into N processes with a thread per connection, to compare.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import re
 import selectors
 import statistics
 import sys
-import time
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .http_scenario import PROFILE_RATE, _read_line, _rss_merge, _split, _spread
+from .closed_loop import ClosedLoop, latency_summary, median, profile_windows, rss_merge, spread
 from .procs import APP, RFC_VIRTUAL, SUBACCOUNT, BenchError, Pair, Proc, WorkDir, spawn
-from .profile import Profiler
-from .report import RESULTS_DIR
-from .scenarios import CpuMeter, RssSampler
+from .scenarios import CpuMeter
 
 FUNCTION = "STFC_CONNECTION"
-NAMES = ("gateway", "connector")
 PATHS = ("direct", "tunnel")
 #: p99.9 is given only for windows of at least this many calls, so that at least five calls lie
 #: above it; with fewer it would be one of the few slowest calls, not a percentile.
@@ -80,36 +74,6 @@ def start_stub(work: WorkDir, timeout: float = 15.0) -> tuple[Proc, int]:
     return proc, int(found["port"])
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def _percentile(ordered: Sequence[int], fraction: float) -> float:
-    """Nearest-rank percentile of sorted ns values, in ms."""
-    index = max(0, math.ceil(fraction * len(ordered)) - 1)
-    return ordered[index] / 1e6
-
-
-def latency_summary(values: array[int]) -> dict[str, float | None]:
-    """p50, p99, p99.9 (None below :data:`P99_9_MIN_CALLS` calls), mean and max, in ms."""
-    ordered = sorted(values)
-    return {
-        "p50": round(_percentile(ordered, 0.50), 3),
-        "p99": round(_percentile(ordered, 0.99), 3),
-        "p99_9": (
-            round(_percentile(ordered, 0.999), 3) if len(ordered) >= P99_9_MIN_CALLS else None
-        ),
-        "mean": round(sum(ordered) / len(ordered) / 1e6, 3),
-        "max": round(ordered[-1] / 1e6, 3),
-    }
-
-
-def _median(values: Sequence[float | None]) -> float | None:
-    """Median over the repeats, or None if any repeat lacks the value."""
-    if not values or any(v is None for v in values):
-        return None
-    return round(statistics.median(v for v in values if v is not None), 3)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -132,7 +96,7 @@ class RfcRun:
         self.front_door = pair.addresses.rfc_front_door
         self.progress = progress
         self.meter = CpuMeter({"gateway": pair.gateway, "connector": pair.connector, "stub": stub})
-        self._serial = 0
+        self.loop = ClosedLoop("rfc", work, pair, self.meter, self._load_argv)
 
     def check_alive(self, during: str) -> None:
         """Raise if gateway, connector or stub has exited."""
@@ -179,141 +143,46 @@ class RfcRun:
         """One measured window of closed-loop STFC_CONNECTION calls at ``concurrency``: the
         case's JSON and the latency of every call in the window (ns)."""
         self.check_alive(f"rfc {path} c={concurrency}")
-        count = max(1, min(processes or concurrency, concurrency))
-        loads: list[tuple[Proc, Path]] = []
-        try:
-            for index, connections in enumerate(_split(concurrency, count)):
-                self._serial += 1
-                out = self.work.path / f"rfc-load-{self._serial}.lat"
-                proc = spawn(
-                    f"rfc load client {index + 1}",
-                    self._load_argv(path, connections, out),
-                    self.work.path / "rfc-load.log",
-                    stdout_pipe=True,
-                    stdin_pipe=True,
-                )
-                loads.append((proc, out))
-            ready_by = time.monotonic() + 30
-            what = "that its connections are logged on"
-            if path == "tunnel":
-                # A cloud connection holds a backend connection for its lifetime; beyond the
-                # connector's [plugins.rfc] max_connections (20) a logon waits for one.
-                what += " (more connections than the connector's max_connections?)"
-            for proc, _ in loads:
-                _read_line(proc, ready_by, what)
-            measure_from = time.monotonic() + warm_up
-            until = measure_from + seconds
-            for proc, _ in loads:
-                assert proc.popen.stdin is not None
-                proc.popen.stdin.write(f"{measure_from!r} {until!r}\n".encode())
-                proc.popen.stdin.flush()
-            with contextlib.ExitStack() as stack:
-                time.sleep(max(0.0, measure_from - time.monotonic()))
-                profilers = [
-                    stack.enter_context(
-                        Profiler(
-                            self.pair.gateway if role == "gateway" else self.pair.connector,
-                            Path(f"{profile_stem}-{role}.pyspy.txt"),
-                            rate=PROFILE_RATE,
-                        )
-                    )
-                    for role in profile_roles
-                ]
-                sampler = (
-                    stack.enter_context(RssSampler(self.pair.procs())) if path == "tunnel" else None
-                )
-                before = self.meter.snapshot()
-                time.sleep(max(0.0, until - time.monotonic()))
-                after = self.meter.snapshot()
-            reports = [_read_line(proc, until + 30, "its results") for proc, _ in loads]
-            latencies: array[int] = array("q")
-            for _, out in loads:
-                with out.open("rb") as handle:
-                    latencies.frombytes(handle.read())
-                out.unlink()
-        finally:
-            for proc, _ in loads:
-                proc.stop()
-        result = self._case_result(
-            path, concurrency, count, seconds, reports, latencies, before, after, sampler
+        what = "that its connections are logged on"
+        if path == "tunnel":
+            # A cloud connection holds a backend connection for its lifetime; beyond the
+            # connector's [plugins.rfc] max_connections (20) a logon waits for one.
+            what += " (more connections than the connector's max_connections?)"
+        window = self.loop.measure(
+            path,
+            concurrency,
+            processes=processes,
+            warm_up=warm_up,
+            seconds=seconds,
+            ready_within=30,
+            ready_what=what,
+            profile_roles=profile_roles,
+            profile_stem=profile_stem,
         )
-        return result | self._profile_result(profile_roles, profilers), latencies
-
-    def _case_result(
-        self,
-        path: str,
-        concurrency: int,
-        processes: int,
-        seconds: float,
-        reports: Sequence[dict[str, Any]],
-        latencies: array[int],
-        before: dict[str, float],
-        after: dict[str, float],
-        sampler: RssSampler | None,
-    ) -> dict[str, Any]:
-        errors = sum(int(r["error_count"]) for r in reports)
-        if errors:
-            messages = [m for r in reports for m in r["errors"]][:5]
-            raise BenchError(
-                f"rfc {path} c={concurrency}: {errors} connection(s) failed, e.g. "
-                + "; ".join(messages)
-            )
-        calls = len(latencies)
-        if not calls:
-            raise BenchError(f"rfc {path} c={concurrency}: no call returned in the window")
-        wall = after["_wall"] - before["_wall"]
-        cpu = CpuMeter.percent(before, after)
-        cpu_seconds = CpuMeter.seconds(before, after)
-        client_seconds = sum(float(r["cpu_seconds"]) for r in reports)
-        cpu["client"] = round(100 * client_seconds / wall, 1)
-        cpu["other"] = round(max(0.0, cpu["other"] - cpu["client"]), 1)
-        result: dict[str, Any] = {
-            "path": path,
-            "concurrency": concurrency,
-            "client_processes": processes,
-            "seconds": round(seconds, 3),
+        calls = window.completed(
+            failed="connection(s) failed", nothing="no call returned in the window"
+        )
+        counts = {
             "calls": calls,
-            "warm_up_calls": sum(int(r["warm_up_completed"]) for r in reports),
+            "warm_up_calls": window.warm_up_completed(),
             "calls_per_s": round(calls / seconds, 1),
-            "latency_ms": latency_summary(latencies),
-            "logon_ms": [ms for r in reports for ms in r["logon_ms"]],
-            "cpu_percent": cpu,
-            "cpu_seconds": cpu_seconds,
-            "cpu_us_per_call": {
-                name: round(1e6 * cpu_seconds[name] / calls, 1)
-                for name in (*NAMES, "stub", *(f"{n}_sys" for n in NAMES))
-            }
-            | {"client": round(1e6 * client_seconds / calls, 1)},
+            "latency_ms": latency_summary(window.latencies, p99_9_from=P99_9_MIN_CALLS),
+            "logon_ms": [ms for r in window.reports for ms in r["logon_ms"]],
         }
-        if sampler is not None:
-            if sampler.error:
-                raise BenchError(sampler.error)
-            result["rss"] = {name: sampler.summary(i) for i, name in enumerate(NAMES)}
-        return result
-
-    @staticmethod
-    def _profile_result(roles: Sequence[str], profilers: Sequence[Profiler]) -> dict[str, Any]:
-        if not profilers:
-            return {}
-        profiles = {}
-        for role, profiler in zip(roles, profilers, strict=True):
-            summary = profiler.summary()
-            summary["raw_file"] = str(profiler.output)
-            profiles[role] = summary
-        return {"profiles": profiles}
+        return window.case_json(counts, "cpu_us_per_call", "stub"), window.latencies
 
 
 def _summary_side(group: Sequence[dict[str, Any]], latencies: array[int]) -> dict[str, Any]:
     first = group[0]
     return {
-        "calls_per_s": _spread(c["calls_per_s"] for c in group),
-        "latency_ms_pooled": latency_summary(latencies),
+        "calls_per_s": spread(c["calls_per_s"] for c in group),
+        "latency_ms_pooled": latency_summary(latencies, p99_9_from=P99_9_MIN_CALLS),
         "logon_ms_median": round(statistics.median(ms for c in group for ms in c["logon_ms"]), 3),
         "cpu_percent_median": {
-            key: _median([c["cpu_percent"][key] for c in group]) for key in first["cpu_percent"]
+            key: median([c["cpu_percent"][key] for c in group]) for key in first["cpu_percent"]
         },
         "cpu_us_per_call_median": {
-            key: _median([c["cpu_us_per_call"][key] for c in group])
+            key: median([c["cpu_us_per_call"][key] for c in group])
             for key in first["cpu_us_per_call"]
         },
     }
@@ -370,7 +239,7 @@ def run_rfc(
         row["p50_ratio_tunnel_to_direct"] = round(
             row["tunnel"]["latency_ms_pooled"]["p50"] / direct_p50, 2
         )
-        row["tunnel"]["rss"] = _rss_merge(tunnel)
+        row["tunnel"]["rss"] = rss_merge(tunnel)
         summary[str(concurrency)] = row
     return {
         "system": "python -m backchannel_rfc serve (stub ABAP system, one Python process)",
@@ -398,25 +267,20 @@ def profile_rfc(
     stamp: str,
 ) -> dict[str, Any]:
     """One extra tunnel window per concurrency with py-spy on gateway and/or connector."""
-    RESULTS_DIR.mkdir(exist_ok=True)
-    profiles: dict[str, Any] = {}
-    for concurrency in concurrencies:
-        case, _ = run.load_case(
+    return profile_windows(
+        "rfc",
+        lambda concurrency, stem: run.load_case(
             "tunnel",
             concurrency,
             processes=processes,
             warm_up=warm_up,
             seconds=seconds,
             profile_roles=roles,
-            profile_stem=RESULTS_DIR / f"{stamp}-rfc-c{concurrency}",
-        )
-        run.progress(
-            f"  profiled rfc c={concurrency} tunnel: {case['calls_per_s']:.0f} calls/s under py-spy"
-        )
-        for role, summary in case["profiles"].items():
-            summary["calls_per_s_while_profiled"] = case["calls_per_s"]
-            summary["raw_file"] = str(
-                Path(summary["raw_file"]).relative_to(RESULTS_DIR.parent.parent)
-            )
-            profiles[f"{role}-c{concurrency}"] = summary
-    return profiles
+            profile_stem=stem,
+        )[0],
+        concurrencies,
+        stamp=stamp,
+        rate_key="calls_per_s",
+        rate_unit="calls/s",
+        progress=run.progress,
+    )
