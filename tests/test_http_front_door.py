@@ -132,6 +132,8 @@ class FakeServices:
             "app": app.app,
             "attributes": dict(attributes or {}),
         }
+        if principal is not None:
+            metadata["principal"] = principal
         return await self._pair.gateway.open_stream(metadata, wait_accepted=wait_accepted)
 
 
@@ -430,6 +432,37 @@ async def test_control_and_hop_by_hop_headers_are_stripped() -> None:
         assert echo["headers"][1] == ["TE", "trailers"]
         assert echo["body"] == "hello"
         assert env.seen.streams[0]["location"] == "loc2"
+        # The user's token travels to the connector in the OPEN, not as a header.
+        assert env.seen.streams[0]["principal"] == "Bearer user-jwt"
+
+
+async def test_each_user_token_gets_its_own_stream() -> None:
+    async with running() as env, client(env.proxy) as c:
+        for token in ("Bearer alice-jwt", "bearer bob-jwt", "Bearer alice-jwt"):
+            headers = [("Proxy-Authorization", AUTH), ("SAP-Connectivity-Authentication", token)]
+            response, _ = await c.request("GET", "http://erp.virtual/p", headers, b"")
+            assert response.status_code == 200
+        response, _ = await c.request(
+            "GET", "http://erp.virtual/p", [("Proxy-Authorization", AUTH)], b""
+        )
+        assert response.status_code == 200
+    principals = [stream.get("principal") for stream in env.seen.streams]
+    assert principals == ["Bearer alice-jwt", "Bearer bob-jwt", "Bearer alice-jwt", None]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["Basic dXNlcjpwdw=="], ["Bearer"], ["Bearer a", "Bearer b"], ["Bearer " + "x" * 50_000]],
+    ids=["wrong-scheme", "no-token", "repeated", "too-long"],
+)
+async def test_malformed_user_token_header_is_refused(values: list[str]) -> None:
+    async with running() as env, client(env.proxy) as c:
+        headers = [("Proxy-Authorization", AUTH)]
+        headers += [("SAP-Connectivity-Authentication", value) for value in values]
+        response, body = await c.request("GET", "http://erp.virtual/p", headers, b"")
+    assert response.status_code in (400, 431)
+    assert b"SAP-Connectivity-Authentication" in body
+    assert env.seen.streams == []
 
 
 async def test_urllib_client_library_get_and_post() -> None:

@@ -42,6 +42,7 @@ from ._relay import (
     authenticate,
     forward_request_headers,
     host_header,
+    principal_from,
 )
 
 PREFIX = b"/destinations/"
@@ -215,6 +216,9 @@ class DestinationsRouter:
         authorization = destination.authorization()
         if authorization is not None:
             headers.append((b"Authorization", authorization))
+        principal = principal_from(request.headers)
+        if isinstance(principal, Refusal):
+            return principal
         return Route(
             app,
             destination.target,
@@ -222,4 +226,5 @@ class DestinationsRouter:
             destination.path_for(rest, query),
             headers,
             attributes=(("destination", destination.name),),
+            principal=principal,
         )

@@ -281,6 +281,7 @@ class ClientConnection:
                 protocol="http",
                 target=route.target,
                 location=route.location,
+                principal=route.principal,
                 attributes=attributes,
             )
         except StreamError as exc:

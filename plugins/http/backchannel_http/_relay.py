@@ -89,11 +89,14 @@ class Route:
     headers: list[tuple[bytes, bytes]]
     #: Extra OPEN attributes; requests with different ones never share a stream.
     attributes: tuple[tuple[str, str], ...] = ()
+    #: The cloud user's token for principal propagation (``SAP-Connectivity-Authentication``:
+    #: ``Bearer <JWT>`` or ``SAML2.0 <base64 assertion>``), validated by the connector.
+    principal: str | None = None
 
     @property
-    def key(self) -> tuple[AppIdentity, HostPort, str, tuple[tuple[str, str], ...]]:
-        """Requests with equal keys may share one tunnel stream."""
-        return (self.app, self.target, self.location, self.attributes)
+    def key(self) -> tuple[AppIdentity, HostPort, str, tuple[tuple[str, str], ...], str | None]:
+        """Requests with equal keys may share one tunnel stream (one user per stream)."""
+        return (self.app, self.target, self.location, self.attributes, self.principal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +450,34 @@ def location_from(headers: Sequence[tuple[bytes, bytes]]) -> str | Refusal:
     return location
 
 
+#: The header that carries the cloud user's token, as SAP's connectivity proxy expects it.
+PRINCIPAL_HEADER = b"sap-connectivity-authentication"
+_PRINCIPAL_SCHEMES = (b"bearer", b"saml2.0")
+#: Longest token accepted in the header (a SAML assertion is the large case).
+MAX_PRINCIPAL = 48 * 1024
+
+
+def principal_from(headers: Sequence[tuple[bytes, bytes]]) -> str | Refusal | None:
+    """The user's token from ``SAP-Connectivity-Authentication`` (None without one), or a
+    400 refusal for a malformed or repeated header. The connector validates the token."""
+    values = [value.strip() for name, value in headers if name == PRINCIPAL_HEADER]
+    if not values:
+        return None
+    if len(values) > 1:
+        return Refusal(400, "more than one SAP-Connectivity-Authentication header")
+    scheme, _, token = values[0].partition(b" ")
+    if scheme.lower() not in _PRINCIPAL_SCHEMES or not token.strip():
+        return Refusal(
+            400,
+            "SAP-Connectivity-Authentication must be 'Bearer <JWT>' or "
+            "'SAML2.0 <base64 assertion>'",
+        )
+    if len(token) > MAX_PRINCIPAL:
+        return Refusal(431, f"SAP-Connectivity-Authentication is longer than {MAX_PRINCIPAL} bytes")
+    canonical = b"Bearer " if scheme.lower() == b"bearer" else b"SAML2.0 "
+    return (canonical + token.strip()).decode("ascii", "replace")
+
+
 class ProxyRouter:
     """Routes absolute-form ``http://`` requests by URL, credentials and location header."""
 
@@ -474,6 +505,14 @@ class ProxyRouter:
         location = location_from(headers)
         if isinstance(location, Refusal):
             return location
+        principal = principal_from(headers)
+        if isinstance(principal, Refusal):
+            return principal
         return Route(
-            app, target, location, path, forward_request_headers(request, host_header(target))
+            app,
+            target,
+            location,
+            path,
+            forward_request_headers(request, host_header(target)),
+            principal=principal,
         )
