@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import math
 import secrets
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -175,11 +177,18 @@ class BackendPool:
         """
         return await trio.to_thread.run_sync(function, limiter=self.threads, abandon_on_cancel=True)
 
-    async def lease(self, address: HostPort, logon: Mapping[str, str]) -> Lease:
+    async def lease(
+        self,
+        address: HostPort,
+        logon: Mapping[str, str],
+        *,
+        connect_timeout: float = math.inf,
+    ) -> Lease:
         """An idle connection with this logon, or a new one (logged on in a worker thread).
 
         Raises the backend's pyrfc exception if the logon fails, CommunicationError if every
-        connection slot of the backend stays busy for ``wait_timeout``.
+        connection slot of the backend stays busy for ``wait_timeout``, trio.TooSlowError if
+        the backend does not complete the logon within ``connect_timeout``.
         """
         key = self.key(address, logon)
         backend = self._backends.setdefault(
@@ -188,6 +197,10 @@ class BackendPool:
         reused = self._take_idle(backend, key)
         if reused is not None:
             return Lease(key, reused)
+        if backend.slots.value == 0:
+            # Idle connections of other logons hold slots too: give the oldest one up rather
+            # than wait for a slot that nobody would free.
+            self._close_oldest_idle(backend)
         with trio.move_on_after(self.settings.wait_timeout) as waiting:
             await backend.slots.acquire()
         if waiting.cancelled_caught:
@@ -196,21 +209,65 @@ class BackendPool:
                 f"(waited {self.settings.wait_timeout:g} s); raise max_connections or retry later"
             )
         try:
-            connection = await self.run(lambda: self._connect(address, logon))
+            with trio.fail_after(connect_timeout):
+                connection = await self._open(address, logon)
         except BaseException:
             backend.slots.release()
             raise
         return Lease(key, connection)
 
+    async def _open(self, address: HostPort, logon: Mapping[str, str]) -> BackendConnection:
+        """A new connection, logged on in a worker thread.
+
+        If the caller is cancelled first, the thread is abandoned; the connection it still
+        makes is closed, by the thread itself, or here if it was made but not yet collected.
+        """
+        lock = threading.Lock()
+        abandoned = False
+        made: list[BackendConnection] = []
+
+        def connect() -> BackendConnection:
+            connection = self._connect(address, logon)
+            with lock:
+                if not abandoned:
+                    made.append(connection)
+                    return connection
+            close_quietly(connection)
+            return connection
+
+        try:
+            return await self.run(connect)
+        except BaseException:
+            with lock:
+                abandoned = True
+                late = list(made)
+            for connection in late:
+                _close_in_background(connection)
+            raise
+
     async def release(self, lease: Lease) -> None:
-        """Give a connection back: kept idle if healthy and there is room, closed otherwise."""
+        """Give a connection back: kept idle if healthy, if there is room and if no logon
+        waits for a slot; closed otherwise."""
         backend = self._backends[lease.key.address]
         connection = lease.connection
         idle = backend.idle.setdefault(lease.key, [])
-        if not lease.broken and is_alive(connection) and len(idle) < self.settings.max_idle:
+        if (
+            not lease.broken
+            and is_alive(connection)
+            and len(idle) < self.settings.max_idle
+            and not backend.slots.statistics().tasks_waiting
+        ):
             idle.append(_Idle(connection, trio.current_time()))
             return
         await self._close(backend, connection)
+
+    def _close_oldest_idle(self, backend: _Backend) -> None:
+        idle = [(key, entry) for key, entries in backend.idle.items() for entry in entries]
+        if idle:
+            key, entry = min(idle, key=lambda item: item[1].since)
+            backend.idle[key].remove(entry)
+            _close_in_background(entry.connection)
+            backend.slots.release()
 
     def _take_idle(self, backend: _Backend, key: PoolKey) -> BackendConnection | None:
         now = trio.current_time()
@@ -244,7 +301,7 @@ class BackendPool:
                 entries.clear()
         async with trio.open_nursery() as nursery:
             for connection in idle:
-                nursery.start_soon(partial(trio.to_thread.run_sync, _close_quietly, connection))
+                nursery.start_soon(partial(trio.to_thread.run_sync, close_quietly, connection))
 
 
 def is_alive(connection: BackendConnection) -> bool:
@@ -254,7 +311,8 @@ def is_alive(connection: BackendConnection) -> bool:
         return False
 
 
-def _close_quietly(connection: BackendConnection) -> None:
+def close_quietly(connection: BackendConnection) -> None:
+    """Close, logging rather than raising a failure."""
     try:
         connection.close()
     except Exception as exc:  # a connection that cannot even close is gone anyway
@@ -263,7 +321,7 @@ def _close_quietly(connection: BackendConnection) -> None:
 
 def _close_in_background(connection: BackendConnection) -> None:
     """Close without waiting: a close may block on a dead peer, and nobody needs its result."""
-    trio.lowlevel.start_thread_soon(partial(_close_quietly, connection), lambda _result: None)
+    trio.lowlevel.start_thread_soon(partial(close_quietly, connection), lambda _result: None)
 
 
 def connector_for(

@@ -36,14 +36,15 @@ _CLIENT = re.compile(r"[0-9]{3}")
 def gateway_port(*, sysnr: str | None = None, gwserv: str | None = None) -> int:
     """The SAP gateway port: ``gwserv`` as a number or ``sapgwNN``, else 33NN for ``sysnr``."""
     if gwserv:
-        if gwserv.isdigit() and 0 < int(gwserv) < 65536:
+        # ASCII digits only: str.isdigit() also takes other scripts' digits and superscripts.
+        if gwserv.isascii() and gwserv.isdigit() and len(gwserv) <= 5 and 0 < int(gwserv) < 65536:
             return int(gwserv)
         if gwserv.lower().startswith("sapgw") and _SYSNR.fullmatch(gwserv[5:]):
             return 3300 + int(gwserv[5:])
-        raise ValueError(f"gwserv {gwserv!r} is neither a port number nor sapgwNN")
+        raise ValueError(f"gwserv {gwserv[:16]!r} is neither a port number nor sapgwNN")
     sysnr = sysnr or "00"
     if not _SYSNR.fullmatch(sysnr):
-        raise ValueError(f"sysnr {sysnr!r} is not a two-digit system number")
+        raise ValueError(f"sysnr {sysnr[:16]!r} is not a two-digit system number")
     return 3300 + int(sysnr)
 
 

@@ -65,8 +65,17 @@ class RfcFrontDoor:
         await trio.serve_listeners(self._serve_client, listeners)
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = _peer(stream)
+        try:
+            with contextlib.suppress(OSError):  # already gone: serving it ends at the first read
+                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await self._serve_connection(stream, peer)
+        except Exception:
+            # One broken connection must never take the listener (and the gateway) down.
+            log.exception("RFC client %s: connection failed", peer)
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
         async with stream:
             messages = MessageStream(stream)
             try:

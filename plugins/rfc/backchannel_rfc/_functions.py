@@ -47,14 +47,33 @@ class Decision:
 
 
 def canonical_name(function: str) -> str | None:
-    """The upper-cased name if it is a valid function module name, else None."""
+    """The upper-cased name if it is a valid function module name, else None.
+
+    Only ASCII is upper-cased: ``str.upper`` maps some other letters onto ASCII ones (U+017F
+    long s to ``S``, U+0131 dotless i to ``I``, the ligature U+FB05 to ``ST``), so a name
+    spelled with them would be checked, audited and called as a different, allowed name.
+    """
+    if not function.isascii():
+        return None
     name = function.upper()
     if len(name) > MAX_NAME_LENGTH or not FUNCTION_NAME.fullmatch(name):
         return None
     return name
 
 
+def shown_name(function: str) -> str:
+    """``function`` for messages and audit lines: the canonical name if it is one, else quoted
+    (control characters escaped) and cut short, since the caller may send any length."""
+    name = canonical_name(function)
+    if name is not None:
+        return name
+    cut = function[: MAX_NAME_LENGTH + 1]
+    return repr(cut) + ("..." if len(function) > len(cut) else "")
+
+
 def _prefix_name(text: str) -> str | None:
+    if not text.isascii():
+        return None
     name = text.upper()
     if not 0 < len(name) <= MAX_NAME_LENGTH or not _PREFIX.fullmatch(name):
         return None
@@ -65,7 +84,7 @@ def check_function(rules: Sequence[FunctionRule], function: str) -> Decision:
     """Allow ``function`` if an active rule covers it."""
     name = canonical_name(function)
     if name is None:
-        return Decision(False, f"{function!r} is not a valid function module name")
+        return Decision(False, f"{shown_name(function)} is not a valid function module name")
     for rule in rules:
         if rule.active and rule.covers(name):
             return Decision(True)

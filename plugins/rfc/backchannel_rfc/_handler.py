@@ -11,25 +11,29 @@ are rewritten to the virtual host.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+import re
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from backchannel import Session, TableReader, TunnelStream
 
-from ._backend import BackendConnection, BackendPool, Lease, is_alive
+from ._backend import BackendConnection, BackendPool, Lease, close_quietly, is_alive
 from ._descriptions import decode_params, encode_params
 from ._errors import (
     CommunicationError,
     ExternalAuthorizationError,
     RFCLibError,
     RfcRc,
+    communication_failure,
     library_error,
     to_wire,
 )
-from ._functions import FunctionRule, check_function, read_function_rules
+from ._functions import FunctionRule, check_function, read_function_rules, shown_name
 from ._message_stream import MessageStream
 from ._stub_protocol import (
     AWAITING_LOGON,
@@ -46,6 +50,7 @@ log = logging.getLogger("backchannel.rfc")
 #: the backend connection itself (the backend client's own timeout should have fired first).
 CANCEL_GRACE = 2.0
 _LOGON_KEYS = ("client", "user", "passwd", "lang", "x509cert")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,14 @@ def _protocol_error(message: str) -> RFCLibError:
 
 def _canceled(message: str) -> CommunicationError:
     return library_error(CommunicationError, message, RfcRc.RFC_CANCELED, "RFC_CANCELED")
+
+
+class _GaveUp(Exception):
+    """Work on a request was cancelled: its time ran out, or the cloud client hung up."""
+
+    def __init__(self, *, timed_out: bool) -> None:
+        super().__init__("time ran out" if timed_out else "the client hung up")
+        self.timed_out = timed_out
 
 
 class RfcHandler:
@@ -171,9 +184,10 @@ class _RfcConnection:
 
     async def _answer(self, response: dict[str, Any]) -> bool:
         try:
-            await self.messages.send(response)
-        except StubProtocolError as exc:
-            await self.messages.send({"ok": False, "error": to_wire(_protocol_error(str(exc)))})
+            try:
+                await self.messages.send(response)
+            except StubProtocolError as exc:  # too large, or a string UTF-8 cannot carry
+                await self.messages.send(_error(_protocol_error(str(exc))))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         return True
@@ -204,13 +218,32 @@ class _RfcConnection:
         if op == "call":
             return await self._call(request)
         if op == "ping":
-            await self._backend_call(lambda c: c.ping(), None)
+            await self._backend_call("ping", lambda c: c.ping(), self.options.call_timeout)
         return {"ok": True}  # ping, close
 
     async def _logon(self, request: dict[str, Any]) -> dict[str, Any]:
         logon = {k: str(request[k]) for k in _LOGON_KEYS if request.get(k) not in (None, "")}
-        self.lease = await self.pool.lease(self.session.internal, logon)
-        attributes = await self._backend_call(lambda c: c.get_connection_attributes(), None)
+        timeout = self.options.call_timeout
+
+        async def lease() -> None:
+            # Kept the moment the pool hands it out (no checkpoint in between), so that a
+            # cancellation can never drop it unreleased.
+            self.lease = await self.pool.lease(
+                self.session.internal, logon, connect_timeout=timeout + CANCEL_GRACE
+            )
+
+        try:
+            # The pool bounds both the wait for a slot and the logon itself.
+            await self._unless_hung_up(lease, math.inf)
+        except trio.TooSlowError:
+            raise _canceled(
+                f"logon to {self.session.virtual} canceled after {timeout:g} s"
+            ) from None
+        except _GaveUp:
+            raise self._hung_up("logon") from None
+        attributes = await self._backend_call(
+            "logon", lambda c: c.get_connection_attributes(), timeout
+        )
         self.user = str(attributes.get("user", ""))
         self.session.audit.allowed(
             "rfc_logon",
@@ -239,7 +272,7 @@ class _RfcConnection:
             self.session.audit.denied("rfc_call", decision.reason, **fields)
             raise library_error(
                 ExternalAuthorizationError,
-                f"Access denied to function module {function.upper()[:64]} on system "
+                f"Access denied to function module {shown_name(function)} on system "
                 f"{self.session.virtual} by the connector: {decision.reason}",
                 RfcRc.RFC_AUTHORIZATION_FAILURE,
                 "RFC_AUTHORIZATION_FAILURE",
@@ -250,7 +283,7 @@ class _RfcConnection:
     async def _describe(self, name: str) -> Any:
         if name not in self.descriptions:
             self.descriptions[name] = await self._backend_call(
-                lambda c: c.get_function_description(name), None
+                "describe", lambda c: c.get_function_description(name), self.options.call_timeout
             )
         return self.descriptions[name]
 
@@ -269,52 +302,116 @@ class _RfcConnection:
         not_requested = request.get("not_requested")
         if isinstance(not_requested, list) and not_requested:
             options["not_requested"] = [str(n) for n in not_requested]
-        result = await self._backend_call(lambda c: c.call(name, options, **params), timeout)
+        result = await self._backend_call(
+            "call", lambda c: c.call(name, options, **params), timeout
+        )
         return {"ok": True, "result": encode_params(description, result)}
 
     async def _backend_call(
-        self, function: Callable[[BackendConnection], Any], call_timeout: float | None
+        self, what: str, function: Callable[[BackendConnection], Any], call_timeout: float
     ) -> Any:
         """Run ``function`` on the leased connection in a worker thread.
 
-        With a ``call_timeout`` the backend client cancels the call itself; should it not return
-        within CANCEL_GRACE after that, the connection is cancelled and given up here.
+        For calls the backend client cancels the call itself after ``call_timeout``; should
+        no answer come within CANCEL_GRACE after that, or the cloud client hang up first, the
+        connection is cancelled and given up here. So it is whenever this is cancelled from
+        outside (the tunnel went down): the abandoned thread may still be using it, so it must
+        never go back to the pool.
         """
         lease = self.lease
         assert lease is not None  # TRANSITIONS admits no backend request before logon
         connection = lease.connection
-        limit = float("inf") if call_timeout is None else call_timeout + CANCEL_GRACE
+        lock = threading.Lock()
+        ended = abandoned = False
+
+        def run() -> Any:
+            nonlocal ended
+            try:
+                return function(connection)
+            finally:
+                with lock:
+                    ended, given_up = True, abandoned
+                if given_up:
+                    # Closed again now that nothing runs on it: a client that recovers from
+                    # the cancel as pyrfc does has opened a fresh connection meanwhile.
+                    close_quietly(connection)
+
         try:
-            with trio.fail_after(limit):
-                return await self.pool.run(lambda: function(connection))
-        except trio.TooSlowError:
-            lease.broken = True
-            trio.lowlevel.start_thread_soon(connection.cancel, lambda _r: None)
-            raise _canceled(
-                f"call to {self.session.virtual} canceled after {call_timeout:g} s"
-            ) from None
-        except BaseException:
-            if not is_alive(connection):
-                lease.broken = True
-            raise
+            return await self._unless_hung_up(
+                lambda: self.pool.run(run), call_timeout + CANCEL_GRACE
+            )
+        except _GaveUp as exc:
+            if exc.timed_out:
+                # The connection is cancelled below; the client opens a new session, as after
+                # pyrfc's own RFC_CANCELED.
+                self.state = CLOSED
+                raise _canceled(
+                    f"{what} to {self.session.virtual} canceled after {call_timeout:g} s"
+                ) from None
+            raise self._hung_up(what) from None
         finally:
-            if not is_alive(connection):
+            with lock:
+                abandoned = not ended
+            if abandoned:
                 lease.broken = True
+                trio.lowlevel.start_thread_soon(connection.cancel, lambda _result: None)
+            elif not is_alive(connection):
+                lease.broken = True
+
+    async def _unless_hung_up(self, work: Callable[[], Awaitable[_T]], limit: float) -> _T:
+        """``work()``'s result or exception, watching the cloud client meanwhile: if it hangs
+        up, or ``limit`` seconds pass, ``work`` is cancelled and _GaveUp raised."""
+        results: list[_T] = []
+        errors: list[Exception] = []
+        with trio.move_on_after(limit) as deadline:
+            async with trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    try:
+                        results.append(await work())
+                    except Exception as exc:  # raised below, not wrapped in an ExceptionGroup
+                        errors.append(exc)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(run)
+                if await self.messages.watch_for_hangup():
+                    nursery.cancel_scope.cancel()
+        if errors:
+            raise errors[0]
+        if results:
+            return results[0]
+        raise _GaveUp(timed_out=deadline.cancelled_caught)
+
+    def _hung_up(self, what: str) -> CommunicationError:
+        """The session ends: the cloud client is gone, nobody reads the answer."""
+        log.info(
+            "%s: the RFC client hung up during a %s; it was cancelled", self.session.virtual, what
+        )
+        self.state = CLOSED
+        return communication_failure("connection closed by the client during the request")
 
     def _scrub(self, exc: BaseException) -> BaseException:
         """The exception with the internal host replaced by the virtual one in its texts."""
-        internal, virtual = self.session.internal, self.session.virtual
-        replacements = ((str(internal), str(virtual)), (internal.host, virtual.host))
         for attribute in ("message", "msg_v1", "msg_v2", "msg_v3", "msg_v4"):
             value = getattr(exc, attribute, None)
             if isinstance(value, str):
-                for old, new in replacements:
-                    value = value.replace(old, new)
-                setattr(exc, attribute, value)
-        exc.args = tuple(
-            _replace_all(a, replacements) if isinstance(a, str) else a for a in exc.args
-        )
+                setattr(exc, attribute, self._scrub_text(value))
+        exc.args = tuple(self._scrub_text(a) if isinstance(a, str) else a for a in exc.args)
         return exc
+
+    def _scrub_text(self, text: str) -> str:
+        internal, virtual = self.session.internal, self.session.virtual
+        # host:port also unbracketed (how clients name an IPv6 partner), then the host alone;
+        # in one pass, so that the virtual text put in is not rewritten again.
+        replacements = {
+            str(internal).lower(): str(virtual),
+            f"{internal.host}:{internal.port}".lower(): str(virtual),
+            internal.host.lower(): virtual.host,
+        }
+        pattern = "|".join(re.escape(old) for old in sorted(replacements, key=len, reverse=True))
+        return re.sub(
+            pattern, lambda m: replacements[m.group(0).lower()], text, flags=re.IGNORECASE
+        )
 
     def _audit_fields(self) -> dict[str, str]:
         s = self.session
@@ -324,12 +421,6 @@ class _RfcConnection:
             "app": s.app,
             "system": str(s.virtual),
         }
-
-
-def _replace_all(text: str, replacements: tuple[tuple[str, str], ...]) -> str:
-    for old, new in replacements:
-        text = text.replace(old, new)
-    return text
 
 
 def _is_pyrfc_error(exc: BaseException) -> bool:

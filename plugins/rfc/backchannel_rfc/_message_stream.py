@@ -7,6 +7,7 @@ endpoint (client side of a tunnel stream).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import trio
@@ -31,15 +32,57 @@ class MessageStream:
         Raises StubProtocolError for bytes that are not a message, and trio's
         BrokenResourceError if the stream breaks.
         """
-        while (message := self._decoder.next_message()) is None:
+        while (message := self._next_message()) is None:
             if self._decoder.at_eof:
                 return None
             self._decoder.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
         return message
 
+    async def watch_for_hangup(self) -> bool:
+        """Read ahead while a request is being worked on: True once the peer has closed or
+        broken the stream (nobody waits for the answer any more).
+
+        Bytes that arrive meanwhile (a pipelined request) are kept for :meth:`receive`; after
+        ``max_size`` of them watching stops and this returns False, so a peer cannot make us
+        buffer more than one message while we are busy.
+        """
+        taken = 0
+        while taken <= self._max_size:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            self._decoder.receive_data(data)
+            if not data:
+                return True
+            taken += len(data)
+        return False
+
+    def _next_message(self) -> dict[str, Any] | None:
+        """The decoder's next message, with what the JSON parser lets through also refused:
+        numbers longer than Python converts and nesting deeper than it parses (which it raises
+        as ValueError and RecursionError) and lone surrogates (which no answer could carry,
+        since a str holding one cannot be encoded as UTF-8)."""
+        try:
+            message = self._decoder.next_message()
+            if message is not None:
+                json.dumps(message, ensure_ascii=False, check_circular=False).encode()
+        except UnicodeEncodeError as exc:
+            raise StubProtocolError("message holds a lone surrogate, which is not Unicode") from exc
+        except RecursionError as exc:
+            raise StubProtocolError("message is nested too deeply") from exc
+        except ValueError as exc:  # int() refuses numbers of more than 4300 digits
+            raise StubProtocolError("message holds a number too long to convert") from exc
+        return message
+
     async def send(self, message: dict[str, Any]) -> None:
-        """Send one message (StubProtocolError if it exceeds the size limit)."""
-        await self.stream.send_all(encode_message(message, max_size=self._max_size))
+        """Send one message (StubProtocolError if it exceeds the size limit, or holds a string
+        that UTF-8 cannot carry, as a backend's broken data may)."""
+        try:
+            data = encode_message(message, max_size=self._max_size)
+        except UnicodeEncodeError as exc:
+            raise StubProtocolError("message holds a lone surrogate, which is not Unicode") from exc
+        await self.stream.send_all(data)
 
     def take_buffered(self) -> bytes:
         """Bytes received after the last message taken (to hand on when switching to a splice)."""

@@ -34,6 +34,16 @@ from ._errors import (
 )
 
 PROTOCOL = "rfc"
+#: How much of a caller's name (app, destination, host) answers and audit lines repeat: more
+#: than any valid one has (``subaccount/app`` is two names of up to 64 characters), while a
+#: logon may carry megabytes.
+_SHOWN = 160
+#: The longest host name DNS allows.
+_MAX_HOST = 253
+
+
+def _shown(text: str, limit: int = _SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +78,9 @@ def authenticate_app(
             )
         return services.authenticate_basic(app, secret)
     except AuthenticationError as exc:
-        services.audit.denied("rfc_app_auth", str(exc), app=app)
-        raise gateway_logon_error(f"application credentials refused: {exc}") from None
+        reason = _shown(str(exc), 2 * _SHOWN)
+        services.audit.denied("rfc_app_auth", reason, app=_shown(app))
+        raise gateway_logon_error(f"application credentials refused: {reason}") from None
 
 
 def resolve_route(
@@ -90,11 +101,12 @@ def resolve_route(
                 "no such destination in the app's subaccount",
                 subaccount=app.subaccount,
                 app=app.app,
-                destination=dest,
+                destination=_shown(dest),
             )
             raise library_error(
                 ExternalAuthorizationError,
-                f"gateway: no RFC destination named {dest!r} for subaccount {app.subaccount!r}",
+                f"gateway: no RFC destination named {_shown(dest)!r} for subaccount "
+                f"{app.subaccount!r}",
                 RfcRc.RFC_NOT_FOUND,
                 "RFC_NOT_FOUND",
             )
@@ -106,10 +118,11 @@ def resolve_route(
             destination.name,
         )
     host = route.get("ashost", "").lower()
-    if not host:
+    if not host or len(host) > _MAX_HOST:
         raise library_error(
             CommunicationError,
-            "gateway: pass ashost (the virtual host of the connector's rfc mapping) or dest",
+            "gateway: pass ashost (the virtual host of the connector's rfc mapping) or dest"
+            + (f", not {_shown(host)!r}" if host else ""),
             RfcRc.RFC_INVALID_PARAMETER,
             "RFC_INVALID_PARAMETER",
         )
@@ -118,7 +131,7 @@ def resolve_route(
     except ValueError as exc:
         raise library_error(
             CommunicationError,
-            f"gateway: {exc}",
+            f"gateway: {_shown(str(exc))}",
             RfcRc.RFC_INVALID_PARAMETER,
             "RFC_INVALID_PARAMETER",
         ) from None
@@ -126,7 +139,7 @@ def resolve_route(
     if not is_valid_location_id(location):
         raise library_error(
             CommunicationError,
-            f"gateway: location id {location!r}: up to 64 letters, digits, '.', '_' or '-'",
+            f"gateway: location id {_shown(location)!r}: up to 64 letters, digits, '.', '_' or '-'",
             RfcRc.RFC_INVALID_PARAMETER,
             "RFC_INVALID_PARAMETER",
         )
