@@ -233,3 +233,56 @@ async def test_garbage_on_the_front_door_gets_a_protocol_error(tmp_path: Path) -
         result = await in_thread(lambda: setup.connect().call("RFC_PING"))
     assert b"RFC_INVALID_PROTOCOL" in data
     assert result == {}
+
+
+async def test_destination_password_is_never_tried_for_another_user(tmp_path: Path) -> None:
+    destination = {
+        "name": "ERP",
+        "subaccount": "acme",
+        "ashost": VIRTUAL_HOST,
+        "client": "100",
+        "authentication": "BasicAuthentication",
+        "user": "DEMO",
+        "password": "welcome",
+    }
+    async with rfc_setup(tmp_path, destinations=[destination]) as setup:
+        route = {"gateway": str(setup.front_door), "app": "acme/crm", "app_secret": APP_SECRET}
+        # ALICE without a password must not be logged on with DEMO's password ("welcome"
+        # would fail for ALICE anyway; the point is that no password is sent for her).
+        with pytest.raises(LogonError):
+            await in_thread(lambda: Connection(None, dest="ERP", user="ALICE", **route))
+        # With her own password she gets in as herself.
+        user = await in_thread(
+            lambda: Connection(
+                None, dest="ERP", user="ALICE", passwd="secret1", **route
+            ).get_connection_attributes()["user"]
+        )
+    assert user == "ALICE"
+
+
+def test_destination_logon_uses_own_or_destination_credentials_never_mixed() -> None:
+    from backchannel import HostPort, Secret
+    from backchannel_rfc._destinations import RfcDestination
+
+    destination = RfcDestination(
+        "ERP",
+        "acme",
+        HostPort(VIRTUAL_HOST, 3300),
+        "100",
+        authentication="BasicAuthentication",
+        user="DEMO",
+        password=Secret("welcome", "test"),
+        lang="E",
+    )
+    assert destination.logon({}) == {
+        "client": "100",
+        "lang": "E",
+        "user": "DEMO",
+        "passwd": "welcome",
+    }
+    assert destination.logon({"user": "ALICE"}) == {"client": "100", "lang": "E", "user": "ALICE"}
+    assert destination.logon({"x509cert": "MII..", "client": "200"}) == {
+        "client": "200",
+        "lang": "E",
+        "x509cert": "MII..",
+    }

@@ -63,16 +63,20 @@ class RfcDestination:
     lang: str = ""
 
     def logon(self, given: Mapping[str, str]) -> dict[str, str]:
-        """The logon parameters: the destination's, with client, user, password and language
-        the application passed itself taking precedence (as pyrfc's explicit parameters do
-        over a ``sapnwrfc.ini`` destination)."""
+        """The logon parameters: the destination's client and language unless the application
+        passed its own, and either the application's own credentials (any of ``user``,
+        ``passwd``, ``x509cert`` given) or, only when it passed none, the destination's user and
+        password. The destination's password is never tried for another user."""
         logon = {"client": self.client}
         if self.lang:
             logon["lang"] = self.lang
-        if self.user is not None and self.password is not None:
+        own = {key: given[key] for key in ("user", "passwd", "x509cert") if key in given}
+        if own:
+            logon.update(own)
+        elif self.user is not None and self.password is not None:
             logon["user"] = self.user
             logon["passwd"] = self.password.reveal()
-        for key in ("client", "user", "passwd", "lang", "x509cert"):
+        for key in ("client", "lang"):
             if key in given:
                 logon[key] = given[key]
         return logon
