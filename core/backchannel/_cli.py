@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from ._apptoken import issue_app_token
+from ._ca_cli import add_ca_commands, run_ca_command
 from ._config import AuditConfig, ConnectorConfig, GatewayConfig
 from ._connector import Connector
 from ._exceptions import ConfigError
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("-c", "--config", type=Path, required=True, help="the gateway.toml")
     token.add_argument("--app", required=True, help="subaccount/app")
     token.add_argument("--ttl", type=int, default=3600, help="seconds of validity (default 3600)")
+    add_ca_commands(commands)
     return parser
 
 
@@ -166,6 +168,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _pki(args)
     if command == "app-token":
         return _app_token(args)
+    if command == "ca":
+        return run_ca_command(args)
     raise AssertionError(command)
 
 
