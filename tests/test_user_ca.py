@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from backchannel import ConfigError, Secret
 from backchannel._pki import write_throwaway_tls_material
 from backchannel._user_ca import (
-    IssuedCertificate,
+    UserCertificate,
     KeyType,
     UnusableCAError,
     UserCertificateAuthority,
@@ -142,7 +142,7 @@ def authority(ca_key: ec.EllipticCurvePrivateKey) -> UserCertificateAuthority:
 
 
 def verify_chain(
-    issued: IssuedCertificate, root: x509.Certificate, at: datetime.datetime = NOW
+    issued: UserCertificate, root: x509.Certificate, at: datetime.datetime = NOW
 ) -> list[x509.Certificate]:
     """Path validation with cryptography (a client verifier wants a SAN; ours has none)."""
     verifier = (
@@ -672,7 +672,7 @@ def _server_context(trusted: UserCertificateAuthority, server_dir: Path) -> ssl.
 
 
 async def _handshake(
-    server_context: ssl.SSLContext, ca_file: Path, issued: IssuedCertificate, directory: Path | None
+    server_context: ssl.SSLContext, ca_file: Path, issued: UserCertificate, directory: Path | None
 ) -> tuple[str | BaseException, bytes | BaseException]:
     """One mutual-TLS connection on 127.0.0.1; returns what the server and the client saw."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -11,7 +11,7 @@ to one of its own users.
 * :class:`UserCertificateCache` keeps one certificate per subject until it nears expiry.
 
 Issued private keys exist only in memory: nothing here writes them anywhere except, via
-:meth:`IssuedCertificate.load_into`, momentarily into an anonymous memory file (or, where
+:meth:`UserCertificate.load_into`, momentarily into an anonymous memory file (or, where
 there is none, a private temporary file) for OpenSSL, encrypted with a one-time password.
 
 Issuing an EC P-256 certificate takes well under a millisecond; an RSA 2048 key takes tens
@@ -46,7 +46,7 @@ from ._exceptions import ConfigError
 from ._pki import CLOCK_SKEW, CertificateAuthority, _save_pair
 
 __all__ = [
-    "IssuedCertificate",
+    "UserCertificate",
     "KeyType",
     "UnusableCAError",
     "UserCertificateAuthority",
@@ -90,7 +90,7 @@ class KeyType(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class IssuedCertificate:
+class UserCertificate:
     """A user certificate, its private key, and the CA chain above it (CA first)."""
 
     certificate: x509.Certificate
@@ -394,7 +394,7 @@ class UserCertificateAuthority:
         now: datetime.datetime,
         validity: datetime.timedelta,
         key_type: KeyType = KeyType.EC_P256,
-    ) -> IssuedCertificate:
+    ) -> UserCertificate:
         """Issue a clientAuth certificate for ``subject`` with a freshly generated key.
 
         Valid from ``now`` minus five minutes (clock skew between us and the backend) to
@@ -449,7 +449,7 @@ class UserCertificateAuthority:
             .add_extension(self._authority_key_identifier(), critical=False)
             .sign(self.private_key, _signature_hash(self.private_key))
         )
-        return IssuedCertificate(certificate=certificate, private_key=key, chain=(ca, *self.chain))
+        return UserCertificate(certificate=certificate, private_key=key, chain=(ca, *self.chain))
 
     def _authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
         try:
@@ -515,12 +515,12 @@ class UserCertificateCache:
         self.key_type = key_type
         self._clock = clock
         # Keyed by the DER of the subject: exact, whatever string types the DN uses.
-        self._entries: OrderedDict[bytes, IssuedCertificate] = OrderedDict()
+        self._entries: OrderedDict[bytes, UserCertificate] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, subject: x509.Name) -> IssuedCertificate:
+    def get(self, subject: x509.Name) -> UserCertificate:
         """The cached certificate for ``subject``, or a newly issued one."""
         now = self._clock()
         key = subject.public_bytes()
