@@ -869,8 +869,12 @@ def test_command_line_takes_no_secrets() -> None:
     options = set(_option_strings(build_parser()))
     assert {"--config", "--ca-dir", "--app"} <= options  # the walk reached the subcommands
     for option in options:
-        for word in ("secret", "token", "password", "passwd", "credential"):
+        if option.endswith(("-file", "-env")):
+            continue  # names where a secret is (a file, an environment variable), as in config
+        for word in ("secret", "token", "password", "passwd", "passphrase", "credential"):
             assert word not in option, option
+    # Secrets for the CA commands come only from such places.
+    assert {"--password-file", "--password-env", "--key-passphrase-file"} <= options
 
 
 # --------------------------------------------------------------------------- local files

@@ -27,9 +27,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from backchannel import ConfigError, Secret
 from backchannel._pki import write_throwaway_tls_material
 from backchannel._user_ca import (
-    UserCertificate,
     KeyType,
     UnusableCAError,
+    UserCertificate,
     UserCertificateAuthority,
     UserCertificateCache,
     default_renew_before,

@@ -13,6 +13,8 @@ from typing import Any
 from ._configutil import HostPort, Secret, TableReader
 from ._dial import ProxySettings
 from ._exceptions import ConfigError
+from ._identity import PrincipalPropagationConfig, read_identity_providers
+from ._jwt_trust import TrustList
 from ._plugins import PluginSelection, plugin_table_names
 from ._proto._mux import MuxSettings
 from ._transport import GatewayAddress, verifying_client_context
@@ -154,6 +156,8 @@ class GatewaySubaccount:
     name: str
     connector_token: Secret
     apps: Mapping[str, AppConfig]
+    #: The identity providers whose users' tokens the connectors may accept.
+    identity_providers: TrustList = field(default_factory=TrustList)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +213,9 @@ class GatewayConfig:
                 assert secret is not None
                 app.finish()
                 apps[app_name] = AppConfig(app_name, secret)
+            idps = read_identity_providers(sub)
             sub.finish()
-            subaccounts[name] = GatewaySubaccount(name, token, apps)
+            subaccounts[name] = GatewaySubaccount(name, token, apps, idps)
         if not subaccounts:
             raise root.error("subaccounts", "at least one [subaccounts.<name>] table is required")
         selection, tables = _read_plugins(root)
@@ -253,6 +258,8 @@ class ConnectorSubaccount:
     proxy: ProxySettings | None
     use_environment_proxy: bool
     mappings: tuple[MappingEntry, ...]
+    #: Names of the gateway's identity providers whose tokens this connector refuses.
+    untrusted_identity_providers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +275,8 @@ class ConnectorConfig:
     subaccounts: Mapping[str, ConnectorSubaccount]
     plugins: PluginSelection = field(default_factory=PluginSelection)
     plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: ``[principal_propagation]``: the user CA and subject rules (None: not configured).
+    principal_propagation: PrincipalPropagationConfig | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> ConnectorConfig:
@@ -293,6 +302,9 @@ class ConnectorConfig:
             subaccounts[name] = _read_connector_subaccount(name, sub)
         if not subaccounts:
             raise root.error("subaccounts", "at least one [subaccounts.<name>] table is required")
+        propagation = None
+        if "principal_propagation" in root:
+            propagation = PrincipalPropagationConfig.read(root.table("principal_propagation"))
         selection, tables = _read_plugins(root)
         root.finish()
         return cls(
@@ -305,6 +317,7 @@ class ConnectorConfig:
             subaccounts,
             selection,
             tables,
+            propagation,
         )
 
 
@@ -335,5 +348,8 @@ def _read_connector_subaccount(name: str, sub: TableReader) -> ConnectorSubaccou
             raise sub.error("https_proxy", str(exc)) from None
     use_env = sub.boolean("use_environment_proxy", True)
     mappings = tuple(MappingEntry(name, m) for m in sub.tables("mappings"))
+    untrusted = frozenset(sub.string_list("untrusted_identity_providers"))
     sub.finish()
-    return ConnectorSubaccount(name, gateway, location, token, ca_file, proxy, use_env, mappings)
+    return ConnectorSubaccount(
+        name, gateway, location, token, ca_file, proxy, use_env, mappings, untrusted
+    )

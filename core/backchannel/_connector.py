@@ -21,6 +21,8 @@ from ._config import ConnectorConfig, ConnectorSubaccount
 from ._configutil import HostPort, TableReader
 from ._dial import ProxySettings, proxy_from_environment
 from ._exceptions import ConfigError, StreamError, TunnelError
+from ._identity import PrincipalResolver
+from ._jwt_trust import TrustList
 from ._plugin_api import ConnectorContext, ConnectorHandler, Role, Session
 from ._plugins import collect_hook_results, get_plugin_manager, plugin_infos
 from ._proto._errors import ResetCode
@@ -62,6 +64,17 @@ class Connector:
         self.status = {name: TunnelStatus(name) for name in config.subaccounts}
         self._proxies = {name: _proxy_for(sub) for name, sub in config.subaccounts.items()}
         self._stopping = False
+        #: Principal propagation (user tokens -> certificates), if configured.
+        self.principal_resolver: PrincipalResolver | None = None
+        if config.principal_propagation is not None:
+            self.principal_resolver = PrincipalResolver.load(
+                config.principal_propagation,
+                source=config.source,
+                untrusted={
+                    name: sub.untrusted_identity_providers
+                    for name, sub in config.subaccounts.items()
+                },
+            )
         self._changed = trio.lowlevel.ParkingLot()
 
     def _build_handlers(self) -> dict[str, ConnectorHandler]:
@@ -221,6 +234,7 @@ class Connector:
                 label=label,
                 stream_handler=partial(self._serve_stream, sub),
                 closed_translator=closed_reason,
+                control_handler=partial(self._on_control, sub),
             )
             self._set_connected(status, tunnel)
             via = f" via proxy {proxy.redacted()}" if proxy else ""
@@ -232,6 +246,9 @@ class Connector:
                 nursery.cancel_scope.cancel()
         log.warning("tunnel %s lost: %s", label, tunnel.close_reason)
         return True
+
+    def _on_control(self, sub: ConnectorSubaccount, payload: dict[str, Any]) -> None:
+        _on_control_document(self.principal_resolver, sub, payload)
 
     async def drain(self, grace: float) -> int:
         """Graceful stop: GO_AWAY on every tunnel (the gateway routes no new streams here),
@@ -304,6 +321,7 @@ class Connector:
             audit=self.audit,
             principal=principal if isinstance(principal, str) else None,
             attributes=attributes if isinstance(attributes, dict) else {},
+            principal_resolver=self.principal_resolver,
         )
         handler = self.handlers[decision.protocol]
         try:
@@ -311,6 +329,25 @@ class Connector:
         except StreamError as exc:
             log.info("stream to %s (%s) refused: %s", target, sub.name, exc)
             await stream.reset(exc.code, exc.reason)
+
+
+def _on_control_document(
+    resolver: PrincipalResolver | None, sub: ConnectorSubaccount, payload: dict[str, Any]
+) -> None:
+    """Apply a CONTROL document from the gateway: today the trusted identity providers."""
+    if "trust" not in payload:
+        return
+    try:
+        trust = TrustList.from_wire(payload["trust"])
+    except ValueError as exc:
+        log.warning("tunnel %s: the gateway sent an unusable trust list: %s", sub.name, exc)
+        return
+    names = ", ".join(idp.name for idp in trust) or "none"
+    if resolver is None:
+        log.info("tunnel %s: identity providers %s (principal propagation is off)", sub.name, names)
+        return
+    resolver.update_trust(sub.name, trust)
+    log.info("tunnel %s: trusted identity providers from the gateway: %s", sub.name, names)
 
 
 def _proxy_for(sub: ConnectorSubaccount) -> ProxySettings | None:

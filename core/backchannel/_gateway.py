@@ -165,6 +165,7 @@ class Gateway:
                     )
                     entry.tunnel = tunnel
                     log.info("connector %s connected (%s)", label, entry.software)
+                    self._send_trust(tunnel, entry.subaccount)
                     await tunnel.run()
                     log.info("connector %s disconnected: %s", label, tunnel.close_reason)
                 finally:
@@ -172,6 +173,12 @@ class Gateway:
         finally:
             for entry in entry_holder:
                 self.registry.release(entry)
+
+    def _send_trust(self, tunnel: Tunnel, subaccount: str) -> None:
+        """Tell the connector which identity providers its subaccount trusts (principal
+        propagation); sent as soon as the tunnel is up."""
+        trust = self.config.subaccounts[subaccount].identity_providers
+        tunnel.send_control({"trust": trust.to_wire()})
 
     def _authenticate_connector(self, hello: Mapping[str, Any], peer: str) -> TunnelEntry:
         subaccount = hello.get("subaccount")

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import trio
 
 from ._configutil import HostPort, TableReader
+from ._identity import PrincipalResolver, PropagatedUser
+from ._principal_errors import PrincipalError, PrincipalReason
 
 if TYPE_CHECKING:
     from ._audit import AuditLog
@@ -89,6 +91,26 @@ class Session:
     audit: AuditLog
     principal: str | None = None
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    #: The connector's principal propagation (None when ``[principal_propagation]`` is unset).
+    principal_resolver: PrincipalResolver | None = field(default=None, repr=False)
+
+    def propagated_user(self) -> PropagatedUser:
+        """The cloud user behind this stream, with a short-lived certificate for them.
+
+        Validates the stream's token against the subaccount's trusted identity providers,
+        maps it to a subject with the connector's subject rules and issues (or reuses) the
+        certificate. Raises :class:`backchannel.PrincipalError` with the precise reason; every
+        outcome is audited as ``principal_propagation``.
+        """
+        if self.principal_resolver is None:
+            error = PrincipalError(
+                PrincipalReason.CA_UNUSABLE,
+                f"{self.virtual} asks for principal propagation, but this connector has no "
+                "[principal_propagation] table (ca_cert, ca_key, subject_rules)",
+            )
+            self.audit.denied("principal_propagation", error.code, system=str(self.virtual))
+            raise error
+        return self.principal_resolver.resolve(self)
 
     @property
     def mapping_protocol(self) -> str:

@@ -90,6 +90,7 @@ class Tunnel:
         label: str,
         stream_handler: StreamHandler | None = None,
         closed_translator: Callable[[BaseException], str | None] | None = None,
+        control_handler: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._transport = transport
         self._mux = mux
@@ -98,6 +99,7 @@ class Tunnel:
         self.label = label
         self._stream_handler = stream_handler
         self._translate_closed = closed_translator or (lambda exc: None)
+        self._control_handler = control_handler
         self._streams: dict[int, TunnelStream] = {}
         self._writer_waiters = trio.lowlevel.ParkingLot()
         self._output_blocked: set[TunnelStream] = set()
@@ -348,6 +350,8 @@ class Tunnel:
             self._close_if_drained()
         elif isinstance(event, ControlReceived):
             log.debug("tunnel %s: control document with keys %s", self.label, sorted(event.payload))
+            if self._control_handler is not None:
+                self._control_handler(event.payload)
         elif isinstance(event, PingReceived | PongReceived):
             pass  # _last_received already moved; the mux answered pings itself
 

@@ -46,9 +46,9 @@ from ._exceptions import ConfigError
 from ._pki import CLOCK_SKEW, CertificateAuthority, _save_pair
 
 __all__ = [
-    "UserCertificate",
     "KeyType",
     "UnusableCAError",
+    "UserCertificate",
     "UserCertificateAuthority",
     "UserCertificateCache",
     "default_renew_before",
