@@ -25,6 +25,7 @@ from ._exceptions import StreamError as StreamError
 from ._exceptions import TunnelError as TunnelError
 from ._gateway import Gateway as Gateway
 from ._gateway import open_gateway as open_gateway
+from ._identity import PropagatedUser as PropagatedUser
 from ._pki import CertificateAuthority as CertificateAuthority
 from ._pki import TlsMaterial as TlsMaterial
 from ._pki import write_throwaway_tls_material as write_throwaway_tls_material
@@ -41,10 +42,13 @@ from ._plugin_api import PluginInfo as PluginInfo
 from ._plugin_api import Role as Role
 from ._plugin_api import Session as Session
 from ._plugin_api import SystemMapping as SystemMapping
+from ._principal_errors import PrincipalError as PrincipalError
+from ._principal_errors import PrincipalReason as PrincipalReason
 from ._proto._errors import ResetCode as ResetCode
 from ._splice import splice_streams as splice_streams
 from ._stream import TunnelStream as TunnelStream
 from ._transport import verifying_client_context as verifying_client_context
 from ._tunnel import TunnelSettings as TunnelSettings
+from ._user_ca import UserCertificate as UserCertificate
 from ._version import __version__ as __version__
 from .hookspecs import hookimpl as hookimpl

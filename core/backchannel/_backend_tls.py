@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._configutil import TableReader
 from ._transport import verifying_client_context
+from ._user_ca import UserCertificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +18,17 @@ class BackendTls:
     context: ssl.SSLContext
     #: Name to verify and send as SNI; None means the mapping's internal host.
     server_name: str | None
+    #: The CA file the backend's certificate is verified against (None: the system store).
+    ca_file: Path | None = None
+    #: Whether ``context`` presents the connector's system certificate (mutual TLS).
+    has_client_certificate: bool = False
+
+    def context_with(self, certificate: UserCertificate) -> ssl.SSLContext:
+        """A context verifying the backend as ``context`` does, presenting ``certificate``
+        (a propagated user's) instead of the system certificate."""
+        context = verifying_client_context(self.ca_file)
+        certificate.load_into(context)
+        return context
 
 
 def read_backend_tls(mapping: TableReader) -> BackendTls:
@@ -42,4 +55,4 @@ def read_backend_tls(mapping: TableReader) -> BackendTls:
         except (ssl.SSLError, OSError) as exc:
             problem = f"cannot load the client certificate: {exc}"
             raise mapping.error("client_key", problem) from None
-    return BackendTls(context, server_name)
+    return BackendTls(context, server_name, ca_file, client_cert is not None)

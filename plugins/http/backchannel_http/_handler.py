@@ -17,13 +17,16 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import h11
 import trio
 
 from backchannel import (
     BackendTls,
+    PrincipalError,
+    PrincipalReason,
+    PropagatedUser,
     ResetCode,
     Session,
     StreamError,
@@ -48,6 +51,18 @@ from ._rewrite import (
 
 __all__ = ["HttpHandler", "HttpOptions"]
 
+PropagationMode = Literal["none", "certificate", "header"]
+PROPAGATION_MODES = ("none", "certificate", "header")
+#: SAP's header for a user certificate forwarded by a trusted reverse proxy (base64 DER).
+CLIENT_CERT_HEADER = b"SSL_CLIENT_CERT"
+#: HTTP status for each way principal propagation can fail (401 for anything about the token).
+_PRINCIPAL_STATUS = {
+    PrincipalReason.NO_SUBJECT: 403,
+    PrincipalReason.CA_UNUSABLE: 500,
+    PrincipalReason.BACKEND_NOT_MUTUAL: 502,
+    PrincipalReason.BACKEND_REJECTED_CERTIFICATE: 502,
+}
+
 log = logging.getLogger("backchannel.http")
 
 #: Read size on both legs; h11 never holds more than this plus one incomplete head.
@@ -64,6 +79,10 @@ class HttpOptions:
     host_header: HostHeaderMode = "virtual"
     backend_timeout: float = 60.0
     tls: BackendTls | None = None
+    #: ``none``; ``certificate``: the user's certificate is the TLS client certificate;
+    #: ``header``: the system certificate authenticates the connector and the user's
+    #: certificate travels in ``SSL_CLIENT_CERT`` (SAP's reverse-proxy convention).
+    principal_propagation: PropagationMode = "none"
 
 
 class HttpHandler:
@@ -99,9 +118,31 @@ class HttpHandler:
             except ValueError as exc:
                 raise table.error("path", str(exc)) from None
         tls = read_backend_tls(mapping) if protocol == "https" else None
+        mode = mapping.string("principal_propagation", "none")
+        if mode not in PROPAGATION_MODES:
+            raise mapping.error(
+                "principal_propagation", f"must be one of {', '.join(PROPAGATION_MODES)}"
+            )
+        if mode != "none" and tls is None:
+            raise mapping.error(
+                "principal_propagation",
+                "needs protocol = 'https': a user's certificate only means something to a "
+                "backend that authenticates the connector over TLS",
+            )
+        if mode == "header" and tls is not None and not tls.has_client_certificate:
+            raise mapping.error(
+                "principal_propagation",
+                "'header' needs the connector's system certificate (client_cert and client_key): "
+                "the backend leg must be mutually authenticated, or anyone could send "
+                "SSL_CLIENT_CERT",
+            )
         mapping.finish()
         return HttpOptions(
-            tuple(rules), "internal" if host_header == "internal" else "virtual", timeout, tls
+            tuple(rules),
+            "internal" if host_header == "internal" else "virtual",
+            timeout,
+            tls,
+            cast(PropagationMode, mode),
         )
 
     async def handle(self, session: Session, stream: TunnelStream) -> None:
@@ -139,10 +180,28 @@ class _BackendGone(_Failure):
 class _Refusal(_Failure):
     """The backend cannot be reached: answer ``status`` with ``message``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, rejected_certificate: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: The TLS handshake failed because the backend refused our client certificate.
+        self.rejected_certificate = rejected_certificate
+
+
+#: OpenSSL's words for a server refusing the client's certificate (TLS alerts).
+_CERTIFICATE_ALERTS = (
+    "alert bad certificate",
+    "alert unknown ca",
+    "alert certificate unknown",
+    "alert certificate required",
+    "alert access denied",
+    "alert handshake failure",
+)
+
+
+def _is_certificate_rejection(exc: BaseException) -> bool:
+    text = " ".join(str(e).lower() for e in (exc, exc.__cause__, exc.__context__) if e)
+    return any(alert in text for alert in _CERTIFICATE_ALERTS)
 
 
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -215,6 +274,10 @@ class _StreamServer:
         self.system = str(session.virtual)
         self.method = b"GET"
         self.informational_sent = False
+        #: TLS towards the backend; with ``certificate`` propagation, the user's context.
+        self.tls = options.tls
+        #: The propagated user (one per stream), once resolved.
+        self.user: PropagatedUser | None = None
 
     async def serve(self) -> None:
         """Answer requests until the gateway is done, then half-close."""
@@ -289,6 +352,16 @@ class _StreamServer:
             )
             return
         self.session.audit.allowed("http_request", **self._audit_fields(raw))
+        if self.options.principal_propagation != "none" and self.user is None:
+            try:
+                self._propagate()
+            except PrincipalError as exc:
+                await self._answer(
+                    _PRINCIPAL_STATUS.get(exc.reason, 401),
+                    f"Principal propagation to system {self.system} failed ({exc.code}): "
+                    f"{exc.message}",
+                )
+                return
         query = raw.partition(b"?")[2]
         target = path.encode("ascii") + (b"?" + query if b"?" in raw else b"")
         headers = request_headers(
@@ -300,6 +373,13 @@ class _StreamServer:
             scheme=self.virtual.scheme,
             websocket=websocket,
         )
+        if self.options.tls is not None and self.options.tls.has_client_certificate:
+            # The backend trusts the connector's system certificate as a reverse proxy: tell
+            # it which user this is, or (empty) that the system certificate is no logon.
+            user_certificate = b""
+            if self.options.principal_propagation == "header" and self.user is not None:
+                user_certificate = self.user.certificate.der_base64().encode("ascii")
+            headers.append((CLIENT_CERT_HEADER, user_certificate))
         outgoing = h11.Request(method=request.method, target=target, headers=headers)
         repeatable = not has_body(headers)
         for attempt in range(2):
@@ -314,6 +394,13 @@ class _StreamServer:
                 return
             except _BackendGone as exc:
                 await self.close_backend()
+                if (
+                    self.user is not None
+                    and self.options.principal_propagation == "certificate"
+                    and _is_certificate_rejection(exc)
+                ):
+                    await self._answer(502, self._rejected(exc))
+                    return
                 # A reused connection the backend closed meanwhile: once more on a fresh one,
                 # if nothing was answered yet and no body was read that cannot be sent again.
                 if attempt == 0 and reused and repeatable and not self.informational_sent:
@@ -331,9 +418,50 @@ class _StreamServer:
             if backend.conn.our_state is h11.IDLE and backend.conn.their_state is h11.IDLE:
                 return backend, True
             await self.close_backend()
-        stream = await _connect(self.session, self.options.tls, self.connect_timeout)
+        try:
+            stream = await _connect(self.session, self.tls, self.connect_timeout)
+        except _Refusal as exc:
+            if self.user is not None and exc.rejected_certificate:
+                raise _Refusal(502, self._rejected(exc)) from None
+            raise
         self.backend = _Leg(stream, h11.CLIENT, _BackendGone, _BackendGone)
         return self.backend, False
+
+    def _propagate(self) -> None:
+        """Resolve the stream's user (PrincipalError if that fails) and, for ``certificate``
+        propagation, make the backend TLS present the user's certificate."""
+        user = self.session.propagated_user()
+        if self.options.principal_propagation == "certificate":
+            assert self.options.tls is not None
+            self.tls = BackendTls(
+                self.options.tls.context_with(user.certificate),
+                self.options.tls.server_name,
+                self.options.tls.ca_file,
+                True,
+            )
+        self.user = user
+
+    def _rejected(self, cause: Exception) -> str:
+        """Audit and describe a backend refusing the user's certificate."""
+        assert self.user is not None
+        reason = PrincipalReason.BACKEND_REJECTED_CERTIFICATE
+        self.session.audit.denied(
+            "principal_propagation",
+            reason.code,
+            system=self.system,
+            subject=self.user.subject,
+        )
+        log.warning(
+            "backend of %s rejected the certificate of %s: %s",
+            self.system,
+            self.user.subject,
+            cause,
+        )
+        return (
+            f"Principal propagation to system {self.system} failed ({reason.code}): the backend "
+            f"rejected the certificate issued for {self.user.subject}; make it trust the "
+            "connector's principal propagation CA and map that subject to a user"
+        )
 
     async def _relay(self, backend: _Leg) -> None:
         """Move one exchange: the body up in a task of its own, the answer down meanwhile."""
@@ -554,7 +682,7 @@ async def _connect(
             message = f"The certificate of the backend of system {system} is not trusted"
         else:
             message = f"TLS handshake with the backend of system {system} failed"
-        raise _Refusal(502, message) from None
+        raise _Refusal(502, message, rejected_certificate=_is_certificate_rejection(exc)) from None
     return stream
 
 

@@ -147,6 +147,11 @@ def _strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: b
 
 #: Forwarding headers a client could forge to mislead the backend; the connector sets its own.
 _CLIENT_FORWARDING = (
+    # Only the connector may say which certificate a user has (principal propagation): a
+    # client's own SSL_CLIENT_CERT would be believed by a backend that trusts the connector.
+    b"ssl_client_cert",
+    b"ssl-client-cert",
+    b"x-ssl-client-cert",
     b"forwarded",
     b"x-forwarded-for",
     b"x-forwarded-host",
