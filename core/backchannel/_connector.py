@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pluggy
 import trio
+from trio_websocket import ConnectionClosed
 
 from ._access import AccessControl, Denied
 from ._audit import AuditLog
@@ -188,10 +189,19 @@ class Connector:
             try:
                 if await self._connect_once(sub, status, label, ssl_context, proxy, hello):
                     delay = self.config.reconnect_min_delay
+            except* ConnectionClosed as group:
+                # The gateway closed the WebSocket while the tunnel was winding down (a GO_AWAY
+                # racing the close handshake): the tunnel is lost, nothing failed here.
+                closed = _leaf_exceptions(group)[0]
+                assert isinstance(closed, ConnectionClosed)
+                status.last_error = f"the gateway closed the WebSocket ({closed.reason})"
+                log.warning("tunnel %s lost: %s", label, status.last_error)
             except* Exception as group:
                 # Whatever broke this attempt (the WebSocket library's reader task included),
                 # the connector's job is to try again, not to stop.
-                status.last_error = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                status.last_error = "; ".join(
+                    f"{type(e).__name__}: {e}" for e in _leaf_exceptions(group)
+                )
                 log.warning("tunnel %s failed: %s", label, status.last_error)
             self._changed.unpark_all()  # an attempt ended: wait_status callers re-check
             # Full jitter between half and all of the delay: many connectors restarting at
@@ -329,6 +339,18 @@ class Connector:
         except StreamError as exc:
             log.info("stream to %s (%s) refused: %s", target, sub.name, exc)
             await stream.reset(exc.code, exc.reason)
+
+
+def _leaf_exceptions(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    """The exceptions inside ``group`` and its nested groups, for a message that says what
+    actually broke (not "Exceptions from Trio nursery")."""
+    leaves: list[Exception] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaf_exceptions(exc))
+        else:
+            leaves.append(exc)
+    return leaves
 
 
 def _on_control_document(
