@@ -29,8 +29,11 @@ import pytest
 import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type information
+from signxml.signer import XMLSigner
 
 from backchannel import (
     Connector,
@@ -187,6 +190,21 @@ async def setup(tmp_path: Path, pki: Pki, nginx: Nginx, idp: Idp) -> AsyncIterat
     tls = tls_material(tmp_path / "tls")
     gateway_audit, connector_audit = tmp_path / "gateway.jsonl", tmp_path / "connector.jsonl"
     document = gateway_document(tls, gateway_audit, socks=False)
+    # The same IdP also signs SAML assertions, with a certificate for the same key.
+    idp_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-idp saml signing")])
+    now = datetime.datetime.now(datetime.UTC)
+    saml_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(idp_name)
+        .issuer_name(idp_name)
+        .public_key(idp.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(idp.key, hashes.SHA256())
+    )
+    saml_pem = tmp_path / "idp-saml.pem"
+    saml_pem.write_bytes(saml_certificate.public_bytes(serialization.Encoding.PEM))
     document["subaccounts"]["acme"]["identity_providers"] = [
         {
             "name": "test-idp",
@@ -194,6 +212,7 @@ async def setup(tmp_path: Path, pki: Pki, nginx: Nginx, idp: Idp) -> AsyncIterat
             "audiences": [AUDIENCE],
             "public_key_file": str(idp.public_pem),
             "kid": "k1",
+            "saml_certificate_file": str(saml_pem),
         }
     ]
     document["plugins"]["http"] = {"proxy_listen": "127.0.0.1:0"}
@@ -339,3 +358,64 @@ async def test_forged_and_missing_tokens(setup: Setup, idp: Idp, tmp_path: Path)
     unsigned = jwt.encode(claims, None, "none")  # type: ignore[arg-type]
     status, _, body = await get(setup, "http://erp.virtual:443/x", unsigned)
     assert (status, "(unsigned_token)" in body) == (401, True)
+
+
+def saml_assertion(key: ec.EllipticCurvePrivateKey, name_id: str) -> str:
+    """A SAML 2.0 assertion for ``name_id`` signed (ECDSA-SHA256) by the test IdP, base64."""
+
+    def when(offset: float) -> str:
+        moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=offset)
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    saml = "urn:oasis:names:tc:SAML:2.0:assertion"
+    xml = (
+        f'<saml2:Assertion xmlns:saml2="{saml}" ID="_e2e" Version="2.0" IssueInstant="{when(0)}">'
+        f"<saml2:Issuer>{ISSUER}</saml2:Issuer>"
+        '<ds:Signature xmlns:ds="http://www.w3.org/2000/09/xmldsig#" Id="placeholder"/>'
+        f"<saml2:Subject><saml2:NameID>{name_id}</saml2:NameID>"
+        '<saml2:SubjectConfirmation Method="urn:oasis:names:tc:SAML:2.0:cm:bearer">'
+        f'<saml2:SubjectConfirmationData NotOnOrAfter="{when(300)}"/>'
+        "</saml2:SubjectConfirmation></saml2:Subject>"
+        f'<saml2:Conditions NotBefore="{when(-60)}" NotOnOrAfter="{when(300)}">'
+        f"<saml2:AudienceRestriction><saml2:Audience>{AUDIENCE}</saml2:Audience>"
+        "</saml2:AudienceRestriction></saml2:Conditions>"
+        "</saml2:Assertion>"
+    )
+    signer = XMLSigner(
+        signature_algorithm="ecdsa-sha256",
+        digest_algorithm="sha256",
+        c14n_algorithm="http://www.w3.org/2001/10/xml-exc-c14n#",
+    )
+    signed = signer.sign(etree.fromstring(xml), key=key, id_attribute="ID")
+    return base64.b64encode(etree.tostring(signed)).decode("ascii")
+
+
+async def test_saml_assertion_propagates_the_user(setup: Setup, idp: Idp) -> None:
+    """``SAP-Connectivity-Authentication: SAML2.0 <base64 assertion>``: the connector verifies
+    the assertion with the IdP's SAML signing certificate and the backend sees alice."""
+    assertion = saml_assertion(idp.key, "alice")
+    stream = await trio.open_tcp_stream("127.0.0.1", setup.proxy_port)
+    conn = h11.Connection(h11.CLIENT)
+    credentials = base64.b64encode(f"acme/crm:{APP_SECRET}".encode()).decode()
+    headers = [
+        ("Host", "erp.virtual:443"),
+        ("Proxy-Authorization", f"Basic {credentials}"),
+        ("SAP-Connectivity-Authentication", f"SAML2.0 {assertion}"),
+    ]
+    request = h11.Request(method="GET", target="http://erp.virtual:443/x", headers=headers)
+    status, body = 0, b""
+    with trio.fail_after(20):
+        async with stream:
+            await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+    assert (status, body.decode()) == (200, "user=ALICE\n")
+    assert assertion not in setup.connector_audit.read_text()

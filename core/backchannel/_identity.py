@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._configutil import Secret, TableReader
-from ._jwt_trust import TrustedIdp, TrustList, validate_jwt
+from ._jwt_trust import TrustedIdp, TrustList, load_saml_certificates, validate_jwt
 from ._principal_errors import PrincipalError, PrincipalReason
+from ._saml_trust import validate_saml
 from ._subject_rules import Condition, Operator, SubjectRule, SubjectRules
 from ._user_ca import (
     UnusableCAError,
@@ -128,7 +129,10 @@ def read_identity_providers(sub: TableReader) -> TrustList:
 
     Each has ``name``, ``issuer`` (the tokens' ``iss``, exactly), ``audiences`` (``aud``
     values meant for the connector) and its signing keys: ``jwks_file`` (a JWKS document) or
-    ``public_key_file`` (a PEM public key or certificate, with an optional ``kid``).
+    ``public_key_file`` (a PEM public key or certificate, with an optional ``kid``) for its
+    JWTs, and/or ``saml_certificate_file`` (PEM, one or more signing certificates) for its SAML
+    assertions, whose ``Issuer`` and ``Audience`` are matched against ``issuer`` and
+    ``audiences`` too.
     """
     idps = []
     names: set[str] = set()
@@ -142,16 +146,29 @@ def read_identity_providers(sub: TableReader) -> TrustList:
         jwks = entry.path("jwks_file")
         pem = entry.path("public_key_file")
         kid = entry.optional_string("kid")
+        saml = entry.path("saml_certificate_file")
         try:
-            if (jwks is None) == (pem is None):
-                raise entry.error("jwks_file", "set exactly one of jwks_file or public_key_file")
+            if jwks is not None and pem is not None:
+                raise entry.error("jwks_file", "set only one of jwks_file or public_key_file")
+            if jwks is None and pem is None and saml is None:
+                raise entry.error(
+                    "jwks_file",
+                    "set jwks_file or public_key_file (JWTs), saml_certificate_file (SAML "
+                    "assertions), or both",
+                )
+            certificates = () if saml is None else load_saml_certificates(name, saml.read_bytes())
+            jwt_idp: TrustedIdp | None = None
             if jwks is not None:
-                idp = TrustedIdp.from_jwks(
+                jwt_idp = TrustedIdp.from_jwks(
                     name, issuer, jwks.read_text(encoding="utf-8"), audiences
                 )
-            else:
-                assert pem is not None
-                idp = TrustedIdp.from_pem(name, issuer, pem.read_bytes(), audiences, kid)
+            elif pem is not None:
+                jwt_idp = TrustedIdp.from_pem(name, issuer, pem.read_bytes(), audiences, kid)
+            idp = (
+                TrustedIdp(name, issuer, (), tuple(audiences), saml_certificates=certificates)
+                if jwt_idp is None
+                else replace(jwt_idp, saml_certificates=certificates)
+            )
         except (ValueError, OSError) as exc:
             raise entry.error("issuer", f"identity provider {name!r}: {exc}") from None
         entry.finish()
@@ -240,24 +257,28 @@ class PrincipalResolver:
                 "token=... (RFC)",
             )
         scheme, _, token = principal.partition(" ")
-        if scheme.lower() == "saml2.0":
-            raise PrincipalError(
-                PrincipalReason.SAML_BAD_SIGNATURE,
-                "SAML assertions are not accepted yet: send the user's JWT (Bearer) instead",
-            )
-        if scheme.lower() != "bearer" or not token:
-            raise PrincipalError(
-                PrincipalReason.MALFORMED_TOKEN,
-                "the user's token must be 'Bearer <JWT>'",
-            )
         trust = self.trust_for(session.subaccount)
-        claims = validate_jwt(
-            token.strip(),
-            trust,
-            now=self.clock(),
-            leeway=self.config.token_leeway,
-            required_audience=self.config.audience,
-        )
+        if scheme.lower() == "saml2.0":
+            claims = validate_saml(
+                token.strip(),
+                trust,
+                now=self.clock(),
+                leeway=self.config.token_leeway,
+                required_audience=self.config.audience,
+            )
+        else:
+            if scheme.lower() != "bearer" or not token:
+                raise PrincipalError(
+                    PrincipalReason.MALFORMED_TOKEN,
+                    "the user's token must be 'Bearer <JWT>' or 'SAML2.0 <base64 assertion>'",
+                )
+            claims = validate_jwt(
+                token.strip(),
+                trust,
+                now=self.clock(),
+                leeway=self.config.token_leeway,
+                required_audience=self.config.audience,
+            )
         subject = self.config.subject_rules.subject_for(claims)
         idp = trust.get(str(claims.get("iss", "")))
         certificate = self.cache.get(subject.name)

@@ -25,6 +25,10 @@ Practices"):
 :class:`TrustList` travels from the gateway to the connector as JSON (:meth:`TrustList.to_wire`,
 :meth:`TrustList.from_wire`), keys as public JWKs; what arrives is checked for types and sizes,
 and private or symmetric keys are refused.
+
+An IdP may also carry SAML signing certificates (:attr:`TrustedIdp.saml_certificates`, PEM),
+which ``_saml_trust.py`` verifies SAML 2.0 assertions with; an IdP needs JWT keys, SAML
+certificates, or both.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn, TypeAlias
 
@@ -75,6 +79,9 @@ MAX_WIRE_AUDIENCES: Final = 32
 MAX_WIRE_TEXT: Final = 1024
 MAX_WIRE_JWK_MEMBER: Final = 2048
 WIRE_VERSION: Final = 1
+#: Bounds on an IdP's SAML signing certificates (two cover a key rollover; PEM text each).
+MAX_SAML_CERTIFICATES: Final = 4
+MAX_SAML_CERTIFICATE_PEM: Final = 8 * 1024
 
 _JWK_CURVES: Final[Mapping[str, ec.EllipticCurve]] = {
     "P-256": ec.SECP256R1(),
@@ -278,6 +285,11 @@ class TrustedIdp:
     slashes). A token must name one of ``audiences`` in its ``aud``. With ``trusted=False`` the
     IdP stays known (SAP Cloud Connector lists every IdP of the subaccount and lets the operator
     tick the trusted ones) but its tokens are refused with ``IDP_NOT_TRUSTED``.
+
+    ``keys`` verify its JWTs, ``saml_certificates`` (PEM text, one X.509 certificate each, at
+    most :data:`MAX_SAML_CERTIFICATES`) its SAML assertions; either may be empty, not both. A
+    SAML assertion's ``Issuer`` is matched against ``issuer`` and its ``Audience`` against
+    ``audiences`` just as a JWT's ``iss`` and ``aud``.
     """
 
     name: str
@@ -285,6 +297,10 @@ class TrustedIdp:
     keys: tuple[IdpKey, ...]
     audiences: tuple[str, ...]
     trusted: bool = True
+    saml_certificates: tuple[str, ...] = ()
+    _saml_x509: tuple[x509.Certificate, ...] = field(
+        init=False, repr=False, compare=False, default=()
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -293,8 +309,18 @@ class TrustedIdp:
             raise ValueError(f"identity provider {self.name!r} needs an issuer")
         object.__setattr__(self, "keys", tuple(self.keys))
         object.__setattr__(self, "audiences", tuple(self.audiences))
-        if not self.keys:
-            raise ValueError(f"identity provider {self.name!r} has no signing keys")
+        certificates = _saml_certificates(self.name, self.saml_certificates)
+        object.__setattr__(self, "_saml_x509", certificates)
+        object.__setattr__(
+            self,
+            "saml_certificates",
+            tuple(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certificates),
+        )
+        if not self.keys and not self.saml_certificates:
+            raise ValueError(
+                f"identity provider {self.name!r} has no signing keys: give its JWT keys "
+                "(JWKS or public key), its SAML signing certificate, or both"
+            )
         for key in self.keys:
             if not isinstance(key, IdpKey):
                 raise ValueError(f"identity provider {self.name!r}: keys must be IdpKey objects")
@@ -370,14 +396,80 @@ class TrustedIdp:
         )
 
     def to_wire(self) -> dict[str, Any]:
-        """This IdP as a JSON-safe dict (keys as public JWKs)."""
-        return {
+        """This IdP as a JSON-safe dict (keys as public JWKs, SAML certificates as PEM)."""
+        wire: dict[str, Any] = {
             "name": self.name,
             "issuer": self.issuer,
             "audiences": list(self.audiences),
             "trusted": self.trusted,
             "keys": [key.to_jwk() for key in self.keys],
         }
+        if self.saml_certificates:  # only when set: earlier connectors refuse unknown members
+            wire["saml_certificates"] = list(self.saml_certificates)
+        return wire
+
+    @property
+    def saml_signing_certificates(self) -> tuple[x509.Certificate, ...]:
+        """The parsed :attr:`saml_certificates`, in order."""
+        return self._saml_x509
+
+
+def load_saml_certificates(name: str, pem: bytes) -> tuple[str, ...]:
+    """The certificates of a PEM file (one or more ``CERTIFICATE`` blocks) as PEM texts for
+    :attr:`TrustedIdp.saml_certificates`; ValueError for a private key or a file without any."""
+    if b"PRIVATE KEY-----" in pem:
+        raise ValueError(
+            f"the SAML certificate file given for {name!r} holds a private key: give the IdP's "
+            "signing certificate only"
+        )
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise ValueError(
+            f"the SAML certificate file given for {name!r} holds no usable PEM certificate: {exc}"
+        ) from None
+    return tuple(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certificates)
+
+
+def _saml_certificates(name: str, pems: object) -> tuple[x509.Certificate, ...]:
+    """Parse and check an IdP's SAML signing certificates: RSA (2048-8192 bits) or EC
+    P-256/384/521 keys, the ones the accepted XML signature algorithms use. The validity dates
+    are checked when an assertion is verified (against its ``now``), not here."""
+    if isinstance(pems, str) or not isinstance(pems, tuple | list):
+        raise ValueError(f"identity provider {name!r}: saml_certificates must be a tuple of PEM")
+    if len(pems) > MAX_SAML_CERTIFICATES:
+        raise ValueError(
+            f"identity provider {name!r} has {len(pems)} SAML signing certificates; at most "
+            f"{MAX_SAML_CERTIFICATES} are accepted"
+        )
+    parsed = []
+    for index, pem in enumerate(pems):
+        where = f"identity provider {name!r}: SAML certificate {index + 1}"
+        if not isinstance(pem, str) or not pem.strip():
+            raise ValueError(f"{where} is not PEM text")
+        if len(pem) > MAX_SAML_CERTIFICATE_PEM:
+            raise ValueError(
+                f"{where} is {len(pem)} characters long; at most {MAX_SAML_CERTIFICATE_PEM} "
+                "are accepted"
+            )
+        if "PRIVATE KEY-----" in pem or pem.count("-----BEGIN ") != 1:
+            raise ValueError(f"{where} must be exactly one PEM CERTIFICATE block")
+        try:
+            certificate = x509.load_pem_x509_certificate(pem.encode("ascii"))
+            key = certificate.public_key()
+        except (ValueError, UnicodeError) as exc:
+            raise ValueError(f"{where} is not an X.509 certificate: {exc}") from None
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError(
+                f"{where} holds a {type(key).__name__}; SAML signatures are accepted with RSA "
+                "or EC keys only"
+            )
+        try:
+            IdpKey(key)  # the same key size and curve rules as for JWT keys
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        parsed.append(certificate)
+    return tuple(parsed)
 
 
 def _load_pem(name: str, pem: bytes) -> PublicKey:
@@ -496,7 +588,7 @@ def _text(value: object, where: str, limit: int = MAX_WIRE_TEXT) -> str:
 def _idp_from_wire(item: object, where: str) -> TrustedIdp:
     if not isinstance(item, Mapping):
         raise ValueError(f"{where}: expected an object")
-    _only(item, {"name", "issuer", "audiences", "trusted", "keys"}, where)
+    _only(item, {"name", "issuer", "audiences", "trusted", "keys", "saml_certificates"}, where)
     name = _text(item.get("name"), f"{where}.name")
     issuer = _text(item.get("issuer"), f"{where}.issuer")
     audiences = tuple(
@@ -523,8 +615,18 @@ def _idp_from_wire(item: object, where: str) -> TrustedIdp:
             keys.append(IdpKey.from_jwk(jwk))
         except ValueError as exc:
             raise ValueError(f"{key_where}: {exc}") from None
+    certificates = tuple(
+        _text(pem, f"{where}.saml_certificates[{i}]", MAX_SAML_CERTIFICATE_PEM)
+        for i, pem in enumerate(
+            _list(
+                item.get("saml_certificates", []),
+                f"{where}.saml_certificates",
+                MAX_SAML_CERTIFICATES,
+            )
+        )
+    )
     try:
-        return TrustedIdp(name, issuer, tuple(keys), audiences, trusted)
+        return TrustedIdp(name, issuer, tuple(keys), audiences, trusted, certificates)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
@@ -577,6 +679,13 @@ def _segment_json(segment: str, part: str) -> dict[str, Any]:
 
 
 def _select_key(idp: TrustedIdp, kid: str | None, details: dict[str, str]) -> IdpKey:
+    if not idp.keys:
+        _refuse(
+            PrincipalReason.UNKNOWN_KEY,
+            f"identity provider {idp.name!r} has no JWT signing keys (only SAML signing "
+            "certificates): give it a jwks_file or public_key_file to accept its JWTs",
+            **details,
+        )
     if kid is not None:
         for key in idp.keys:
             if key.kid == kid:
