@@ -8,7 +8,6 @@ that will also run against the tunnel and against a real system.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import json
 import queue
@@ -41,6 +40,7 @@ from backchannel_rfc._stub_protocol import (
 )
 from backchannel_rfc._stub_server import StubSession, serve_stub
 from backchannel_rfc._system import AbapSystem, Session
+from tests.rfc_harness import DEMO_NOW, LogonCA
 
 HOST = "127.0.0.1"
 
@@ -110,33 +110,6 @@ def assert_same(conn: Connection, name: str, **kwargs: Any) -> dict[str, Any]:
     over_wire = conn.call(name, **kwargs)
     assert over_wire == direct(system, session, name, **kwargs)
     return over_wire
-
-
-def _certificate(common_name: str) -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-    when = datetime.datetime(2026, 1, 1)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(when)
-        .not_valid_after(when + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
 
 
 # -- bytes: the codec and the server's sans-IO session ----------------------------------------
@@ -218,15 +191,26 @@ def test_wrong_password(stub: StubThread) -> None:
     assert ex.value.message == "Name or password is incorrect (repeat logon)"
 
 
-def test_certificate_logon(stub: StubThread) -> None:
-    p = params(stub, x509cert=_certificate("alice"))
-    del p["user"], p["passwd"]
-    with Connection(**p) as conn:
-        assert conn.get_connection_attributes()["user"] == "ALICE"
-        assert assert_alice(conn)
-    p["x509cert"] = _certificate("mallory")
-    with pytest.raises(LogonError):
-        Connection(**p)
+def test_certificate_logon() -> None:
+    ca = LogonCA.create(at=DEMO_NOW)
+    system = demo_system()
+    system.trust_certificate_authority(ca.certificate)
+    server = StubThread(system)
+    try:
+        p = params(server, x509cert=ca.issue("alice", at=DEMO_NOW))
+        del p["user"], p["passwd"]
+        with Connection(**p) as conn:
+            assert conn.get_connection_attributes()["user"] == "ALICE"
+            assert assert_alice(conn)
+        for refused in (
+            ca.issue("mallory", at=DEMO_NOW),  # trusted, but mapped to nobody
+            LogonCA.create("other", at=DEMO_NOW).issue("alice", at=DEMO_NOW),  # not trusted
+        ):
+            p["x509cert"] = refused
+            with pytest.raises(LogonError):
+                Connection(**p)
+    finally:
+        server.stop()
 
 
 def assert_alice(conn: Connection) -> bool:

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,9 +21,11 @@ from backchannel_rfc._errors import (
     LogonError,
     RFCLibError,
     from_wire,
+    logon_failure,
     to_wire,
 )
 from backchannel_rfc._system import AbapSystem, Session
+from tests.rfc_harness import DEMO_NOW, LogonCA
 
 
 @pytest.fixture
@@ -57,44 +60,63 @@ def test_unknown_function_and_parameter(system: AbapSystem, session: Session) ->
 
 
 def test_logon_by_password_and_certificate(system: AbapSystem) -> None:
-    import base64
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "alice"),
-        ]
-    )
-    when = datetime.datetime(2026, 1, 1)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(when)
-        .not_valid_after(when + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    der = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
-    assert system.logon("100", x509cert=der).user == "ALICE"
+    ca = LogonCA.create(at=DEMO_NOW)
+    system.trust_certificate_authority(ca.certificate)
+    assert system.logon("100", x509cert=ca.issue("alice", at=DEMO_NOW)).user == "ALICE"
     assert system.logon("100", user="Demo", passwd="welcome").user == "DEMO"
     for kwargs in (
         {"user": "demo", "passwd": "bad"},
         {"user": "ghost", "passwd": "x"},
         {"x509cert": "bm90IGRlcg=="},
+        {"x509cert": ca.issue("mallory", at=DEMO_NOW)},  # trusted, but mapped to nobody
     ):
         with pytest.raises(LogonError) as ex:
             system.logon("100", **kwargs)
         assert (ex.value.code, ex.value.key) == (2, "RFC_LOGON_FAILURE")
     with pytest.raises(LogonError):
         system.logon("999", user="demo", passwd="welcome")
+
+
+def test_certificate_logon_checks_the_certificate_as_strust_does() -> None:
+    """Only a certificate a trusted CA signed, valid at the system's time and fit for client
+    authentication logs on; every refusal reads exactly like a wrong password."""
+    ca = LogonCA.create(at=DEMO_NOW)
+    other = LogonCA.create("other CA", at=DEMO_NOW)
+    untrusted = demo_system()
+    assert untrusted.trusted_cas == []
+    with pytest.raises(LogonError):
+        untrusted.logon("100", x509cert=ca.issue("alice", at=DEMO_NOW))
+
+    system = demo_system()
+    system.trust_certificate_authority(ca.pem)  # PEM text, as exported from a CA
+    good = [
+        ca.issue("alice", at=DEMO_NOW),
+        ca.issue("alice", at=DEMO_NOW, usage=None),  # no extended key usage: any use
+        ca.issue(
+            "alice",
+            at=DEMO_NOW,
+            usage=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        ),
+    ]
+    for x509cert in good:
+        assert system.logon("100", x509cert=x509cert).user == "ALICE"
+    day = datetime.timedelta(days=1)
+    bad = {
+        "another CA's": other.issue("alice", at=DEMO_NOW),
+        "forged": ca.issue("alice", at=DEMO_NOW, signer=other.key),
+        "expired": ca.issue("alice", at=DEMO_NOW, valid_from=-3 * day, valid_to=-2 * day),
+        "not yet valid": ca.issue("alice", at=DEMO_NOW, valid_from=2 * day, valid_to=3 * day),
+        "server only": ca.issue("alice", at=DEMO_NOW, usage=[ExtendedKeyUsageOID.SERVER_AUTH]),
+    }
+    for why, x509cert in bad.items():
+        with pytest.raises(LogonError) as ex:
+            system.logon("100", x509cert=x509cert)
+        assert str(ex.value) == str(logon_failure()), why
+    # The CA's own validity counts too: one that expired before the system's now is useless.
+    expired_ca = LogonCA.create("old CA", at=DEMO_NOW - datetime.timedelta(days=800))
+    system.trust_certificate_authority(expired_ca.certificate)
+    with pytest.raises(LogonError):
+        system.logon("100", x509cert=expired_ca.issue("alice", at=DEMO_NOW))
 
 
 def test_ping_and_stfc_connection(system: AbapSystem, session: Session) -> None:

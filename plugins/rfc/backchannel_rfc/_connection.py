@@ -8,6 +8,12 @@ Addressing: ``ashost`` plus the gateway port, which is ``port`` if given (an ext
 may listen anywhere, e.g. on port 0 in tests), else ``gwserv`` (a number or ``sapgwNN``), else
 ``33NN`` for ``sysnr`` NN.  Load balancing, SAProuter and SNC parameters (``mshost``, ``msserv``,
 ``sysid``, ``group``, ``saprouter``, ``snc_*``) and ``dest`` are accepted and ignored.
+
+Through a backchannel gateway (``gateway``, an extension like the other parameters of
+:data:`BACKCHANNEL_PARAMETERS`) the connection also carries a ``route`` for the gateway: the
+app's credentials, the destination or virtual system and, for principal propagation, the cloud
+user's ``token`` (a JWT). The route goes to the gateway only: a direct connection to an ABAP
+system never sends any of it.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ BACKCHANNEL_PARAMETERS = {
     "app_secret": "BACKCHANNEL_RFC_APP_SECRET",
     "app_token": "BACKCHANNEL_RFC_APP_TOKEN",
     "location_id": "BACKCHANNEL_RFC_LOCATION_ID",
+    "token": "BACKCHANNEL_RFC_TOKEN",
 }
 #: Through a gateway the connector enforces a call's timeout and answers RFC_CANCELED; the
 #: client waits this much longer before cancelling on its own.
@@ -381,7 +388,7 @@ class Connection:
         route = {
             k: v
             for k, v in self._backchannel.items()
-            if k in ("app", "app_secret", "app_token", "location_id")
+            if k in ("app", "app_secret", "app_token", "location_id", "token")
         }
         for key in ("dest", "ashost", "sysnr", "gwserv"):
             if key in self._params:

@@ -14,6 +14,12 @@ password_file = "erp-password.txt"       # or password_env / password
 lang = "EN"
 ```
 
+``authentication = "PrincipalPropagation"`` logs the cloud user on as themselves: the app
+passes the user's token (``token=<JWT>``, or the ``SAP-Connectivity-Authentication`` header
+of the JSON endpoint), the connector turns it into a short-lived certificate (the ``rfc``
+mapping needs ``principal_propagation = true``), and the logon carries no user or password;
+any the app passes are dropped. Without a token the gateway refuses before opening a stream.
+
 A destination is visible only to apps of its own subaccount; any other app gets the same
 "no destination" error as for a name that does not exist, so names cannot be probed across
 tenants.
@@ -27,7 +33,11 @@ from dataclasses import dataclass
 
 from backchannel import GatewayServices, HostPort, Secret, TableReader, is_valid_location_id
 
-AUTHENTICATIONS = ("BasicAuthentication", "NoAuthentication")
+BASIC = "BasicAuthentication"
+NO_AUTHENTICATION = "NoAuthentication"
+PRINCIPAL_PROPAGATION = "PrincipalPropagation"
+AUTHENTICATIONS = (BASIC, NO_AUTHENTICATION, PRINCIPAL_PROPAGATION)
+_CREDENTIAL_KEYS = ("user", "password", "password_file", "password_env")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SYSNR = re.compile(r"[0-9]{2}")
 _CLIENT = re.compile(r"[0-9]{3}")
@@ -57,21 +67,29 @@ class RfcDestination:
     target: HostPort
     client: str
     location: str = ""
-    authentication: str = "NoAuthentication"
+    authentication: str = NO_AUTHENTICATION
     user: str | None = None
     password: Secret | None = None
     lang: str = ""
+
+    @property
+    def principal_propagation(self) -> bool:
+        """Whether the cloud user's token logs on (``authentication = "PrincipalPropagation"``)."""
+        return self.authentication == PRINCIPAL_PROPAGATION
 
     def logon(self, given: Mapping[str, str]) -> dict[str, str]:
         """The logon parameters: the destination's client and language unless the application
         passed its own, and either the application's own credentials (any of ``user``,
         ``passwd``, ``x509cert`` given) or, only when it passed none, the destination's user and
-        password. The destination's password is never tried for another user."""
+        password. The destination's password is never tried for another user. With principal
+        propagation there are no credentials at all: the connector logs the user on."""
         logon = {"client": self.client}
         if self.lang:
             logon["lang"] = self.lang
         own = {key: given[key] for key in ("user", "passwd", "x509cert") if key in given}
-        if own:
+        if self.principal_propagation:
+            pass  # the connector logs the user on with their certificate
+        elif own:
             logon.update(own)
         elif self.user is not None and self.password is not None:
             logon["user"] = self.user
@@ -129,16 +147,16 @@ def read_destinations(table: TableReader, services: GatewayServices) -> RfcDesti
                 "location", f"location id {location!r}: up to 64 letters, digits, '.', '_' or '-'"
             )
         lang = entry.string("lang", "")
-        authentication = entry.string("authentication", "NoAuthentication")
+        authentication = entry.string("authentication", NO_AUTHENTICATION)
         user: str | None = None
         password: Secret | None = None
-        if authentication == "BasicAuthentication":
+        if authentication == BASIC:
             user = entry.string("user", required=True)
             password = entry.secret("password")
-        elif authentication == "NoAuthentication":
-            for key in ("user", "password", "password_file", "password_env"):
+        elif authentication in (NO_AUTHENTICATION, PRINCIPAL_PROPAGATION):
+            for key in _CREDENTIAL_KEYS:
                 if key in entry:
-                    raise entry.error(key, "is only used with authentication = BasicAuthentication")
+                    raise entry.error(key, f"is only used with authentication = {BASIC}")
         else:
             raise entry.error("authentication", f"must be one of {', '.join(AUTHENTICATIONS)}")
         entry.finish()

@@ -201,6 +201,30 @@ def logon_failure() -> LogonError:
     )
 
 
+#: How the connector's refusal to log a cloud user on by principal propagation begins:
+#: ``principal propagation (<reason code>): <what to fix>``.
+PRINCIPAL_REFUSAL = "principal propagation ("
+
+
+def principal_refusal(reason: str, message: str) -> LogonError:
+    """The connector could not log the cloud user on as themselves (``reason`` is the
+    PrincipalError's code, such as ``expired``); the message never holds the token."""
+    return library_error(
+        LogonError, f"principal propagation ({reason}): {message}", 2, "RFC_LOGON_FAILURE"
+    )
+
+
+def principal_refusal_reason(exc: BaseException) -> str | None:
+    """The reason code of a :func:`principal_refusal`, or None for any other exception."""
+    message = getattr(exc, "message", None)
+    if not isinstance(exc, LogonError) or not isinstance(message, str):
+        return None
+    if not message.startswith(PRINCIPAL_REFUSAL):
+        return None
+    reason, closing, _ = message[len(PRINCIPAL_REFUSAL) :].partition("):")
+    return reason if closing else None
+
+
 def abap_exception(key: str, message: str | None = None) -> ABAPApplicationError:
     """A classic ABAP exception (RAISE key) of a function module."""
     return ABAPApplicationError(message or key, 5, key, "", "", "", "", "", "", "")

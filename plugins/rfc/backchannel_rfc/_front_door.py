@@ -1,10 +1,12 @@
 """Gateway side: the RFC front door, where cloud applications' pyrfc-compatible clients connect.
 
 The client speaks the stub protocol, with one addition: its ``logon`` carries a ``route``
-object (app credentials, and a destination name or the virtual ``ashost`` / ``sysnr`` with a
-location id). The front door authenticates the app, resolves the route, opens an ``rfc``
-stream through the subaccount's tunnel, sends the logon on without the route, and from then on
-copies bytes both ways: the connector answers everything, including the logon.
+object (app credentials, a destination name or the virtual ``ashost`` / ``sysnr`` with a
+location id, and for principal propagation the cloud user's ``token``). The front door
+authenticates the app, resolves the route, opens an ``rfc`` stream through the subaccount's
+tunnel (with the user's token as the stream's principal, ``Bearer <JWT>``), sends the logon on
+without the route, and from then on copies bytes both ways: the connector answers everything,
+including the logon.
 
 Listen on the cloud's internal network only, like the HTTP proxy and SOCKS5 front doors: the
 connection carries app secrets and ABAP passwords in clear text.
@@ -25,7 +27,7 @@ from backchannel import GatewayServices, HostPort, TunnelStream, splice_streams
 from ._destinations import RfcDestinations
 from ._errors import RFCLibError, RfcRc, library_error, to_wire
 from ._message_stream import MessageStream
-from ._routing import authenticate_app, open_route, resolve_route
+from ._routing import authenticate_app, open_route, resolve_route, user_principal
 from ._stub_protocol import StubProtocolError, encode_message
 
 log = logging.getLogger("backchannel.rfc")
@@ -126,12 +128,14 @@ class RfcFrontDoor:
             token=text.get("app_token"),
         )
         given = {k: str(logon[k]) for k in _LOGON_KEYS if logon.get(k) not in (None, "")}
+        token = route.get("token")
         resolved = resolve_route(
             self.services,
             self.destinations,
             app,
             {k: text[k] for k in _ROUTE_KEYS if k in text},
             given,
+            principal=user_principal(token if isinstance(token, str) else None),
         )
         log.debug("RFC client %s (%s/%s) to %s", peer, app.subaccount, app.app, resolved.target)
         logon.clear()

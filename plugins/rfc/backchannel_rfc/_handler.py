@@ -6,6 +6,13 @@ function rules before the backend sees it, runs each blocking backend call in a 
 on a pooled connection, and answers with the result or the backend's exception (class, code,
 key and message fields). The internal host never appears in an answer: error texts naming it
 are rewritten to the virtual host.
+
+A mapping with ``principal_propagation = true`` logs each cloud user on as themselves: at logon
+the handler asks the core for the user behind the stream's token
+(:meth:`backchannel.Session.propagated_user`) and logs on to the backend with the short-lived
+certificate issued for them (``x509cert``, base64 DER) instead of any user and password the
+application sent. A refused token is a LogonError ``principal propagation (<reason>): ...``;
+the token itself never reaches an answer, a log or an audit line.
 """
 
 from __future__ import annotations
@@ -20,7 +27,14 @@ from typing import Any, TypeVar
 
 import trio
 
-from backchannel import Session, TableReader, TunnelStream
+from backchannel import (
+    PrincipalError,
+    PrincipalReason,
+    PropagatedUser,
+    Session,
+    TableReader,
+    TunnelStream,
+)
 
 from ._backend import BackendConnection, BackendPool, Lease, close_quietly, is_alive
 from ._descriptions import decode_params, encode_params
@@ -31,6 +45,7 @@ from ._errors import (
     RfcRc,
     communication_failure,
     library_error,
+    principal_refusal,
     to_wire,
 )
 from ._functions import FunctionRule, check_function, read_function_rules, shown_name
@@ -50,6 +65,8 @@ log = logging.getLogger("backchannel.rfc")
 #: the backend connection itself (the backend client's own timeout should have fired first).
 CANCEL_GRACE = 2.0
 _LOGON_KEYS = ("client", "user", "passwd", "lang", "x509cert")
+#: What an application may send that a principal propagation logon does not use.
+_CREDENTIAL_KEYS = ("user", "passwd", "x509cert")
 _T = TypeVar("_T")
 
 
@@ -59,6 +76,8 @@ class RfcMappingOptions:
 
     functions: tuple[FunctionRule, ...]
     call_timeout: float
+    #: Log each cloud user on with the certificate issued for their token (``x509cert``).
+    principal_propagation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +131,16 @@ class RfcHandler:
         )
 
     def parse_mapping_options(self, mapping: TableReader) -> RfcMappingOptions:
-        """``[[...mappings.functions]]`` rules and an optional ``call_timeout``."""
+        """``[[...mappings.functions]]`` rules, an optional ``call_timeout`` and
+        ``principal_propagation`` (default false)."""
         mapping.string("protocol", required=True)
         functions = read_function_rules(mapping)
         call_timeout = mapping.number(
             "call_timeout", self.settings.call_timeout, minimum=0.01, maximum=86400
         )
+        propagation = mapping.boolean("principal_propagation", False)
         mapping.finish()
-        return RfcMappingOptions(functions, call_timeout)
+        return RfcMappingOptions(functions, call_timeout, propagation)
 
     async def aclose(self) -> None:
         """Close the pooled backend connections (called once when the connector stops)."""
@@ -223,6 +244,13 @@ class _RfcConnection:
 
     async def _logon(self, request: dict[str, Any]) -> dict[str, Any]:
         logon = {k: str(request[k]) for k in _LOGON_KEYS if request.get(k) not in (None, "")}
+        propagated: PropagatedUser | None = None
+        ignored = ""
+        if self.options.principal_propagation:
+            propagated = self._propagated_user()
+            ignored = ",".join(k for k in _CREDENTIAL_KEYS if k in logon)
+            logon = {k: logon[k] for k in ("client", "lang") if k in logon}
+            logon["x509cert"] = propagated.certificate.der_base64()
         timeout = self.options.call_timeout
 
         async def lease() -> None:
@@ -241,15 +269,28 @@ class _RfcConnection:
             ) from None
         except _GaveUp:
             raise self._hung_up("logon") from None
+        except Exception as exc:
+            if propagated is not None and _is_logon_error(exc):
+                raise self._certificate_refused(propagated, exc) from None
+            raise
         attributes = await self._backend_call(
             "logon", lambda c: c.get_connection_attributes(), timeout
         )
         self.user = str(attributes.get("user", ""))
+        extra = {}
+        if propagated is not None:
+            extra = {
+                "subject": propagated.subject,
+                "identity_provider": propagated.identity_provider,
+            }
+            if ignored:
+                extra["ignored_credentials"] = ignored
         self.session.audit.allowed(
             "rfc_logon",
             **self._audit_fields(),
             client=str(attributes.get("client", "")),
             user=self.user,
+            **extra,
         )
         return {
             "ok": True,
@@ -259,6 +300,32 @@ class _RfcConnection:
             "user": self.user,
             "language": attributes.get("language", ""),
         }
+
+    def _propagated_user(self) -> PropagatedUser:
+        """The cloud user behind the stream's token (the core validates and audits it)."""
+        try:
+            return self.session.propagated_user()
+        except PrincipalError as exc:
+            raise principal_refusal(exc.code, exc.message) from None
+
+    def _certificate_refused(self, user: PropagatedUser, exc: BaseException) -> RFCLibError:
+        """The backend refused the user's certificate: the operator's to fix, so audited and
+        explained (the backend itself, like a real system, does not say why)."""
+        reason = PrincipalReason.BACKEND_REJECTED_CERTIFICATE
+        backend = getattr(exc, "message", None) or str(exc)
+        message = (
+            f"{self.session.virtual} refused the certificate issued for {user.subject} "
+            f"({backend}): the system must trust the connector's user CA (STRUST) and map "
+            "the subject to a user (certificate mapping, VUSREXTID)"
+        )
+        self.session.audit.denied(
+            "principal_propagation",
+            reason.code,
+            **self._audit_fields(),
+            subject=user.subject,
+            identity_provider=user.identity_provider,
+        )
+        return principal_refusal(reason.code, message)
 
     def _check(self, function: str, action: str) -> str:
         decision = check_function(self.options.functions, function)
@@ -425,6 +492,11 @@ class _RfcConnection:
 
 def _is_pyrfc_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "RFCError" for cls in type(exc).__mro__)
+
+
+def _is_logon_error(exc: BaseException) -> bool:
+    """A LogonError of the stub client or of SAP's pyrfc (a class of its own)."""
+    return any(cls.__name__ == "LogonError" for cls in type(exc).__mro__)
 
 
 def _error(exc: BaseException) -> dict[str, Any]:

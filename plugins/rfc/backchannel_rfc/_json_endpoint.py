@@ -9,9 +9,12 @@ description (``_stub_protocol.description_to_wire``), so that callers can learn 
 A namespaced name is written as it is (``/rfc/ERP//BSL/GET_DATA``) or percent-encoded.
 
 The app authenticates with ``Authorization: Basic base64(subaccount/app:secret)`` or
-``Authorization: Bearer <app token>``; the destination supplies the ABAP logon. Every request
-opens its own ``rfc`` stream through the tunnel and runs logon, describe, call (or only
-describe) and close on it: nothing is pooled or cached between requests.
+``Authorization: Bearer <app token>``; the destination supplies the ABAP logon. For a
+destination with ``authentication = "PrincipalPropagation"`` the app also sends its user's
+token, ``SAP-Connectivity-Authentication: Bearer <JWT>``: it travels to the connector, which
+logs the user on with a certificate of their own. Every request opens its own ``rfc`` stream
+through the tunnel and runs logon, describe, call (or only describe) and close on it: nothing
+is pooled or cached between requests.
 
 Options, as query parameters: ``return_import_params`` and ``rstrip`` (booleans: ``true``,
 ``false``, ``1``, ``0``, or the bare name for true; ``rstrip`` defaults to true, as in pyrfc),
@@ -54,9 +57,13 @@ the problem (``NOT_FOUND``, ``METHOD_NOT_ALLOWED``, ``INVALID_OPTION``, ``MALFOR
 ===  ==========================================================================================
 400  malformed JSON or not an object; an unknown option; TypeError / RFCTypeError (a value of
      the wrong type); ExternalRuntimeError RFC_INVALID_PARAMETER (unknown parameter or field),
-     RFC_CONVERSION_FAILURE, RFC_BUFFER_TOO_SMALL (a value that does not fit)
+     RFC_CONVERSION_FAILURE, RFC_BUFFER_TOO_SMALL (a value that does not fit); two
+     ``SAP-Connectivity-Authentication`` headers, or one that is not ASCII
 401  missing or refused app credentials (LogonError RFC_LOGON_FAILURE; ``WWW-Authenticate``
-     Basic and Bearer)
+     Basic and Bearer); a principal propagation destination called without the user's token
+     (message starting ``gateway:``), or the user's token refused by the connector (message
+     ``principal propagation (<reason>): ...``, such as ``expired``); neither with
+     ``WWW-Authenticate``, as the app's own credentials were fine
 403  ExternalAuthorizationError: the connector denies the system (a stream refused with
      ACCESS_DENIED) or the function module
 404  no such destination for the app's subaccount (the same answer whether the name does not
@@ -72,7 +79,9 @@ the problem (``NOT_FOUND``, ``METHOD_NOT_ALLOWED``, ``INVALID_OPTION``, ``MALFOR
 500  ABAPRuntimeError: a short dump in the ABAP system (the function module failed, as an
      origin server's 500 would); and, with class RFCError and key INTERNAL_ERROR, a failure of
      the gateway itself (logged; no details reach the client)
-502  LogonError of the backend (the destination's user or password is wrong), and any other
+502  LogonError of the backend (the destination's user or password is wrong, or it refused the
+     certificate issued for the user: ``principal propagation (backend_rejected_certificate)``
+     and ``(ca_unusable)`` are the connector's or the backend's to fix), and any other
      CommunicationError or failure between gateway, connector and backend
 503  no connector of the subaccount is connected for the destination's location (a stream
      refused with NOT_CONNECTED)
@@ -120,6 +129,7 @@ from ._call_codec import (
 from ._destinations import RfcDestinations
 from ._errors import (
     CommunicationError,
+    LogonError,
     RFCError,
     RFCLibError,
 )
@@ -130,6 +140,7 @@ from ._json_http import (
     MAX_BODY,
     MAX_HEAD,
     NAME,
+    PRINCIPAL_HEADER,
     RECEIVE_SIZE,
     RESET_STATUS,
     SEND_TIMEOUT,
@@ -149,6 +160,7 @@ from ._json_http import (
     parse_options,
     parse_target,
     refusal_for,
+    user_principal_of,
 )
 from ._message_stream import MessageStream
 from ._routing import RfcRoute, gateway_logon_error, open_route, resolve_route, stream_refusal
@@ -244,12 +256,24 @@ class RfcJsonEndpoint:
         function: str,
         options: CallOptions,
         params: Mapping[str, Any] | None,
+        principal: str | None = None,
     ) -> Any:
         """Call ``function`` with ``params`` through ``destination`` (describe it if None):
-        the JSON answer, or HttpRefusal."""
+        the JSON answer, or HttpRefusal. ``principal`` is the user's token for principal
+        propagation (``Bearer <JWT>``)."""
         try:
-            route = resolve_route(self.services, self.destinations, app, {"dest": destination}, {})
-        except RFCLibError as exc:  # for a destination name, the one refusal: it is not there
+            route = resolve_route(
+                self.services,
+                self.destinations,
+                app,
+                {"dest": destination},
+                {},
+                principal=principal,
+                missing_principal_hint=f"send {PRINCIPAL_HEADER}: Bearer <the user's JWT>",
+            )
+        except LogonError as exc:  # a principal propagation destination, and no user token
+            raise refusal_for(exc, 401) from None
+        except RFCLibError as exc:  # otherwise the one refusal for a name: it is not there
             raise refusal_for(exc, 404) from None
         timeout = options.timeout
         with trio.move_on_after(math.inf if timeout is None else timeout + TIMEOUT_MARGIN):
@@ -471,15 +495,17 @@ class _HttpConnection:
             raise gateway_refusal(405, "METHOD_NOT_ALLOWED", message, (("Allow", ALLOW),))
         options = parse_options(query, call_timeout=endpoint.call_timeout)
         app = endpoint.authenticate(request, self._peer)
+        principal = user_principal_of(request)
         if request.method == b"GET":
             await self._read_body(request, deadline)  # ignored, but bounded all the same
-            return await endpoint.invoke(app, destination, function, options, None)
+            return await endpoint.invoke(app, destination, function, options, None, principal)
         types = [value for name, value in request.headers if name == b"content-type"]
         if not (len(types) == 1 and is_json(types[0])) and not declares_no_body(request):
             message = "send the parameters as Content-Type: application/json"
             raise gateway_refusal(415, "UNSUPPORTED_MEDIA_TYPE", message)
         body = await self._read_body(request, deadline)
-        return await endpoint.invoke(app, destination, function, options, parse_body(body))
+        params = parse_body(body)
+        return await endpoint.invoke(app, destination, function, options, params, principal)
 
     async def _refuse(self, refusal: HttpRefusal) -> bool:
         """Answer with an error; whether the connection takes another request."""

@@ -20,6 +20,7 @@ import h11
 
 from backchannel import (
     AuthenticationError,
+    PrincipalReason,
     ResetCode,
 )
 
@@ -36,6 +37,7 @@ from ._errors import (
     RfcRc,
     RFCTypeError,
     library_error,
+    principal_refusal_reason,
     to_wire,
 )
 from ._functions import MAX_NAME_LENGTH, canonical_name
@@ -95,6 +97,17 @@ _JSON_TYPES = {
     list: "array",
 }
 _FRAMING = (b"content-length", b"transfer-encoding")
+#: The header that carries the cloud user's token for principal propagation, as in SAP BTP.
+PRINCIPAL_HEADER = "SAP-Connectivity-Authentication"
+#: Principal propagation refusals that the caller cannot fix with a fresh token: the
+#: connector's CA, or the backend's trust in it (answered 502, not 401).
+_NOT_THE_USERS = frozenset(
+    {
+        PrincipalReason.CA_UNUSABLE.code,
+        PrincipalReason.BACKEND_NOT_MUTUAL.code,
+        PrincipalReason.BACKEND_REJECTED_CERTIFICATE.code,
+    }
+)
 #: The blank line that ends a request head (h11 accepts bare LF line ends too).
 HEAD_END = re.compile(rb"\n\r?\n")
 _HEADER_UNSAFE = re.compile(r"[^\x21-\x7e]")
@@ -167,6 +180,9 @@ def status_for(exc: BaseException) -> int:
         return 404 if exc.key == "FU_NOT_FOUND" else 422
     if isinstance(exc, ABAPRuntimeError):
         return 500
+    reason = principal_refusal_reason(exc)
+    if reason is not None and reason not in _NOT_THE_USERS:
+        return 401  # the user's token was refused: a fresh one may do
     return 502
 
 
@@ -335,6 +351,23 @@ def credentials_of(request: h11.Request) -> tuple[str, str] | str:
             raise AuthenticationError("malformed Bearer token")
         return credentials.decode("ascii")
     raise AuthenticationError("unsupported authorization scheme: use Basic or Bearer")
+
+
+def user_principal_of(request: h11.Request) -> str | None:
+    """The cloud user's token, ``SAP-Connectivity-Authentication: Bearer <JWT>``, as it goes to
+    the connector (which checks scheme and token); None without the header. HttpRefusal 400 if
+    it is given twice or is not ASCII."""
+    name = PRINCIPAL_HEADER.lower().encode("ascii")
+    values = [value.strip() for key, value in request.headers if key == name]
+    if len(values) > 1:
+        message = f"more than one {PRINCIPAL_HEADER} header"
+        raise gateway_refusal(400, "BAD_REQUEST", message)
+    if not values or not values[0]:
+        return None
+    if not values[0].isascii():
+        message = f"{PRINCIPAL_HEADER} must be ASCII: 'Bearer <the user's JWT>'"
+        raise gateway_refusal(400, "BAD_REQUEST", message)
+    return values[0].decode("ascii")
 
 
 def parse_body(body: bytes) -> dict[str, Any]:

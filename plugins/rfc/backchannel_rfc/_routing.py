@@ -3,12 +3,17 @@
 Shared by the RFC front door (the pyrfc-compatible client) and the JSON endpoint. Every refusal
 is a pyrfc exception with a message that says what to fix; the connector's internal host names
 never appear (the gateway does not know them).
+
+For principal propagation the cloud user's token travels with the stream (OPEN ``principal``,
+``Bearer <JWT>``) to the connector, which validates it; the gateway only bounds its size and
+refuses a destination with ``authentication = "PrincipalPropagation"`` that comes without one.
+The token never appears in an answer, a log line or an audit line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from backchannel import (
     AppIdentity,
@@ -40,6 +45,11 @@ PROTOCOL = "rfc"
 _SHOWN = 160
 #: The longest host name DNS allows.
 _MAX_HOST = 253
+#: The longest user token forwarded to the connector, in characters: well above the largest JWT
+#: the connector accepts (16 KiB), so that it, not the gateway, says what is wrong with one.
+MAX_USER_TOKEN = 64 * 1024
+#: The schemes a user token may name itself (as in ``SAP-Connectivity-Authentication``).
+_TOKEN_SCHEMES = {"bearer": "Bearer", "saml2.0": "SAML2.0"}
 
 
 def _shown(text: str, limit: int = _SHOWN) -> str:
@@ -55,6 +65,8 @@ class RfcRoute:
     location: str
     logon: dict[str, str]
     destination: str = ""
+    #: The cloud user's token for principal propagation (``Bearer <JWT>``), or None.
+    principal: str | None = field(default=None, repr=False)
 
 
 def gateway_logon_error(message: str) -> LogonError:
@@ -62,6 +74,25 @@ def gateway_logon_error(message: str) -> LogonError:
     return library_error(
         LogonError, f"gateway: {message}", RfcRc.RFC_LOGON_FAILURE, "RFC_LOGON_FAILURE"
     )
+
+
+def user_principal(token: str | None) -> str | None:
+    """The OPEN ``principal`` for the user token an RFC client passed: ``Bearer <JWT>`` for a bare
+    JWT; a token that names its scheme (``Bearer ...``, ``SAML2.0 <base64 assertion>``) is kept
+    as it is. None for none; LogonError if it is too large to forward."""
+    token = (token or "").strip()
+    if not token:
+        return None
+    if len(token) > MAX_USER_TOKEN:
+        raise gateway_logon_error(
+            f"the user token is {len(token)} characters long; at most {MAX_USER_TOKEN} are "
+            "forwarded"
+        )
+    scheme, _, rest = token.partition(" ")
+    known = _TOKEN_SCHEMES.get(scheme.lower())
+    if known is not None and rest.strip():
+        return f"{known} {rest.strip()}"
+    return f"Bearer {token}"
 
 
 def authenticate_app(
@@ -89,9 +120,14 @@ def resolve_route(
     app: AppIdentity,
     route: Mapping[str, str],
     logon: Mapping[str, str],
+    *,
+    principal: str | None = None,
+    missing_principal_hint: str = "pass token=<the user's JWT>",
 ) -> RfcRoute:
     """The virtual target for ``route``: a destination name (``dest``) or ``ashost`` with
-    ``sysnr`` / ``gwserv`` and ``location_id``."""
+    ``sysnr`` / ``gwserv`` and ``location_id``. ``principal`` is the user's token (see
+    :func:`user_principal`); a principal propagation destination without one is refused with
+    LogonError, whose message ends with ``missing_principal_hint`` (how the caller passes it)."""
     dest = route.get("dest", "")
     if dest:
         destination = destinations.find(app.subaccount, dest)
@@ -110,12 +146,25 @@ def resolve_route(
                 RfcRc.RFC_NOT_FOUND,
                 "RFC_NOT_FOUND",
             )
+        if destination.principal_propagation and principal is None:
+            services.audit.denied(
+                "rfc_destination",
+                "principal propagation needs the user's token, and none was passed",
+                subaccount=app.subaccount,
+                app=app.app,
+                destination=destination.name,
+            )
+            raise gateway_logon_error(
+                f"destination {destination.name} uses principal propagation: "
+                + missing_principal_hint
+            )
         return RfcRoute(
             app,
             destination.target,
             destination.location,
             destination.logon(logon),
             destination.name,
+            principal,
         )
     host = route.get("ashost", "").lower()
     if not host or len(host) > _MAX_HOST:
@@ -143,7 +192,7 @@ def resolve_route(
             RfcRc.RFC_INVALID_PARAMETER,
             "RFC_INVALID_PARAMETER",
         )
-    return RfcRoute(app, HostPort(host, port), location, dict(logon))
+    return RfcRoute(app, HostPort(host, port), location, dict(logon), principal=principal)
 
 
 def stream_refusal(error: StreamError, route: RfcRoute) -> RFCLibError:
@@ -170,6 +219,7 @@ async def open_route(services: GatewayServices, route: RfcRoute) -> TunnelStream
             protocol=PROTOCOL,
             target=route.target,
             location=route.location,
+            principal=route.principal,
             attributes=attributes,
         )
     except StreamError as exc:

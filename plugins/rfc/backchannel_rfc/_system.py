@@ -1,4 +1,12 @@
-"""``AbapSystem``: clients, users, logon, a function registry and pyrfc-shaped calls."""
+"""``AbapSystem``: clients, users, logon, a function registry and pyrfc-shaped calls.
+
+Certificate logon (``x509cert``, base64 DER) works as on a real system: the certificate must be
+signed by a certificate authority the system trusts (STRUST's list,
+:meth:`AbapSystem.trust_certificate_authority`), be valid at the system's ``now``, and, if it
+names its uses, allow client authentication; its subject (RFC 4514 text) is then mapped to a
+user (:meth:`AbapSystem.map_certificate`, as VUSREXTID does). Every failure is the same
+LogonError as a wrong password: a real system does not say why.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ._abap_types import LENIENT
 from ._descriptions import FunctionDescription, fill, initial
@@ -58,6 +68,8 @@ class AbapSystem:
         self.now = now
         self.users: dict[str, dict[str, User]] = {}
         self.certificates: dict[str, dict[str, str]] = {}
+        #: The certificate authorities whose certificates log users on (STRUST).
+        self.trusted_cas: list[x509.Certificate] = []
         self.tables: dict[str, tuple[list[tuple[str, str, int, str]], list[dict[str, str]]]] = {}
         self._functions: dict[str, _Registered] = {}
 
@@ -73,6 +85,15 @@ class AbapSystem:
         """Map an X.509 subject to a user, as transaction SM30 / VUSREXTID (type DN) does."""
         self.add_client(client)
         self.certificates[client][subject] = user.upper()
+
+    def trust_certificate_authority(self, ca: x509.Certificate | str | bytes) -> None:
+        """Trust a CA for certificate logon, as importing it in STRUST does: a certificate, or
+        PEM text holding one or more."""
+        if isinstance(ca, x509.Certificate):
+            self.trusted_cas.append(ca)
+            return
+        pem = ca.encode("ascii") if isinstance(ca, str) else ca
+        self.trusted_cas.extend(x509.load_pem_x509_certificates(pem))
 
     def add_table(
         self, name: str, fields: list[tuple[str, str, int, str]], rows: list[dict[str, str]]
@@ -94,7 +115,8 @@ class AbapSystem:
         if users is None:
             raise logon_failure()
         if x509cert is not None:
-            mapped = self.certificates[client].get(_subject_of(x509cert) or "")
+            subject = self._verified_subject(x509cert)
+            mapped = None if subject is None else self.certificates[client].get(subject)
             if mapped is None or mapped not in users:
                 raise logon_failure()
             return Session(self, client, mapped, lang)
@@ -102,6 +124,22 @@ class AbapSystem:
         if found is None or passwd is None or found.password != passwd:
             raise logon_failure()
         return Session(self, client, found.name.upper(), lang)
+
+    def _verified_subject(self, x509cert: str) -> str | None:
+        """The RFC 4514 subject of a base64 DER certificate that a trusted CA issued, valid now
+        and fit for client authentication; None otherwise."""
+        certificate = _certificate_of(x509cert)
+        if certificate is None:
+            return None
+        now = _aware(self.now())
+        for ca in self.trusted_cas:
+            if _issued_by(certificate, ca) and _valid_at(ca, now):
+                break
+        else:
+            return None
+        if not _valid_at(certificate, now) or not _allows_client_auth(certificate):
+            return None
+        return certificate.subject.rfc4514_string()
 
     def register(self, description: FunctionDescription, implementation: Implementation) -> None:
         self._functions[description.name.upper()] = _Registered(description, implementation)
@@ -190,11 +228,39 @@ def _default(field_type: str, length: int, default: str, td: Any) -> Any:
     return initial(field_type, length, td)
 
 
-def _subject_of(x509cert: str) -> str | None:
-    """RFC 4514 subject of a base64 DER certificate, or None if it does not parse."""
+def _certificate_of(x509cert: str) -> x509.Certificate | None:
+    """The certificate in base64 DER, or None if it does not parse."""
     try:
-        return x509.load_der_x509_certificate(
-            base64.b64decode(x509cert, validate=True)
-        ).subject.rfc4514_string()
+        return x509.load_der_x509_certificate(base64.b64decode(x509cert, validate=True))
     except (ValueError, binascii.Error):
         return None
+
+
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    """``moment`` in UTC; a naive one is the system's local time (``datetime.now()``)."""
+    return moment.astimezone(datetime.UTC)
+
+
+def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``certificate`` (issuer name and signature)."""
+    try:
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _valid_at(certificate: x509.Certificate, now: datetime.datetime) -> bool:
+    return certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc
+
+
+def _allows_client_auth(certificate: x509.Certificate) -> bool:
+    """No extended key usage (any use), or one that includes clientAuth (or any use)."""
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    except ValueError:  # extensions that do not parse: refused, as by a real system
+        return False
+    allowed = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE)
+    return any(oid in usage for oid in allowed)
