@@ -281,5 +281,12 @@ class PrincipalResolver:
             )
         subject = self.config.subject_rules.subject_for(claims)
         idp = trust.get(str(claims.get("iss", "")))
-        certificate = self.cache.get(subject.name)
+        try:
+            certificate = self.cache.get(subject.name)
+        except UnusableCAError as exc:  # the CA expired since the connector started
+            raise PrincipalError(
+                PrincipalReason.CA_UNUSABLE,
+                f"the principal propagation CA cannot issue certificates: {exc}; renew it "
+                "(backchannel ca init / import) and restart the connector",
+            ) from None
         return PropagatedUser(subject.rfc4514, idp.name if idp else "", certificate)

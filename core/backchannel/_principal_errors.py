@@ -1,6 +1,6 @@
 """Why a cloud user's identity could not be propagated: one reason per failure, with a stable code.
 
-Principal propagation validates a user's token (a JWT today, a SAML assertion later), maps its
+Principal propagation validates a user's token (a JWT or a SAML 2.0 assertion), maps its
 claims to an X.509 subject and has the connector issue a short-lived certificate for the backend.
 Each step fails with a :class:`PrincipalError` whose :attr:`~PrincipalError.reason` says which
 check refused, and whose message says what to fix. Messages name issuers, key ids, audiences and
@@ -33,7 +33,7 @@ class PrincipalReason(enum.Enum):
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
     NO_SUBJECT = "no_subject"
-    # SAML assertions (not validated yet; the reasons are reserved so codes stay stable).
+    # SAML assertions.
     SAML_SIGNATURE_WRAPPING = "saml_signature_wrapping"
     SAML_BAD_SIGNATURE = "saml_bad_signature"
     SAML_CONDITIONS = "saml_conditions"
