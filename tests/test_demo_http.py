@@ -25,6 +25,7 @@ STEPS = (
     "rfc via the pyrfc-compatible client",
     "rfc via the JSON endpoint",
     "rfc access control",
+    "rfc with principal propagation",
 )
 
 

@@ -25,6 +25,7 @@ def test_the_rfc_steps_are_part_of_the_demo() -> None:
         "rfc via the pyrfc-compatible client",
         "rfc via the JSON endpoint",
         "rfc access control",
+        "rfc with principal propagation",
     ]
 
 

@@ -50,5 +50,6 @@ from ._stream import TunnelStream as TunnelStream
 from ._transport import verifying_client_context as verifying_client_context
 from ._tunnel import TunnelSettings as TunnelSettings
 from ._user_ca import UserCertificate as UserCertificate
+from ._user_ca import UserCertificateAuthority as UserCertificateAuthority
 from ._version import __version__ as __version__
 from .hookspecs import hookimpl as hookimpl

@@ -7,14 +7,18 @@ import base64
 import datetime
 import json
 import shlex
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+import jwt
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from backchannel import DemoContext, DemoStep
+from backchannel import DemoContext, DemoStep, UserCertificateAuthority
 
 from ._connection import Connection
 from ._demo_data import demo_system
@@ -43,6 +47,14 @@ client = "100"
 authentication = "BasicAuthentication"
 user = "DEMO"
 password_file = "{work_dir}/erp.password"
+
+# Principal propagation: the identity provider whose users' tokens the connector may act on.
+[[subaccounts.demo.identity_providers]]
+name = "demo-idp"
+issuer = "{issuer}"
+audiences = ["{audience}"]
+public_key_file = "{work_dir}/idp.pem"
+kid = "demo"
 """
 
 CONNECTOR_TOML = """
@@ -61,9 +73,32 @@ name = "RFC_PING"
 [[subaccounts.demo.mappings.functions]]
 name = "RFC_READ_TABLE"
 
+# The same system for single sign-on: the connector logs the cloud user on with a short-lived
+# certificate from its own CA (the stub system trusts that CA and maps CN=alice,O=Example to
+# ALICE, as STRUST and VUSREXTID do on a real one).
+[[subaccounts.demo.mappings]]
+virtual = "{sso_virtual}"
+internal = "127.0.0.1:{abap_port}"
+protocol = "rfc"
+principal_propagation = true
+description = "the stub ABAP system, logging on as the cloud user"
+
+[[subaccounts.demo.mappings.functions]]
+name = "STFC_CONNECTION"
+
+[principal_propagation]
+ca_cert = "{work_dir}/pp-ca/ca.pem"
+ca_key = "{work_dir}/pp-ca/ca.key"
+
+[[principal_propagation.subject_rules]]
+pattern = "CN=${{name}},O=Example"
+
 [plugins.rfc]
 backend = "auto"    # SAP's pyrfc if installed, else the stub client
 """
+ISSUER = "https://idp.demo.invalid"
+AUDIENCE = "backchannel-demo"
+SSO_VIRTUAL = "erp-sso.virtual:3300"
 
 
 class RfcDemoPart:
@@ -73,23 +108,44 @@ class RfcDemoPart:
 
     def __init__(self) -> None:
         self.abap_port = 0
+        #: The demo identity provider's signing key (it mints the demo user's token).
+        self.idp_key = ec.generate_private_key(ec.SECP256R1())
 
     async def start(self, nursery: trio.Nursery, work_dir: Path) -> None:
-        """Start the stub ABAP system (demo data, real clock) and write the password file."""
+        """Start the stub ABAP system (demo data, real clock); write the password file, the
+        IdP's public key and the connector's principal propagation CA."""
+        authority = UserCertificateAuthority.create("backchannel demo principal propagation CA")
+        authority.save(work_dir / "pp-ca")
         system = demo_system(now=datetime.datetime.now)
+        system.trust_certificate_authority(authority.certificate)
         self.abap_port = await nursery.start(serve_stub, system, "127.0.0.1", 0)
         password = work_dir / "erp.password"
         password.write_text(DEMO_PASSWORD)
         password.chmod(0o600)
+        (work_dir / "idp.pem").write_bytes(
+            self.idp_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
 
     def gateway_toml(self, work_dir: Path) -> str:
-        """The RFC front door, JSON endpoint and destination ERP."""
-        return GATEWAY_TOML.format(destination=DESTINATION, work_dir=work_dir)
+        """The RFC front door, JSON endpoint, destination ERP and the demo IdP."""
+        return GATEWAY_TOML.format(
+            destination=DESTINATION, work_dir=work_dir, issuer=ISSUER, audience=AUDIENCE
+        )
 
     def connector_toml(self, work_dir: Path) -> str:
-        """The rfc mapping to the stub system, with three function rules."""
+        """The rfc mappings to the stub system (password and single sign-on)."""
         port = str(self.abap_port) if self.abap_port else "<stub port>"
-        return CONNECTOR_TOML.format(virtual=VIRTUAL, abap_port=port)
+        return CONNECTOR_TOML.format(
+            virtual=VIRTUAL, sso_virtual=SSO_VIRTUAL, abap_port=port, work_dir=work_dir
+        )
+
+    def user_token(self, user: str) -> str:
+        """A token the demo IdP issues for ``user`` (five minutes)."""
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300, "user_name": user}
+        return jwt.encode(claims, self.idp_key, algorithm="ES256", headers={"kid": "demo"})
 
     def steps(self, demo: DemoContext) -> Sequence[DemoStep]:
         """pyrfc client, JSON endpoint, a denied function."""
@@ -160,10 +216,38 @@ class RfcDemoPart:
                 raise OSError("refused, but the connector wrote no audit line")
             return f"BAPI_USER_GET_DETAIL refused (ExternalAuthorizationError): {message}"
 
+        async def single_sign_on() -> str:
+            # The gateway sent the trust list before any stream frame on this tunnel, so the
+            # earlier steps' answers mean the connector has it.
+            host, _, port = SSO_VIRTUAL.partition(":")
+            sso = {
+                "gateway": str(front_door),
+                "app": demo.app_user,
+                "app_secret": demo.app_secret,
+                "ashost": host,
+                "sysnr": port[-2:],
+                "client": "100",
+                "token": self.user_token("alice"),
+            }
+
+            def call() -> str:
+                with Connection(None, **sso) as connection:
+                    result = connection.call("STFC_CONNECTION", REQUTEXT="who am I?")
+                    return str(result["RESPTEXT"])
+
+            resptext = await trio.to_thread.run_sync(call)
+            if "/ALICE/" not in resptext:
+                raise OSError(f"expected the backend to log on ALICE, got {resptext!r}")
+            return (
+                f"alice's token → certificate CN=alice,O=Example → {SSO_VIRTUAL} logged on "
+                f"{resptext.split('Logon_Data: ')[-1]} (client/user/language), no password"
+            )
+
         return [
             ("rfc via the pyrfc-compatible client", pyrfc_call),
             ("rfc via the JSON endpoint", json_call),
             ("rfc access control", denied),
+            ("rfc with principal propagation", single_sign_on),
         ]
 
     def try_it(self, demo: DemoContext) -> Sequence[tuple[str, str]]:
