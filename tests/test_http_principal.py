@@ -419,4 +419,3 @@ async def test_saml_assertion_propagates_the_user(setup: Setup, idp: Idp) -> Non
                     break
     assert (status, body.decode()) == (200, "user=ALICE\n")
     assert assertion not in setup.connector_audit.read_text()
-
