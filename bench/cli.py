@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import components, http_scenario, rfc_scenario, scenarios
+from . import components, http_scenario, identity, rfc_scenario, scenarios
 from .procs import BenchError, Pair, Proc, WorkDir, start_backend, start_pair
 from .profile import Profiler, py_spy_path
 from .report import RESULTS_DIR, command_line, machine_info, render_table, write_json
@@ -30,6 +30,7 @@ QUICK: dict[str, Any] = {
     "http_big_mib": 64,
     "rfc_seconds": 2.0,
     "rfc_warm_up": 0.5,
+    "identity_runs": 200,
 }
 FULL: dict[str, Any] = {
     "bulk_mib": 1024,
@@ -40,8 +41,11 @@ FULL: dict[str, Any] = {
     "http_big_mib": 256,
     "rfc_seconds": 5.0,
     "rfc_warm_up": 1.0,
+    "identity_runs": 1000,
 }
 SCENARIOS = ("idle", "bulk", "http", "rfc")
+#: Scenarios that run only when asked for with --only (identity needs nginx).
+EXTRA_SCENARIOS = ("identity",)
 
 
 class TimeLimit(BaseException):
@@ -82,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         "--scenario",
         dest="only",
-        choices=list(SCENARIOS),
+        choices=[*SCENARIOS, *EXTRA_SCENARIOS],
         action="append",
-        help="run only this scenario (repeatable)",
+        help="run only this scenario (repeatable); 'identity' (principal propagation, needs "
+        "nginx) runs only when named here",
     )
     parser.add_argument(
         "--http-seconds",
@@ -135,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="RFC: load-generating processes sharing the connections, a thread per connection "
         "(default: one process per connection)",
+    )
+    parser.add_argument(
+        "--identity-concurrency",
+        type=int,
+        action="append",
+        help="identity: connections with one request in flight each (repeatable; default 1 and "
+        "8); window, warm-up and client processes as for --http-*",
+    )
+    parser.add_argument(
+        "--identity-runs",
+        type=int,
+        help="identity: calls per in-process step (default 1000; quick 200; RSA key "
+        "generation a twentieth, at least 10)",
     )
     parser.add_argument(
         "--direction",
@@ -248,15 +266,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "concurrencies": sorted(set(args.rfc_concurrency or [1, 8])),
         "processes": args.rfc_clients,
     }
+    identity_runs = args.identity_runs or preset["identity_runs"]
+    identity_options = {
+        "seconds": http_options["seconds"],
+        "warm_up": http_options["warm_up"],
+        "concurrencies": sorted(set(args.identity_concurrency or [1, 8])),
+        "processes": args.http_clients,
+        "micro_runs": identity_runs,
+        "slow_runs": max(10, identity_runs // 20),
+    }
     if (
         min(bulk_mib, repeat, streams, http_options["big_mib"], args.http_clients) < 1
         or min(http_options["concurrencies"]) < 1
         or min(rfc_options["concurrencies"]) < 1
+        or min(identity_options["concurrencies"]) < 1
+        or identity_runs < 1
         or (args.rfc_clients is not None and args.rfc_clients < 1)
     ):
         print(
-            "bench: --bulk-mib, --repeat, --idle-streams and the --http-* and --rfc-* counts "
-            "must be positive",
+            "bench: --bulk-mib, --repeat, --idle-streams and the --http-*, --rfc-* and "
+            "--identity-* counts must be positive",
             file=sys.stderr,
         )
         return 2
@@ -292,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "directions": directions,
             "http": http_options,
             "rfc": rfc_options,
+            "identity": identity_options,
             "tunnel_settings": tunnel,
             "log_level": args.log_level,
             "profile": args.profile,
@@ -336,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ports["http"] = http_ports["http"]
         if "rfc" in wanted:
             stub, ports["rfc"] = rfc_scenario.start_stub(work)
-        for scenario in SCENARIOS:
+        for scenario in (*SCENARIOS, *EXTRA_SCENARIOS):
             if scenario not in wanted:
                 continue
             try:
@@ -358,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     http_options,
                     stub,
                     rfc_options,
+                    identity_options,
                 )
                 document[scenario] = result
             except BenchError as exc:
@@ -424,10 +455,21 @@ def _run_scenario(
     http_options: dict[str, Any],
     stub: Proc | None,
     rfc_options: dict[str, Any],
+    identity_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Fresh gateway + connector processes for each scenario, so one does not skew the other."""
-    progress(f"bench: {scenario}: starting gateway and connector")
     tcp_ports = {name: port for name, port in ports.items() if name not in ("http", "rfc")}
+    if scenario == "identity":  # its own configs and backend (nginx)
+        return identity.run_identity(
+            work,
+            tcp_ports,
+            tunnel=tunnel,
+            log_level=args.log_level,
+            repeat=repeat,
+            progress=progress,
+            **identity_options,
+        )
+    progress(f"bench: {scenario}: starting gateway and connector")
     pair = start_pair(
         work,
         tcp_ports,

@@ -9,6 +9,11 @@ Linux; or give ``--window FROM UNTIL``), so all load processes of a case share o
 records the latency of every response completed in ``[FROM, UNTIL)``; what completes before is
 warm-up, and it stops at UNTIL.
 
+``--header-file`` adds the lines of a file (``Name: value``) to every request, e.g. a user's
+``SAP-Connectivity-Authentication: Bearer <JWT>`` (kept out of the command line).
+``--new-connection`` sends ``Connection: close`` and opens a fresh connection for every
+request (timed from the connect), so that each request also opens a new tunnel stream.
+
 A single-threaded ``epoll`` loop over non-blocking sockets with a minimal response parser
 (status line, Content-Length; the body is counted, not kept), so the client costs little CPU per
 request. Latencies (ns, int64) go to ``--latencies-out``; one JSON line on stdout sums up.
@@ -37,15 +42,34 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def build_request(path: str, port: int, proxy_target: str | None, credentials: str | None) -> bytes:
-    """The request bytes, sent unchanged on every round."""
+def build_request(
+    path: str,
+    port: int,
+    proxy_target: str | None,
+    credentials: str | None,
+    extra: Sequence[str] = (),
+) -> bytes:
+    """The request bytes, sent unchanged on every round; ``extra`` are more header lines."""
     if proxy_target is None:
-        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-    lines = [f"GET http://{proxy_target}{path} HTTP/1.1", f"Host: {proxy_target}"]
-    if credentials is not None:
+        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    else:
+        lines = [f"GET http://{proxy_target}{path} HTTP/1.1", f"Host: {proxy_target}"]
+    if proxy_target is not None and credentials is not None:
         token = base64.b64encode(credentials.encode()).decode()
         lines.append(f"Proxy-Authorization: Basic {token}")
+    lines += extra
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_header_file(path: str) -> list[str]:
+    """The ``Name: value`` lines of ``path`` (blank lines skipped)."""
+    with open(path, encoding="utf-8") as lines:
+        headers = [line.strip() for line in lines if line.strip()]
+    for line in headers:
+        name, colon, _ = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise SystemExit(f"{path}: not a 'Name: value' header line: {line[:40]!r}")
+    return headers
 
 
 class _Conn:
@@ -65,9 +89,12 @@ class LoadError(Exception):
 class Load:
     """The closed-loop client."""
 
-    def __init__(self, port: int, connections: int, request: bytes) -> None:
+    def __init__(
+        self, port: int, connections: int, request: bytes, *, new_connection: bool = False
+    ) -> None:
         self.port = port
         self.request = request
+        self.new_connection = new_connection
         self.epoll = select.epoll()
         self.conns: dict[int, _Conn] = {}
         self.errors: list[str] = []
@@ -87,10 +114,10 @@ class Load:
         self.epoll.register(sock.fileno(), _EPOLLIN)
         return conn
 
-    def _send(self, conn: _Conn) -> None:
+    def _send(self, conn: _Conn, started: int | None = None) -> None:
         conn.head.clear()
         conn.body_left = -1
-        conn.sent_at = time.monotonic_ns()
+        conn.sent_at = time.monotonic_ns() if started is None else started
         if conn.sock.send(self.request) != len(self.request):
             raise LoadError("a request did not fit into the socket buffer")
 
@@ -101,7 +128,12 @@ class Load:
 
     def _fail(self, conn: _Conn, message: str) -> None:
         self._note(message)
+        self._close(conn)
+
+    def _close(self, conn: _Conn) -> None:
         fd = conn.sock.fileno()
+        if fd < 0:
+            return  # closed already (a new connection for the next request failed to open)
         self.conns.pop(fd, None)
         self.epoll.unregister(fd)
         conn.sock.close()
@@ -164,7 +196,12 @@ class Load:
                         latencies.append(done - conn.sent_at)
                     else:
                         self.warm_up_completed += 1
-                    self._send(conn)
+                    if self.new_connection:
+                        self._close(conn)
+                        started = time.monotonic_ns()
+                        self._send(self._open(), started)
+                    else:
+                        self._send(conn)
                 except (LoadError, OSError) as exc:
                     self._fail(conn, str(exc))
                     try:
@@ -186,6 +223,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--proxy-target", help="virtual host:port: absolute-form via a proxy")
     parser.add_argument("--credentials-prefix", help="'subaccount/app' for Proxy-Authorization")
     parser.add_argument("--secret-file", help="file holding the app secret")
+    parser.add_argument("--header-file", help="file of 'Name: value' lines added to every request")
+    parser.add_argument(
+        "--new-connection",
+        action="store_true",
+        help="'Connection: close' and a fresh connection for every request",
+    )
     parser.add_argument(
         "--window",
         nargs=2,
@@ -200,8 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.credentials_prefix is not None:
         with open(args.secret_file, encoding="utf-8") as secret:
             credentials = f"{args.credentials_prefix}:{secret.read().strip()}"
-    request = build_request(args.path, args.port, args.proxy_target, credentials)
-    load = Load(args.port, args.connections, request)
+    extra = read_header_file(args.header_file) if args.header_file else []
+    if args.new_connection:
+        extra.append("Connection: close")
+    request = build_request(args.path, args.port, args.proxy_target, credentials, extra)
+    load = Load(args.port, args.connections, request, new_connection=args.new_connection)
     if args.window:
         measure_from, until = args.window
     else:

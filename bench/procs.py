@@ -393,6 +393,9 @@ def start_pair(
     timeout: float = 30.0,
     http_backend: int | None = None,
     rfc_backend: int | None = None,
+    http_proxy: bool = False,
+    gateway_extra: str = "",
+    connector_extra: str = "",
 ) -> Pair:
     """Write the configs, start gateway then connector, wait until a stream reaches the backend.
 
@@ -401,6 +404,9 @@ def start_pair(
     ``http_backend`` the gateway also runs the HTTP proxy and the connector maps
     :data:`HTTP_VIRTUAL` to that port; with ``rfc_backend`` (a stub ABAP system's port) the
     gateway also runs the RFC front door and the connector maps :data:`RFC_VIRTUAL` to it.
+    ``http_proxy`` runs the HTTP proxy without that mapping; ``gateway_extra`` and
+    ``connector_extra`` are TOML appended to the two configs (more mappings, identity
+    providers, ``[principal_propagation]``).
     """
     options: dict[str, Any] = {
         "label": label,
@@ -409,6 +415,9 @@ def start_pair(
         "timeout": timeout,
         "http_backend": http_backend,
         "rfc_backend": rfc_backend,
+        "http_proxy": http_proxy,
+        "gateway_extra": gateway_extra,
+        "connector_extra": connector_extra,
     }
     try:
         return _start_pair(work, backend_ports, **options)
@@ -428,23 +437,27 @@ def _start_pair(
     timeout: float,
     http_backend: int | None,
     rfc_backend: int | None,
+    http_proxy: bool,
+    gateway_extra: str,
+    connector_extra: str,
 ) -> Pair:
     deadline = time.monotonic() + timeout
-    tunnel_port, socks_port, http_proxy, rfc_front_door, *forward_ports = free_ports(
+    tunnel_port, socks_port, proxy_port, rfc_front_door, *forward_ports = free_ports(
         4 + len(backend_ports)
     )
     addresses = Addresses(
         tunnel_port,
         socks_port,
         dict(zip(backend_ports, forward_ports, strict=True)),
-        http_proxy if http_backend is not None else None,
+        proxy_port if http_backend is not None or http_proxy else None,
         rfc_front_door if rfc_backend is not None else None,
     )
     gateway_toml = work.path / f"gateway-{label}.toml"
     connector_toml = work.path / f"connector-{label}.toml"
-    gateway_toml.write_text(work.gateway_toml(addresses, tunnel))
+    gateway_toml.write_text(work.gateway_toml(addresses, tunnel) + gateway_extra)
     connector_toml.write_text(
         work.connector_toml(tunnel_port, backend_ports, tunnel, http_backend, rfc_backend)
+        + connector_extra
     )
     command = backchannel_command()
     gateway = spawn(

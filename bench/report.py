@@ -207,6 +207,9 @@ def render_table(document: dict[str, Any]) -> str:
     rfc = document.get("rfc")
     if rfc and "summary" in rfc:
         lines += _rfc_lines(rfc)
+    identity = document.get("identity")
+    if identity and "summary" in identity:
+        lines += identity_micro_lines(identity["micro"]) + _identity_lines(identity)
     for label, section in (document.get("components") or {}).items():
         if not isinstance(section, dict) or "layers" not in section:
             continue
@@ -352,6 +355,56 @@ def _rfc_lines(rfc: dict[str, Any]) -> list[str]:
             f"{cost['client']:3.0f} {logon:>12}"
             f"   {_rss_cell(rss['gateway']):>24} {_rss_cell(rss['connector']):>26}"
         )
+    lines.append("")
+    return lines
+
+
+def identity_micro_lines(micro: dict[str, Any]) -> list[str]:
+    """The in-process costs of principal propagation (``bench.identity``)."""
+    lines = [
+        "Principal propagation, in-process cost of each step (µs per call)",
+        f"  {'median':>9} {'p99':>9} {'CPU med':>9} {'N':>5}  step",
+    ]
+    for row in micro["steps"].values():
+        lines.append(
+            f"  {row['median_us']:9.1f} {row['p99_us']:9.1f} {row['cpu_median_us']:9.1f}"
+            f" {row['runs']:5d}  {row['label']}"
+        )
+    lines.append(
+        "  (median and p99: wall time, p99 the nearest rank, with fewer than 100 calls the"
+        " slowest; CPU med: this thread's CPU time)"
+    )
+    lines.append("")
+    return lines
+
+
+def _identity_lines(identity: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Principal propagation end to end, {identity['request']} through the HTTP proxy to"
+        f" nginx (mTLS), {identity['seconds']:g} s per case after"
+        f" {identity['warm_up_seconds']:g} s warm-up, {identity['repeat']} run(s) per case"
+        " (medians; latency in ms; CPU µs per request)",
+        f"  {'connections':16} {'mode':11} {'req/s':>7} {'/basic':>7} {'p50':>8} {'p99':>8}"
+        f" {'gw µs':>7} {'conn µs':>8} {'nginx µs':>9} {'client µs':>10} {'other':>6}",
+    ]
+    for label, row in identity["summary"].items():
+        for mode in identity["modes"]:
+            side = row[mode]
+            ms = side["latency_ms_median"]
+            cost = side["cpu_us_per_request_median"]
+            ratio = row["ratio_to_basic"].get(mode)
+            ratio_text = f"{ratio:7.3f}" if ratio is not None else " " * 7
+            lines.append(
+                f"  {label:16} {mode:11} {side['req_per_s']['median']:7.0f} {ratio_text}"
+                f" {_ms(ms['p50'])} {_ms(ms['p99'])} {cost['gateway']:7.0f}"
+                f" {cost['connector']:8.0f} {cost['backend']:9.0f} {cost['client']:10.0f}"
+                f" {side['other_cpu_percent_median']:5.0f}%"
+            )
+    lines.append(
+        "  (keep-alive: one tunnel stream per client connection, the user resolved once per"
+        " stream; new: Connection: close, a new stream and backend TLS handshake per request;"
+        " other: percent of one core used outside the bench's processes)"
+    )
     lines.append("")
     return lines
 
