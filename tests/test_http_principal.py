@@ -419,3 +419,12 @@ async def test_saml_assertion_propagates_the_user(setup: Setup, idp: Idp) -> Non
                     break
     assert (status, body.decode()) == (200, "user=ALICE\n")
     assert assertion not in setup.connector_audit.read_text()
+
+
+async def test_the_user_tls_context_is_built_once_per_certificate(setup: Setup, idp: Idp) -> None:
+    handler = setup.connector.handlers["http"]
+    contexts = handler.user_contexts  # type: ignore[attr-defined]
+    for _ in range(3):  # a new client connection, so a new tunnel stream, each time
+        status, headers, _ = await get(setup, "http://nginx.virtual:443/", idp.token())
+        assert (status, headers["x-client-dn"]) == (200, "CN=alice,O=Example")
+    assert len(contexts._contexts) == 1

@@ -15,6 +15,7 @@ import http
 import logging
 import socket
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -93,6 +94,7 @@ class HttpHandler:
 
     def __init__(self, *, connect_timeout: float = 10.0) -> None:
         self.connect_timeout = connect_timeout
+        self.user_contexts = UserContexts()
 
     def parse_mapping_options(self, mapping: TableReader) -> HttpOptions:
         """Read ``host_header``, ``backend_timeout``, ``[[resources]]`` and, for ``https``,
@@ -151,11 +153,33 @@ class HttpHandler:
         if not isinstance(options, HttpOptions):
             raise StreamError(ResetCode.INTERNAL, "the HTTP mapping was not configured")
         await stream.accept()
-        server = _StreamServer(session, stream, options, self.connect_timeout)
+        server = _StreamServer(session, stream, options, self.connect_timeout, self.user_contexts)
         try:
             await server.serve()
         finally:
             await server.close_backend()
+
+
+class UserContexts:
+    """TLS contexts presenting a propagated user's certificate, kept while that certificate is
+    the cached one: building one costs milliseconds (loading the key), on the event loop."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._contexts: OrderedDict[tuple[int, int], tuple[BackendTls, BackendTls]] = OrderedDict()
+
+    def get(self, tls: BackendTls, user: PropagatedUser) -> BackendTls:
+        """The mapping's TLS settings with ``user``'s certificate as the client certificate."""
+        key = (id(tls), user.certificate.certificate.serial_number)
+        found = self._contexts.get(key)
+        if found is not None and found[0] is tls:
+            self._contexts.move_to_end(key)
+            return found[1]
+        made = BackendTls(tls.context_with(user.certificate), tls.server_name, tls.ca_file, True)
+        self._contexts[key] = (tls, made)  # holding ``tls`` keeps its id from being reused
+        while len(self._contexts) > self._size:
+            self._contexts.popitem(last=False)
+        return made
 
 
 # --------------------------------------------------------------------------- failures
@@ -254,8 +278,14 @@ class _StreamServer:
     """Serves the requests of one tunnel stream, one at a time, over one backend connection."""
 
     def __init__(
-        self, session: Session, stream: TunnelStream, options: HttpOptions, connect_timeout: float
+        self,
+        session: Session,
+        stream: TunnelStream,
+        options: HttpOptions,
+        connect_timeout: float,
+        user_contexts: UserContexts,
     ) -> None:
+        self.user_contexts = user_contexts
         self.session = session
         self.stream = stream
         self.options = options
@@ -433,12 +463,7 @@ class _StreamServer:
         user = self.session.propagated_user()
         if self.options.principal_propagation == "certificate":
             assert self.options.tls is not None
-            self.tls = BackendTls(
-                self.options.tls.context_with(user.certificate),
-                self.options.tls.server_name,
-                self.options.tls.ca_file,
-                True,
-            )
+            self.tls = self.user_contexts.get(self.options.tls, user)
         self.user = user
 
     def _rejected(self, cause: Exception) -> str:
