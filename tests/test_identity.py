@@ -166,3 +166,16 @@ def test_configuration_errors_name_the_key(tmp_path: Path) -> None:
             source="connector.toml",
         )
     assert "operator" in str(info.value)
+
+
+def test_an_unusable_trust_list_from_the_gateway_fails_closed(tmp_path: Path) -> None:
+    from backchannel._config import ConnectorSubaccount
+    from backchannel._connector import _on_control_document
+
+    _, idp = _idp()
+    resolver = _resolver(tmp_path)
+    resolver.update_trust("acme", TrustList([idp]))
+    sub = ConnectorSubaccount.__new__(ConnectorSubaccount)
+    object.__setattr__(sub, "name", "acme")
+    _on_control_document(resolver, sub, {"trust": {"version": 1, "idps": "not a list"}})
+    assert len(resolver.trust_for("acme")) == 0

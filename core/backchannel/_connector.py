@@ -362,7 +362,15 @@ def _on_control_document(
     try:
         trust = TrustList.from_wire(payload["trust"])
     except ValueError as exc:
-        log.warning("tunnel %s: the gateway sent an unusable trust list: %s", sub.name, exc)
+        # Fail closed: an IdP the gateway meant to withdraw must not stay trusted.
+        log.warning(
+            "tunnel %s: the gateway sent an unusable trust list (%s); no identity provider is "
+            "trusted until it sends a valid one",
+            sub.name,
+            exc,
+        )
+        if resolver is not None:
+            resolver.update_trust(sub.name, TrustList())
         return
     names = ", ".join(idp.name for idp in trust) or "none"
     if resolver is None:

@@ -25,6 +25,7 @@ pattern = "CN=${name},O=Example"
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,10 @@ class PropagatedUser:
     identity_provider: str
     #: The short-lived certificate and key, for the backend leg.
     certificate: UserCertificate
+    #: Seconds since the epoch (the resolver's clock) after which this user must be resolved
+    #: again: the token's expiry plus the leeway, or the certificate's renewal time if sooner.
+    #: A plugin serving several requests on one stream checks it before each one.
+    valid_until: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,9 @@ class PrincipalResolver:
     untrusted: Mapping[str, frozenset[str]] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
     _trust: dict[str, TrustList] = field(default_factory=dict)
+    #: Issuers of IdPs this connector refused, per subaccount: a gateway that renames such an
+    #: IdP in a later trust list must not make its tokens acceptable.
+    _untrusted_issuers: dict[str, set[str]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -215,10 +223,19 @@ class PrincipalResolver:
 
     def update_trust(self, subaccount: str, trust: TrustList) -> None:
         """The gateway's trust list for ``subaccount``, with this connector's untrusted IdPs
-        marked so (their tokens are refused with IDP_NOT_TRUSTED)."""
+        marked so (their tokens are refused with IDP_NOT_TRUSTED).
+
+        ``untrusted_identity_providers`` may name an IdP by its name or by its issuer. The
+        gateway chooses the names, so an issuer once refused stays refused for this process
+        whatever the IdP is called in a later list."""
         untrusted = self.untrusted.get(subaccount, frozenset())
+        issuers = self._untrusted_issuers.setdefault(subaccount, set())
+        issuers.update(idp.issuer for idp in trust if idp.name in untrusted)
         self._trust[subaccount] = TrustList(
-            replace(idp, trusted=False) if idp.name in untrusted else idp for idp in trust
+            replace(idp, trusted=False)
+            if idp.name in untrusted or idp.issuer in untrusted or idp.issuer in issuers
+            else idp
+            for idp in trust
         )
 
     def trust_for(self, subaccount: str) -> TrustList:
@@ -289,4 +306,6 @@ class PrincipalResolver:
                 f"the principal propagation CA cannot issue certificates: {exc}; renew it "
                 "(backchannel ca init / import) and restart the connector",
             ) from None
-        return PropagatedUser(subject.rfc4514, idp.name if idp else "", certificate)
+        renew_at = certificate.certificate.not_valid_after_utc - self.cache.renew_before
+        valid_until = min(float(claims["exp"]) + self.config.token_leeway, renew_at.timestamp())
+        return PropagatedUser(subject.rfc4514, idp.name if idp else "", certificate, valid_until)

@@ -15,6 +15,7 @@ import http
 import logging
 import socket
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -382,6 +383,13 @@ class _StreamServer:
             )
             return
         self.session.audit.allowed("http_request", **self._audit_fields(raw))
+        if self.user is not None and self._now() >= self.user.valid_until:
+            # The stream's token has expired (or its certificate is due for renewal) since the
+            # first request: every request of the stream must still carry a valid token.
+            self.user = None
+            self.tls = self.options.tls
+            if self.options.principal_propagation == "certificate":
+                await self.close_backend()  # that connection presented the old certificate
         if self.options.principal_propagation != "none" and self.user is None:
             try:
                 self._propagate()
@@ -456,6 +464,11 @@ class _StreamServer:
             raise
         self.backend = _Leg(stream, h11.CLIENT, _BackendGone, _BackendGone)
         return self.backend, False
+
+    def _now(self) -> float:
+        """The principal resolver's clock (seconds since the epoch)."""
+        resolver = self.session.principal_resolver
+        return resolver.clock() if resolver is not None else time.time()
 
     def _propagate(self) -> None:
         """Resolve the stream's user (PrincipalError if that fails) and, for ``certificate``

@@ -146,24 +146,35 @@ def _strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]], *, keep_upgrade: b
 
 
 #: Forwarding headers a client could forge to mislead the backend; the connector sets its own.
-_CLIENT_FORWARDING = (
-    # Only the connector may say which certificate a user has (principal propagation): a
-    # client's own SSL_CLIENT_CERT would be believed by a backend that trusts the connector.
-    b"ssl_client_cert",
-    b"ssl-client-cert",
-    b"x-ssl-client-cert",
-    b"forwarded",
-    b"x-forwarded-for",
-    b"x-forwarded-host",
-    b"x-forwarded-port",
-    b"x-forwarded-prefix",
-    b"x-forwarded-proto",
-    b"x-real-ip",
+#: Compared with ``_`` read as ``-``: CGI, WSGI and PHP read ``SSL_CLIENT_CERT``,
+#: ``ssl-client-cert`` and ``SSL-Client_Cert`` alike (all three are ``HTTP_SSL_CLIENT_CERT``).
+_CLIENT_FORWARDING = frozenset(
+    {
+        # Only the connector may say which certificate a user has (principal propagation): a
+        # client's own SSL_CLIENT_CERT would be believed by a backend that trusts the connector.
+        b"ssl-client-cert",
+        b"x-ssl-client-cert",
+        b"client-cert",  # RFC 9440
+        b"client-cert-chain",
+        b"x-client-cert",
+        b"x-forwarded-client-cert",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+    }
 )
 
 
 def _without(headers: Headers, *names: bytes) -> Headers:
     return [(k, v) for k, v in headers if k not in names]
+
+
+def _without_client_forwarding(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k.replace(b"_", b"-") not in _CLIENT_FORWARDING]
 
 
 def request_headers(
@@ -186,7 +197,7 @@ def request_headers(
     are kept. Content-Length is dropped when Transfer-Encoding is
     present (a request with both is a smuggling attempt; the chunked framing wins, as in h11).
     """
-    out = _without(_strip_hop_by_hop(headers, keep_upgrade=websocket), *_CLIENT_FORWARDING)
+    out = _without_client_forwarding(_strip_hop_by_hop(headers, keep_upgrade=websocket))
     received_host = next((v for k, v in out if k == b"host"), None)
     if received_host is None:
         received_host = virtual.authority.encode("ascii")
