@@ -575,7 +575,9 @@ async def test_chunked_both_ways_with_trailers(backend: Backend) -> None:
         await h.client.start("POST", "/public/chunked", [("transfer-encoding", "chunked")])
         for part in (b"a" * 70_000, b"b" * 10, b"c"):
             await h.client.send(h11.Data(data=part))
-        await h.client.send(h11.EndOfMessage(headers=[("x-sum", "ok")]))
+        # A trailer only the connector may set (a user certificate) never reaches the backend.
+        trailers = [("x-sum", "ok"), ("SSL_Client-Cert", "forged"), ("x-forwarded-for", "1.2.3.4")]
+        await h.client.send(h11.EndOfMessage(headers=trailers))
         reply = await h.client.reply()
     (seen,) = backend.requests
     assert seen["size"] == 70_011

@@ -571,3 +571,24 @@ async def post(
                 else:
                     break
     return Reply(status, received, json.loads(payload))
+
+
+@pytest.mark.integration
+async def test_a_session_ends_with_its_users_token(tmp_path: Path) -> None:
+    async with principal_setup(tmp_path) as pp:
+        resolver = pp.setup.connector.principal_resolver
+        assert resolver is not None
+        token = pp.token()
+
+        def run() -> tuple[str, LogonError]:
+            with pp.connect(token=token) as connection:
+                first: str = connection.call("STFC_CONNECTION", REQUTEXT="x")["RESPTEXT"]
+                # An hour later (the connector's clock), the same session's next call.
+                resolver.clock = lambda: time.time() + 3600
+                with pytest.raises(LogonError) as info:
+                    connection.call("STFC_CONNECTION", REQUTEXT="y")
+                return first, info.value
+
+        first, error = await in_thread(run)
+    assert "Logon_Data: 100/ALICE/" in first
+    assert "principal propagation (expired)" in str(error.message)

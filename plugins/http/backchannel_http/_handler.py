@@ -47,6 +47,7 @@ from ._rewrite import (
     host_matches,
     printable,
     request_headers,
+    request_trailers,
     response_headers,
     wants_websocket,
 )
@@ -673,7 +674,9 @@ class _Upload:
                     await self.backend.send(event)
                     self.progress()
                 elif isinstance(event, h11.EndOfMessage):
-                    await self.backend.send(event)
+                    await self.backend.send(
+                        h11.EndOfMessage(headers=request_trailers(event.headers))
+                    )
                     return
                 else:
                     raise _BadRequest(f"unexpected {event!r} in a request body")

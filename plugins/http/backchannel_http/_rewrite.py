@@ -173,6 +173,13 @@ def _without(headers: Headers, *names: bytes) -> Headers:
     return [(k, v) for k, v in headers if k not in names]
 
 
+def request_trailers(trailers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """A request's trailers as the backend may see them: without the headers only the
+    connector may set (user certificates, forwarding), which some servers merge into the
+    request's headers."""
+    return _without_client_forwarding(list(trailers))
+
+
 def _without_client_forwarding(headers: Headers) -> Headers:
     return [(k, v) for k, v in headers if k.replace(b"_", b"-") not in _CLIENT_FORWARDING]
 

@@ -21,6 +21,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -173,6 +174,9 @@ class _RfcConnection:
         self.state = AWAITING_LOGON
         self.lease: Lease | None = None
         self.user = ""
+        #: With principal propagation: when the user's token (or certificate) must be checked
+        #: again; a session never outlives its user's token.
+        self.recheck_at = math.inf
         self.descriptions: dict[str, Any] = {}
 
     async def release(self) -> None:
@@ -233,6 +237,8 @@ class _RfcConnection:
     async def _dispatch(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         if op == "logon":
             return await self._logon(request)
+        if op != "close":
+            self._recheck_user()
         if op == "describe":
             name = self._check(str(request.get("name", "")), "describe")
             return {"ok": True, "description": description_to_wire(await self._describe(name))}
@@ -248,6 +254,7 @@ class _RfcConnection:
         ignored = ""
         if self.options.principal_propagation:
             propagated = self._propagated_user()
+            self.recheck_at = propagated.valid_until
             ignored = ",".join(k for k in _CREDENTIAL_KEYS if k in logon)
             logon = {k: logon[k] for k in ("client", "lang") if k in logon}
             logon["x509cert"] = propagated.certificate.der_base64()
@@ -300,6 +307,19 @@ class _RfcConnection:
             "user": self.user,
             "language": attributes.get("language", ""),
         }
+
+    def _recheck_user(self) -> None:
+        """Past ``recheck_at``, validate the user's token again: an expired one ends the
+        session (LogonError naming the reason), a valid one carries on."""
+        resolver = self.session.principal_resolver
+        now = resolver.clock() if resolver is not None else time.time()
+        if now < self.recheck_at:
+            return
+        try:
+            self.recheck_at = self._propagated_user().valid_until
+        except RFCLibError:
+            self.state = CLOSED  # the user's session on the backend ends with the token
+            raise
 
     def _propagated_user(self) -> PropagatedUser:
         """The cloud user behind the stream's token (the core validates and audits it)."""
