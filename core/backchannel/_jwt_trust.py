@@ -40,7 +40,6 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Final, NoReturn, TypeAlias
 
 import jwt
@@ -50,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.types import Options
 
-from ._principal_errors import PrincipalError, PrincipalReason
+from ._principal_errors import PrincipalError, PrincipalReason, refuse, shown, when
 
 PublicKey: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
@@ -634,24 +633,6 @@ def _idp_from_wire(item: object, where: str) -> TrustedIdp:
 # --- validation -------------------------------------------------------------------------------
 
 
-def _shown(value: object, limit: int = 64) -> str:
-    """A token-supplied value for a message: quoted, and cut short so no message can carry the
-    token or its signature."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _when(timestamp: float) -> str:
-    try:
-        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return f"{timestamp!r} (out of range)"
-
-
-def _refuse(reason: PrincipalReason, message: str, **details: str) -> NoReturn:
-    raise PrincipalError(reason, message, details)
-
-
 def _no_float_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
@@ -659,28 +640,28 @@ def _no_float_constants(name: str) -> NoReturn:
 def _segment_json(segment: str, part: str) -> dict[str, Any]:
     malformed = PrincipalReason.MALFORMED_TOKEN
     if not _BASE64URL.fullmatch(segment):
-        _refuse(malformed, f"the token's {part} is not base64url text")
+        refuse(malformed, f"the token's {part} is not base64url text")
     stripped = segment.rstrip("=")
     try:
         raw = base64.urlsafe_b64decode(stripped + "=" * (-len(stripped) % 4))
     except (binascii.Error, ValueError):
-        _refuse(malformed, f"the token's {part} is not valid base64url")
+        refuse(malformed, f"the token's {part} is not valid base64url")
     if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != stripped:
-        _refuse(malformed, f"the token's {part} is not canonical base64url")
+        refuse(malformed, f"the token's {part} is not canonical base64url")
     try:
         value = json.loads(raw, parse_constant=_no_float_constants)
         # Lone surrogates decode from JSON escapes but are not text; refuse them here.
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError, UnicodeError):
-        _refuse(malformed, f"the token's {part} is not a JSON object in valid UTF-8")
+        refuse(malformed, f"the token's {part} is not a JSON object in valid UTF-8")
     if not isinstance(value, dict):
-        _refuse(malformed, f"the token's {part} is JSON but not an object")
+        refuse(malformed, f"the token's {part} is JSON but not an object")
     return value
 
 
 def _select_key(idp: TrustedIdp, kid: str | None, details: dict[str, str]) -> IdpKey:
     if not idp.keys:
-        _refuse(
+        refuse(
             PrincipalReason.UNKNOWN_KEY,
             f"identity provider {idp.name!r} has no JWT signing keys (only SAML signing "
             "certificates): give it a jwks_file or public_key_file to accept its JWTs",
@@ -693,20 +674,20 @@ def _select_key(idp: TrustedIdp, kid: str | None, details: dict[str, str]) -> Id
         if len(idp.keys) == 1 and idp.keys[0].kid is None:
             return idp.keys[0]  # the operator configured one key without pinning its kid
         known = ", ".join(repr(key.kid) for key in idp.keys if key.kid is not None)
-        _refuse(
+        refuse(
             PrincipalReason.UNKNOWN_KEY,
-            f"the token's key id {_shown(kid)} is not among the keys of identity provider "
+            f"the token's key id {shown(kid)} is not among the keys of identity provider "
             f"{idp.name!r} ({known or 'none with a kid'}): if the IdP rotated its keys, "
             "synchronise the trust list",
             **details,
         )
     if len(idp.keys) == 1:
         return idp.keys[0]
-    _refuse(
+    raise PrincipalError(
         PrincipalReason.UNKNOWN_KEY,
         f"the token has no key id (kid) and identity provider {idp.name!r} has "
         f"{len(idp.keys)} keys: the IdP must name its signing key in the token header",
-        **details,
+        details,
     )
 
 
@@ -715,7 +696,7 @@ def _numeric_date(claims: Mapping[str, Any], claim: str, details: dict[str, str]
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             f"the token's {claim!r} claim is not a number of seconds since the epoch",
             **details,
@@ -729,27 +710,27 @@ def _check_times(
     exp = _numeric_date(claims, "exp", details)
     nbf = _numeric_date(claims, "nbf", details)
     iat = _numeric_date(claims, "iat", details)
-    clock = f"now is {_when(now)}, leeway {leeway:g} s"
+    clock = f"now is {when(now)}, leeway {leeway:g} s"
     if exp is None:  # PyJWT requires it too; kept so this function stands alone
-        _refuse(PrincipalReason.MALFORMED_TOKEN, "the token has no 'exp' claim", **details)
+        refuse(PrincipalReason.MALFORMED_TOKEN, "the token has no 'exp' claim", **details)
     if exp <= now - leeway:
-        _refuse(
+        refuse(
             PrincipalReason.EXPIRED,
-            f"the token expired at {_when(exp)} ({clock}): the application must send a fresh "
+            f"the token expired at {when(exp)} ({clock}): the application must send a fresh "
             "token, or the connector's clock is wrong",
             **details,
         )
     if nbf is not None and nbf > now + leeway:
-        _refuse(
+        refuse(
             PrincipalReason.NOT_YET_VALID,
-            f"the token is not valid before {_when(nbf)} ({clock}): check the clocks of the "
+            f"the token is not valid before {when(nbf)} ({clock}): check the clocks of the "
             "connector and the identity provider",
             **details,
         )
     if iat is not None and iat > now + leeway:
-        _refuse(
+        refuse(
             PrincipalReason.NOT_YET_VALID,
-            f"the token was issued in the future, at {_when(iat)} ({clock}): check the clocks "
+            f"the token was issued in the future, at {when(iat)} ({clock}): check the clocks "
             "of the connector and the identity provider",
             **details,
         )
@@ -765,32 +746,54 @@ def _check_audience(
     audiences = [aud] if isinstance(aud, str) else aud
     if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
         if aud is None:
-            _refuse(
+            refuse(
                 PrincipalReason.WRONG_AUDIENCE,
                 f"the token has no audience (aud); identity provider {idp.name!r} accepts "
                 f"{', '.join(map(repr, idp.audiences))}",
                 **details,
             )
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             "the token's 'aud' claim is neither a string nor a list of strings",
             **details,
         )
-    shown = ", ".join(_shown(a, 48) for a in audiences[:5]) + (", …" if len(audiences) > 5 else "")
+    named = ", ".join(shown(a, 48) for a in audiences[:5]) + (", …" if len(audiences) > 5 else "")
     if not set(audiences) & set(idp.audiences):
-        _refuse(
+        refuse(
             PrincipalReason.WRONG_AUDIENCE,
-            f"the token is for audience {shown or '(none)'}, but identity provider "
+            f"the token is for audience {named or '(none)'}, but identity provider "
             f"{idp.name!r} is trusted only for {', '.join(map(repr, idp.audiences))}: the "
             "application must request a token for one of those, or add its audience to the IdP",
             **details,
         )
     if required_audience is not None and required_audience not in audiences:
-        _refuse(
+        refuse(
             PrincipalReason.WRONG_AUDIENCE,
             f"the token is for audience {shown}, but {required_audience!r} is required here",
             **details,
         )
+
+
+def trusted_idp(trust: TrustList, issuer: str, details: dict[str, str]) -> TrustedIdp:
+    """The trusted IdP with this exact issuer (a JWT's ``iss``, a SAML ``Issuer``); refuses
+    UNTRUSTED_ISSUER for an unknown one and IDP_NOT_TRUSTED for one marked untrusted."""
+    idp = trust.get(issuer)
+    if idp is None:
+        refuse(
+            PrincipalReason.UNTRUSTED_ISSUER,
+            f"issuer {shown(issuer, 200)} is not a trusted identity provider "
+            f"({len(trust)} configured): add it to the trust list, or synchronise the list",
+            **details,
+        )
+    details["idp"] = idp.name
+    if not idp.trusted:
+        refuse(
+            PrincipalReason.IDP_NOT_TRUSTED,
+            f"identity provider {idp.name!r} (issuer {idp.issuer!r}) is known but not marked "
+            "trusted for principal propagation on this connector",
+            **details,
+        )
+    return idp
 
 
 def validate_jwt(
@@ -810,26 +813,26 @@ def validate_jwt(
     if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
         raise ValueError("now must be finite and leeway finite and not negative")
     if not isinstance(token, str) or not token.strip():
-        _refuse(
+        refuse(
             PrincipalReason.MISSING_TOKEN,
             "no user token was presented: the application must forward its user's JWT",
         )
     token = token.strip()
     if len(token) > MAX_TOKEN_LENGTH:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             f"the token is {len(token)} characters long; at most {MAX_TOKEN_LENGTH} are accepted",
         )
     if not token.isascii():
-        _refuse(PrincipalReason.MALFORMED_TOKEN, "the token contains non-ASCII characters")
+        refuse(PrincipalReason.MALFORMED_TOKEN, "the token contains non-ASCII characters")
     segments = token.split(".")
     if len(segments) == 5:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             "the token is encrypted (JWE, five parts); only signed tokens (JWS) are accepted",
         )
     if len(segments) != 3:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             f"the token has {len(segments)} dot-separated parts; a signed JWT has 3",
         )
@@ -837,12 +840,12 @@ def validate_jwt(
     header = _segment_json(header_segment, "header")
     alg = header.get("alg")
     if not isinstance(alg, str) or not alg:
-        _refuse(PrincipalReason.MALFORMED_TOKEN, "the token header names no algorithm (alg)")
+        refuse(PrincipalReason.MALFORMED_TOKEN, "the token header names no algorithm (alg)")
     details = {"alg": alg[:32]}
     if alg.lower() == "none" or not signature_segment.rstrip("="):
-        _refuse(
+        refuse(
             PrincipalReason.UNSIGNED_TOKEN,
-            f"the token is unsigned (alg {_shown(alg, 32)}, "
+            f"the token is unsigned (alg {shown(alg, 32)}, "
             f"{'empty' if not signature_segment else 'present'} signature): only tokens signed "
             "by a trusted identity provider are accepted",
             **details,
@@ -853,51 +856,36 @@ def validate_jwt(
             if alg.upper().startswith("HS")
             else "not an accepted signature algorithm"
         )
-        _refuse(
+        refuse(
             PrincipalReason.UNSUPPORTED_ALGORITHM,
-            f"the token's alg {_shown(alg, 32)} is {why}; accepted: "
+            f"the token's alg {shown(alg, 32)} is {why}; accepted: "
             f"{', '.join(sorted(ALLOWED_ALGORITHMS))}",
             **details,
         )
     if "crit" in header or "b64" in header:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             "the token header uses critical extensions (crit, b64), which are not supported",
             **details,
         )
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
-        _refuse(PrincipalReason.MALFORMED_TOKEN, "the token's key id (kid) is not a string")
+        refuse(PrincipalReason.MALFORMED_TOKEN, "the token's key id (kid) is not a string")
     if kid is not None:
         details["kid"] = kid[:64]
     claims = _segment_json(payload_segment, "payload")
     issuer = claims.get("iss")
     if not isinstance(issuer, str) or not issuer:
-        _refuse(
+        refuse(
             PrincipalReason.UNTRUSTED_ISSUER,
             "the token names no issuer (iss), so no trusted identity provider can vouch for it",
             **details,
         )
     details["issuer"] = issuer[:256]
-    idp = trust.get(issuer)
-    if idp is None:
-        _refuse(
-            PrincipalReason.UNTRUSTED_ISSUER,
-            f"issuer {_shown(issuer, 200)} is not a trusted identity provider "
-            f"({len(trust)} configured): add it to the trust list, or synchronise the list",
-            **details,
-        )
-    details["idp"] = idp.name
-    if not idp.trusted:
-        _refuse(
-            PrincipalReason.IDP_NOT_TRUSTED,
-            f"identity provider {idp.name!r} (issuer {idp.issuer!r}) is known but not marked "
-            "trusted for principal propagation on this connector",
-            **details,
-        )
+    idp = trusted_idp(trust, issuer, details)
     key = _select_key(idp, kid, details)
     if alg not in key.algorithms:
-        _refuse(
+        refuse(
             PrincipalReason.UNSUPPORTED_ALGORITHM,
             f"the token's alg {alg} does not suit the {key.description} key "
             f"{key.kid or '(without kid)'} of identity provider {idp.name!r}, which verifies "
@@ -909,7 +897,7 @@ def validate_jwt(
             token, key.key, algorithms=[alg], issuer=idp.issuer, options=_PYJWT_OPTIONS
         )
     except jwt.InvalidSignatureError:
-        _refuse(
+        refuse(
             PrincipalReason.BAD_SIGNATURE,
             f"the token's signature does not verify with the {key.description} key "
             f"{key.kid or '(without kid)'} of identity provider {idp.name!r}: the token was "
@@ -917,19 +905,19 @@ def validate_jwt(
             **details,
         )
     except jwt.MissingRequiredClaimError as exc:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             f"the token has no {exc.claim!r} claim; tokens without an expiry are refused",
             **details,
         )
     except jwt.InvalidIssuerError:
-        _refuse(
+        refuse(
             PrincipalReason.UNTRUSTED_ISSUER,
             f"the token's issuer does not match identity provider {idp.name!r}",
             **details,
         )
     except jwt.PyJWTError as exc:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             f"the token was refused by the JWT library ({type(exc).__name__})",
             **details,

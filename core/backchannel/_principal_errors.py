@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import NoReturn
 
 from ._exceptions import BackchannelError
 
@@ -73,3 +75,26 @@ class PrincipalError(BackchannelError):
     def code(self) -> str:
         """Shorthand for ``reason.code``."""
         return self.reason.code
+
+
+# Shared by the token validators (JWT, SAML): how they refuse and how their messages show
+# values the token supplied (quoted, cut short, so no message can carry the token itself).
+
+
+def refuse(reason: PrincipalReason, message: str, **details: str) -> NoReturn:
+    """Raise PrincipalError with ``reason``, ``message`` and short audit ``details``."""
+    raise PrincipalError(reason, message, details)
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """A token-supplied value for a message: quoted and cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def when(timestamp: float) -> str:
+    """A time for a message, ISO 8601 UTC (or the raw number if it is out of range)."""
+    try:
+        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return f"{timestamp!r} (out of range)"

@@ -65,7 +65,7 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -75,8 +75,8 @@ from signxml.exceptions import InvalidDigest
 from signxml.exceptions import InvalidSignature as SignXMLInvalidSignature
 from signxml.verifier import SignatureConfiguration, VerifyResult, XMLVerifier
 
-from ._jwt_trust import TrustedIdp, TrustList
-from ._principal_errors import PrincipalError, PrincipalReason
+from ._jwt_trust import TrustedIdp, TrustList, trusted_idp
+from ._principal_errors import PrincipalReason, refuse, shown, when
 
 SAML: Final = "urn:oasis:names:tc:SAML:2.0:assertion"
 SAMLP: Final = "urn:oasis:names:tc:SAML:2.0:protocol"
@@ -147,23 +147,6 @@ def _ds(local: str) -> str:
     return f"{{{DS}}}{local}"
 
 
-def _refuse(reason: PrincipalReason, message: str, **details: str) -> NoReturn:
-    raise PrincipalError(reason, message, details)
-
-
-def _shown(value: object, limit: int = 64) -> str:
-    """An assertion-supplied value for a message: quoted and cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _when(timestamp: float) -> str:
-    try:
-        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (OverflowError, ValueError, OSError):
-        return f"{timestamp!r} (out of range)"
-
-
 # --- reading the document ---------------------------------------------------------------------
 
 
@@ -185,20 +168,20 @@ def _parser() -> Any:
 def _decode(assertion_b64: str) -> bytes:
     malformed = PrincipalReason.MALFORMED_TOKEN
     if len(assertion_b64) > MAX_ASSERTION_TEXT:
-        _refuse(
+        refuse(
             malformed,
             f"the SAML assertion is {len(assertion_b64)} characters of base64; at most "
             f"{MAX_ASSERTION_TEXT} are accepted",
         )
     if not assertion_b64.isascii():
-        _refuse(malformed, "the SAML assertion's base64 contains non-ASCII characters")
+        refuse(malformed, "the SAML assertion's base64 contains non-ASCII characters")
     compact = "".join(assertion_b64.split())  # senders may wrap base64 into lines
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError):
-        _refuse(malformed, "the SAML assertion is not valid base64 (the standard alphabet)")
+        refuse(malformed, "the SAML assertion is not valid base64 (the standard alphabet)")
     if len(data) > MAX_ASSERTION_BYTES:
-        _refuse(
+        refuse(
             malformed,
             f"the SAML assertion is {len(data)} bytes of XML; at most {MAX_ASSERTION_BYTES} "
             "are accepted",
@@ -211,12 +194,12 @@ def _parse(data: bytes) -> Any:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
-        _refuse(malformed, "the SAML assertion is not UTF-8 text")
+        refuse(malformed, "the SAML assertion is not UTF-8 text")
     declared = _XML_DECLARATION.match(data)
     if declared and declared.group(1).lower() not in (b"utf-8", b"utf8"):
-        _refuse(malformed, "the SAML assertion must be encoded in UTF-8")
+        refuse(malformed, "the SAML assertion must be encoded in UTF-8")
     if any(markup in data for markup in _FORBIDDEN_MARKUP):
-        _refuse(
+        refuse(
             malformed,
             "the SAML assertion contains a document type or entity declaration, which is "
             "never accepted (XML external entities, entity expansion)",
@@ -225,20 +208,20 @@ def _parse(data: bytes) -> Any:
         root = etree.fromstring(data, parser=_parser())
     except etree.XMLSyntaxError as exc:
         line, column = exc.position if exc.position else (0, 0)
-        _refuse(
+        refuse(
             malformed,
             f"the SAML assertion is not well-formed XML (line {line}, column {column})",
         )
     docinfo = root.getroottree().docinfo
     if docinfo.internalDTD is not None or docinfo.externalDTD is not None:
-        _refuse(malformed, "the SAML assertion has a document type declaration")
+        refuse(malformed, "the SAML assertion has a document type declaration")
     depth = 0
     for event, element in etree.iterwalk(root, events=("start", "end")):
         if isinstance(element, etree._Entity):
-            _refuse(malformed, "the SAML assertion contains an entity reference")
+            refuse(malformed, "the SAML assertion contains an entity reference")
         depth += 1 if event == "start" else -1
         if depth > MAX_DEPTH:
-            _refuse(
+            refuse(
                 malformed,
                 f"the SAML assertion nests elements more than {MAX_DEPTH} deep",
             )
@@ -263,14 +246,14 @@ def _plain_text(element: Any) -> str | None:
 def _time(value: str | None, what: str, reason: PrincipalReason, details: dict[str, str]) -> float:
     match = _TIME.fullmatch(value.strip()) if value is not None else None
     if match is None:
-        _refuse(reason, f"the SAML assertion's {what} is not a UTC xs:dateTime", **details)
+        refuse(reason, f"the SAML assertion's {what} is not a UTC xs:dateTime", **details)
     year, month, day, hour, minute, second, fraction = match.groups()
     try:
         moment = datetime(
             int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC
         )
     except ValueError:
-        _refuse(reason, f"the SAML assertion's {what} is not a valid date and time", **details)
+        refuse(reason, f"the SAML assertion's {what} is not a valid date and time", **details)
     return moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
 
 
@@ -284,23 +267,23 @@ def _check_signature_shape(root: Any, root_id: str, details: dict[str, str]) -> 
     signatures = _children(root, _SIGNATURE)
     if not signatures:
         if root.find(f".//{_SIGNATURE}") is not None:
-            _refuse(
+            refuse(
                 wrapping,
                 "the SAML assertion carries a signature, but not as its own child: only an "
                 "assertion that is itself signed is accepted",
                 **details,
             )
-        _refuse(
+        refuse(
             PrincipalReason.UNSIGNED_TOKEN,
             "the SAML assertion is unsigned: only assertions signed by a trusted identity "
             "provider are accepted",
             **details,
         )
     if len(signatures) > 1:
-        _refuse(wrapping, f"the SAML assertion has {len(signatures)} signatures", **details)
+        refuse(wrapping, f"the SAML assertion has {len(signatures)} signatures", **details)
     signed_info = signatures[0].find(_ds("SignedInfo"))
     if signed_info is None:
-        _refuse(
+        refuse(
             PrincipalReason.SAML_BAD_SIGNATURE,
             "the SAML assertion's signature has no SignedInfo",
             **details,
@@ -309,15 +292,15 @@ def _check_signature_shape(root: Any, root_id: str, details: dict[str, str]) -> 
     algorithm = method.get("Algorithm", "") if method is not None else ""
     details["alg"] = algorithm.rpartition("#")[2][:32]
     if algorithm not in {m.value for m in ALLOWED_SIGNATURE_METHODS}:
-        _refuse(
+        refuse(
             PrincipalReason.UNSUPPORTED_ALGORITHM,
-            f"the SAML assertion is signed with {_shown(algorithm, 80)}; accepted: "
+            f"the SAML assertion is signed with {shown(algorithm, 80)}; accepted: "
             f"{', '.join(sorted(m.name for m in ALLOWED_SIGNATURE_METHODS))}",
             **details,
         )
     references = signed_info.findall(_ds("Reference"))
     if len(references) != 1 or references[0].get("URI") != f"#{root_id}":
-        _refuse(
+        refuse(
             wrapping,
             "the SAML assertion's signature does not reference the assertion itself (exactly "
             "one reference to its ID is required)",
@@ -326,15 +309,15 @@ def _check_signature_shape(root: Any, root_id: str, details: dict[str, str]) -> 
     digest = references[0].find(_ds("DigestMethod"))
     digest_algorithm = digest.get("Algorithm", "") if digest is not None else ""
     if digest_algorithm not in {d.value for d in ALLOWED_DIGEST_ALGORITHMS}:
-        _refuse(
+        refuse(
             PrincipalReason.UNSUPPORTED_ALGORITHM,
-            f"the SAML assertion's digest algorithm {_shown(digest_algorithm, 80)} is not "
+            f"the SAML assertion's digest algorithm {shown(digest_algorithm, 80)} is not "
             f"accepted; accepted: {', '.join(sorted(d.name for d in ALLOWED_DIGEST_ALGORITHMS))}",
             **details,
         )
     same_id = root.xpath("//*[@*[local-name() = 'ID'] = $id]", id=root_id)
     if len(same_id) != 1:
-        _refuse(
+        refuse(
             wrapping,
             f"{len(same_id)} elements carry the signed assertion's ID: only one may",
             **details,
@@ -346,7 +329,7 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
     signing certificates."""
     certificates = idp.saml_signing_certificates
     if not certificates:
-        _refuse(
+        refuse(
             PrincipalReason.UNKNOWN_KEY,
             f"identity provider {idp.name!r} has no SAML signing certificate: give it a "
             "saml_certificate_file to accept its SAML assertions",
@@ -356,7 +339,7 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
     key_type = ec.EllipticCurvePublicKey if details["alg"].startswith("ecdsa") else rsa.RSAPublicKey
     suitable = [c for c in certificates if isinstance(c.public_key(), key_type)]
     if not suitable:
-        _refuse(
+        refuse(
             PrincipalReason.SAML_BAD_SIGNATURE,
             f"the SAML assertion is signed with {details['alg']}, but identity provider "
             f"{idp.name!r} has no {'EC' if key_type is ec.EllipticCurvePublicKey else 'RSA'} "
@@ -365,10 +348,10 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
         )
     usable = [c for c in suitable if c.not_valid_before_utc <= moment <= c.not_valid_after_utc]
     if not usable:
-        _refuse(
+        refuse(
             PrincipalReason.SAML_BAD_SIGNATURE,
             f"no SAML signing certificate of identity provider {idp.name!r} is valid now "
-            f"({_validity(suitable)}; now is {_when(now)}): configure the IdP's current "
+            f"({_validity(suitable)}; now is {when(now)}): configure the IdP's current "
             "certificate",
             **details,
         )
@@ -390,7 +373,7 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
                 expect_config=config,
             )
         except InvalidDigest:
-            _refuse(
+            refuse(
                 PrincipalReason.SAML_BAD_SIGNATURE,
                 f"the SAML assertion was altered after identity provider {idp.name!r} signed "
                 "it (its digest does not match)",
@@ -399,14 +382,14 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
         except SignXMLInvalidSignature:
             continue  # another of the IdP's certificates may verify it (a rollover)
         except Exception as exc:  # signxml walks hostile XML: any failure is a refusal
-            _refuse(
+            refuse(
                 PrincipalReason.SAML_BAD_SIGNATURE,
                 f"the SAML assertion's signature is malformed or unusable ({type(exc).__name__})",
                 **details,
             )
         break
     if not isinstance(result, VerifyResult):
-        _refuse(
+        refuse(
             PrincipalReason.SAML_BAD_SIGNATURE,
             f"the SAML assertion's signature does not verify with the {len(usable)} SAML signing "
             f"certificate(s) of identity provider {idp.name!r}: the assertion was forged, or "
@@ -422,7 +405,7 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
         or len(references) != 1
         or references[0].get("URI") != f"#{root_id}"
     ):
-        _refuse(
+        refuse(
             PrincipalReason.SAML_SIGNATURE_WRAPPING,
             "what the SAML signature covers is not the assertion that was sent",
             **details,
@@ -432,7 +415,7 @@ def _verify(data: bytes, root_id: str, idp: TrustedIdp, now: float, details: dic
 
 def _validity(certificates: list[x509.Certificate]) -> str:
     return ", ".join(
-        f"{_when(c.not_valid_before_utc.timestamp())} to {_when(c.not_valid_after_utc.timestamp())}"
+        f"{when(c.not_valid_before_utc.timestamp())} to {when(c.not_valid_after_utc.timestamp())}"
         for c in certificates
     )
 
@@ -449,20 +432,20 @@ def _check_conditions(
     details: dict[str, str],
 ) -> dict[str, Any]:
     conditions_reason = PrincipalReason.SAML_CONDITIONS
-    clock = f"now is {_when(now)}, leeway {leeway:g} s"
+    clock = f"now is {when(now)}, leeway {leeway:g} s"
     issued = _time(
         signed.get("IssueInstant"), "IssueInstant", PrincipalReason.MALFORMED_TOKEN, details
     )
     if issued > now + leeway:
-        _refuse(
+        refuse(
             PrincipalReason.NOT_YET_VALID,
-            f"the SAML assertion was issued in the future, at {_when(issued)} ({clock}): check "
+            f"the SAML assertion was issued in the future, at {when(issued)} ({clock}): check "
             "the clocks of the connector and the identity provider",
             **details,
         )
     all_conditions = _children(signed, _saml("Conditions"))
     if len(all_conditions) != 1:
-        _refuse(
+        refuse(
             conditions_reason,
             f"the SAML assertion has {len(all_conditions)} Conditions elements; exactly one, "
             "with NotOnOrAfter and an AudienceRestriction, is required",
@@ -470,7 +453,7 @@ def _check_conditions(
         )
     conditions = all_conditions[0]
     if conditions.get("NotOnOrAfter") is None:
-        _refuse(
+        refuse(
             conditions_reason,
             "the SAML assertion's Conditions have no NotOnOrAfter; assertions without an "
             "expiry are refused",
@@ -482,16 +465,16 @@ def _check_conditions(
         None if not_before is None else _time(not_before, "NotBefore", conditions_reason, details)
     )
     if expires <= now - leeway:
-        _refuse(
+        refuse(
             PrincipalReason.EXPIRED,
-            f"the SAML assertion expired at {_when(expires)} ({clock}): the application must "
+            f"the SAML assertion expired at {when(expires)} ({clock}): the application must "
             "send a fresh assertion, or the connector's clock is wrong",
             **details,
         )
     if starts is not None and starts > now + leeway:
-        _refuse(
+        refuse(
             PrincipalReason.NOT_YET_VALID,
-            f"the SAML assertion is not valid before {_when(starts)} ({clock}): check the "
+            f"the SAML assertion is not valid before {when(starts)} ({clock}): check the "
             "clocks of the connector and the identity provider",
             **details,
         )
@@ -501,9 +484,9 @@ def _check_conditions(
             continue  # a comment the signature covered
         if condition.tag != _saml("AudienceRestriction"):
             name = etree.QName(condition).localname
-            _refuse(
+            refuse(
                 conditions_reason,
-                f"the SAML assertion has the condition {_shown(name, 48)}, which the connector "
+                f"the SAML assertion has the condition {shown(name, 48)}, which the connector "
                 "does not enforce (only AudienceRestriction is understood), so it is refused",
                 **details,
             )
@@ -525,26 +508,26 @@ def _check_audience(
     reason = PrincipalReason.SAML_AUDIENCE
     accepted = ", ".join(map(repr, idp.audiences))
     if not restrictions:
-        _refuse(
+        refuse(
             reason,
             f"the SAML assertion has no AudienceRestriction; identity provider {idp.name!r} "
             f"accepts {accepted}",
             **details,
         )
     for audiences in restrictions:
-        shown = ", ".join(_shown(a, 48) for a in audiences[:5]) + (
+        named = ", ".join(shown(a, 48) for a in audiences[:5]) + (
             ", …" if len(audiences) > 5 else ""
         )
         if not set(audiences) & set(idp.audiences):
-            _refuse(
+            refuse(
                 reason,
-                f"the SAML assertion is for audience {shown or '(none)'}, but identity provider "
+                f"the SAML assertion is for audience {named or '(none)'}, but identity provider "
                 f"{idp.name!r} is trusted only for {accepted}: the IdP must issue it for one of "
                 "those, or add its audience to the IdP",
                 **details,
             )
         if required_audience is not None and required_audience not in audiences:
-            _refuse(
+            refuse(
                 reason,
                 f"the SAML assertion is for audience {shown}, but {required_audience!r} is "
                 "required here",
@@ -556,12 +539,12 @@ def _check_subject(
     signed: Any, now: float, leeway: float, details: dict[str, str]
 ) -> dict[str, Any]:
     reason = PrincipalReason.SAML_SUBJECT_CONFIRMATION
-    clock = f"now is {_when(now)}, leeway {leeway:g} s"
+    clock = f"now is {when(now)}, leeway {leeway:g} s"
     subjects = _children(signed, _saml("Subject"))
     name_ids = _children(subjects[0], _saml("NameID")) if len(subjects) == 1 else []
     name_id = _plain_text(name_ids[0]) if len(name_ids) == 1 else None
     if not name_id:
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             "the SAML assertion needs exactly one Subject with one plain NameID (encrypted "
             "and BaseID subjects are not supported)",
@@ -571,7 +554,7 @@ def _check_subject(
         c for c in _children(subjects[0], _saml("SubjectConfirmation")) if c.get("Method") == BEARER
     ]
     if not bearer:
-        _refuse(
+        refuse(
             reason,
             "the SAML assertion has no bearer SubjectConfirmation (other methods cannot be "
             "checked by the connector)",
@@ -588,13 +571,13 @@ def _check_subject(
         since = data[0].get("NotBefore")
         starts = None if since is None else _time(since, "NotBefore", reason, details)
         if until <= now - leeway:
-            problems.append(f"the confirmation ended at {_when(until)}")
+            problems.append(f"the confirmation ended at {when(until)}")
         elif starts is not None and starts > now + leeway:
-            problems.append(f"the confirmation starts at {_when(starts)}")
+            problems.append(f"the confirmation starts at {when(starts)}")
         else:
             break
     else:
-        _refuse(
+        refuse(
             reason,
             f"no bearer SubjectConfirmation of the SAML assertion holds now ({clock}): "
             f"{'; '.join(problems)}",
@@ -658,7 +641,7 @@ def validate_saml(
     if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
         raise ValueError("now must be finite and leeway finite and not negative")
     if not isinstance(assertion_b64, str) or not assertion_b64.strip():
-        _refuse(
+        refuse(
             PrincipalReason.MISSING_TOKEN,
             "no SAML assertion was presented: the application must forward its user's assertion",
         )
@@ -668,14 +651,14 @@ def validate_saml(
     if root.tag != _ASSERTION:
         nested = root.findall(f".//{_ASSERTION}")
         if len(nested) > 1:
-            _refuse(
+            refuse(
                 PrincipalReason.SAML_SIGNATURE_WRAPPING,
                 f"the document holds {len(nested)} SAML assertions; one signed assertion is "
                 "accepted, on its own",
                 **details,
             )
         what = "a samlp:Response" if root.tag == f"{{{SAMLP}}}Response" else "not an assertion"
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             f"the document is {what}: send the signed saml2:Assertion element itself, base64 "
             "encoded (encrypted assertions are not supported)",
@@ -683,7 +666,7 @@ def validate_saml(
         )
     root_id = root.get("ID")
     if not root_id or root.get("Version") != "2.0":
-        _refuse(
+        refuse(
             PrincipalReason.MALFORMED_TOKEN,
             "the SAML assertion needs an ID and Version 2.0",
             **details,
@@ -692,40 +675,25 @@ def validate_saml(
     issuers = _children(root, _saml("Issuer"))
     issuer = _plain_text(issuers[0]) if len(issuers) == 1 else None
     if not issuer:
-        _refuse(
+        refuse(
             PrincipalReason.UNTRUSTED_ISSUER,
             "the SAML assertion names no Issuer (exactly one is required), so no trusted "
             "identity provider can vouch for it",
             **details,
         )
     details["issuer"] = issuer[:256]
-    idp = trust.get(issuer)
-    if idp is None:
-        _refuse(
-            PrincipalReason.UNTRUSTED_ISSUER,
-            f"issuer {_shown(issuer, 200)} is not a trusted identity provider "
-            f"({len(trust)} configured): add it to the trust list, or synchronise the list",
-            **details,
-        )
-    details["idp"] = idp.name
-    if not idp.trusted:
-        _refuse(
-            PrincipalReason.IDP_NOT_TRUSTED,
-            f"identity provider {idp.name!r} (issuer {idp.issuer!r}) is known but not marked "
-            "trusted for principal propagation on this connector",
-            **details,
-        )
+    idp = trusted_idp(trust, issuer, details)
     signed = _verify(data, root_id, idp, now, details)
     # Only the signed assertion from here on.
     signed_issuers = _children(signed, _saml("Issuer"))
     if len(signed_issuers) != 1 or _plain_text(signed_issuers[0]) != issuer:
-        _refuse(
+        refuse(
             PrincipalReason.SAML_SIGNATURE_WRAPPING,
             "the signed SAML assertion names another issuer than the one it was checked for",
             **details,
         )
     if signed.get("Version") != "2.0":
-        _refuse(PrincipalReason.MALFORMED_TOKEN, "the SAML assertion is not Version 2.0", **details)
+        refuse(PrincipalReason.MALFORMED_TOKEN, "the SAML assertion is not Version 2.0", **details)
     claims = _attributes(signed)
     claims.update(_check_conditions(signed, idp, now, leeway, required_audience, details))
     claims.update(_check_subject(signed, now, leeway, details))
