@@ -10,8 +10,6 @@ is :mod:`backchannel_http._front_door`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import http
 import re
 from collections.abc import Iterable, Sequence
@@ -28,6 +26,7 @@ from backchannel import (
     NotConnectedError,
     ResetCode,
     StreamError,
+    authenticate_authorization,
     is_valid_location_id,
 )
 
@@ -302,24 +301,9 @@ def forward_response_headers(
 
 
 def authenticate(services: GatewayServices, value: bytes | None) -> AppIdentity:
-    """Check an ``Authorization`` / ``Proxy-Authorization`` value: ``Basic`` with
-    ``subaccount/app:secret`` or ``Bearer`` with an app token. Raises AuthenticationError."""
-    if value is None:
-        raise AuthenticationError("no credentials")
-    scheme, _, credentials = value.strip().partition(b" ")
-    credentials = credentials.strip()
-    if scheme.lower() == b"basic":
-        try:
-            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise AuthenticationError("malformed Basic credentials") from None
-        username, colon, password = decoded.partition(":")
-        if not colon:
-            raise AuthenticationError("malformed Basic credentials (no ':')")
-        return services.authenticate_basic(username, password)
-    if scheme.lower() == b"bearer":
-        return services.authenticate_bearer(credentials.decode("ascii", "replace"))
-    raise AuthenticationError(f"unsupported scheme {scheme.decode('ascii', 'replace')!r}")
+    """Check an ``Authorization`` / ``Proxy-Authorization`` value (see
+    :func:`backchannel.authenticate_authorization`). Raises AuthenticationError."""
+    return authenticate_authorization(services, value)
 
 
 def describe_location(location: str) -> str:

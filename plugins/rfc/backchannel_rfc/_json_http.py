@@ -4,8 +4,6 @@ bodies (the tables are in :mod:`backchannel_rfc._json_endpoint`'s docstring)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import math
@@ -22,6 +20,7 @@ from backchannel import (
     AuthenticationError,
     PrincipalReason,
     ResetCode,
+    parse_authorization,
 )
 
 from ._call_codec import (
@@ -325,32 +324,13 @@ def parse_options(query: str, *, call_timeout: float | None = None) -> CallOptio
 
 
 def credentials_of(request: h11.Request) -> tuple[str, str] | str:
-    """``(subaccount/app, secret)`` from Basic or the app token from Bearer; raises
-    AuthenticationError (whose message never repeats a secret)."""
+    """``(subaccount/app, secret)`` from Basic or the app token from Bearer (one
+    ``Authorization`` header); raises AuthenticationError (whose message never repeats a
+    secret)."""
     values = [value for name, value in request.headers if name == b"authorization"]
-    if not values:
-        raise AuthenticationError(
-            "no credentials: send Authorization: Basic (subaccount/app:secret) or Bearer "
-            "(app token)"
-        )
     if len(values) > 1:
         raise AuthenticationError("more than one Authorization header")
-    scheme, _, credentials = values[0].strip().partition(b" ")
-    credentials = credentials.strip()
-    if scheme.lower() == b"basic":
-        try:
-            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise AuthenticationError("malformed Basic credentials") from None
-        username, colon, secret = decoded.partition(":")
-        if not colon:
-            raise AuthenticationError("malformed Basic credentials (no ':')")
-        return username, secret
-    if scheme.lower() == b"bearer":
-        if not credentials.isascii() or not credentials:
-            raise AuthenticationError("malformed Bearer token")
-        return credentials.decode("ascii")
-    raise AuthenticationError("unsupported authorization scheme: use Basic or Bearer")
+    return parse_authorization(values[0] if values else None)
 
 
 def user_principal_of(request: h11.Request) -> str | None:
