@@ -420,7 +420,7 @@ BAD_CASES = [
         "connector",
         _set("subaccounts.acme.token_file", _DELETE),
         "subaccounts.acme.token",
-        "is required: set token_file (recommended) or token_env",
+        "is required: set certificate_file (recommended: a registered connector",
     ),
     BadCase(
         "overlapping-mappings",

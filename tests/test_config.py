@@ -169,6 +169,7 @@ def test_example_gateway_toml_is_valid(tmp_path: Path, tls_source: TlsMaterial) 
     assert config.tls_cert == path.parent / "tls" / "server.pem"
     assert config.audit.file == path.parent / "audit" / "gateway-audit.jsonl"
     sub = config.subaccounts["acme"]
+    assert sub.connector_token is not None
     assert sub.connector_token.reveal() == CONNECTOR_TOKEN
     assert sub.apps["crm"].secret.reveal() == APP_SECRET
     assert config.plugins.only == ("tcp",)
@@ -183,6 +184,7 @@ def test_example_connector_toml_is_valid(tmp_path: Path, tls_source: TlsMaterial
     connector = Connector(config)  # checks the mappings against the plugins; does not dial
     connector.audit.close()
     sub = config.subaccounts["acme"]
+    assert sub.token is not None
     assert sub.token.reveal() == CONNECTOR_TOKEN
     assert sub.ca_file == path.parent / "tls" / "ca.pem"
     assert sub.location == ""
@@ -296,6 +298,7 @@ def test_relative_paths_are_taken_from_the_config_files_folder(
     assert config.tls_key.resolve() == (base / "tls" / "server.key").resolve()
     assert config.audit.file is not None
     assert config.audit.file.resolve() == (base / "audit" / "gw.jsonl").resolve()
+    assert config.subaccounts["acme"].connector_token is not None
     assert config.subaccounts["acme"].connector_token.reveal() == CONNECTOR_TOKEN
 
 
@@ -318,6 +321,7 @@ def test_secret_sources(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     path = write(base, text)
     sub = GatewayConfig.from_file(path).subaccounts["acme"]
+    assert sub.connector_token is not None
     assert sub.connector_token.reveal() == "padded-secret"
     assert sub.connector_token.origin == f"file {base / 'secrets' / 'padded'}"
     assert sub.apps["env"].secret.reveal() == " env-secret "

@@ -27,6 +27,7 @@ from ._plugins import (
     get_plugin_manager,
     installed_plugin_names,
 )
+from ._registration_cli import add_registration_commands, run_registration_command
 from ._version import __version__
 
 log = logging.getLogger("backchannel.cli")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--app", required=True, help="subaccount/app")
     token.add_argument("--ttl", type=int, default=3600, help="seconds of validity (default 3600)")
     add_ca_commands(commands)
+    add_registration_commands(commands)
     return parser
 
 
@@ -170,6 +172,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _app_token(args)
     if command == "ca":
         return run_ca_command(args)
+    if command in ("registration", "register", "status"):
+        return run_registration_command(args)
     raise AssertionError(command)
 
 
@@ -210,6 +214,8 @@ def _run_role(role: str, args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, instance, args.shutdown_grace)
+            if isinstance(instance, Gateway):
+                nursery.start_soon(_reload_on_sighup, instance)
             await nursery.start(instance.serve)
             log.info("backchannel %s %s running (config %s)", role, __version__, args.config)
 
@@ -246,6 +252,17 @@ async def _stop_on_signal(
                     grace,
                 )
                 nursery.start_soon(_drain_then_cancel, instance, grace, scope)
+
+
+async def _reload_on_sighup(gateway: Gateway) -> None:
+    """SIGHUP: take over changed identity providers (trust lists) without a restart."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("received SIGHUP: reloading identity providers from %s", gateway.config.source)
+            try:
+                gateway.reload_identity_providers()
+            except ConfigError as exc:
+                log.error("reload failed, the previous identity providers stay: %s", exc)
 
 
 async def _drain_then_cancel(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import ssl
 import tomllib
@@ -17,6 +18,7 @@ from ._identity import PrincipalPropagationConfig, read_identity_providers
 from ._jwt_trust import TrustList
 from ._plugins import PluginSelection, plugin_table_names
 from ._proto._mux import MuxSettings
+from ._registration import RegistrationConfig
 from ._transport import GatewayAddress, verifying_client_context
 from ._tunnel import TunnelSettings
 
@@ -154,7 +156,8 @@ class GatewaySubaccount:
     """A tenant on the gateway."""
 
     name: str
-    connector_token: Secret
+    #: The shared connector token; None: only registered connectors (certificates) may connect.
+    connector_token: Secret | None
     apps: Mapping[str, AppConfig]
     #: The identity providers whose users' tokens the connectors may accept.
     identity_providers: TrustList = field(default_factory=TrustList)
@@ -175,6 +178,8 @@ class GatewayConfig:
     subaccounts: Mapping[str, GatewaySubaccount]
     plugins: PluginSelection = field(default_factory=PluginSelection)
     plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: ``[registration]``: connector CA and records (None: token authentication only).
+    registration: RegistrationConfig | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> GatewayConfig:
@@ -201,11 +206,20 @@ class GatewayConfig:
         tunnel = read_tunnel_settings(tunnel_table)
         tunnel_table.finish()
         audit = AuditConfig.read(root.table("audit"))
+        registration = None
+        if "registration" in root:
+            registration = RegistrationConfig.read(root.table("registration"))
         subaccounts: dict[str, GatewaySubaccount] = {}
         for name, sub in root.named_tables("subaccounts"):
             check_name(sub, "", name, "subaccount")
-            token = sub.secret("connector_token")
-            assert token is not None
+            token = sub.secret("connector_token", required=False)
+            if token is None and registration is None:
+                raise sub.error(
+                    "connector_token",
+                    "is required: set connector_token_file (recommended) or "
+                    "connector_token_env, or configure [registration] so that connectors "
+                    "authenticate with certificates",
+                )
             apps: dict[str, AppConfig] = {}
             for app_name, app in sub.named_tables("apps"):
                 check_name(app, "", app_name, "app")
@@ -232,6 +246,7 @@ class GatewayConfig:
             subaccounts,
             selection,
             tables,
+            registration,
         )
 
 
@@ -253,13 +268,18 @@ class ConnectorSubaccount:
     name: str
     gateway: GatewayAddress
     location: str
-    token: Secret
+    #: The shared connector token, or None when the connector has a certificate instead.
+    token: Secret | None
     ca_file: Path | None
     proxy: ProxySettings | None
     use_environment_proxy: bool
     mappings: tuple[MappingEntry, ...]
     #: Names of the gateway's identity providers whose tokens this connector refuses.
     untrusted_identity_providers: frozenset[str] = frozenset()
+    #: Registered connectors: the file with certificate and key (see ``backchannel register``).
+    certificate_file: Path | None = None
+    #: Renew this long before expiry (None: when a third of the lifetime is left).
+    renew_before: datetime.timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +349,24 @@ def _read_connector_subaccount(name: str, sub: TableReader) -> ConnectorSubaccou
     except ValueError as exc:
         raise sub.error("gateway", str(exc)) from None
     location = check_location(sub, "location", sub.string("location", ""))
-    token = sub.secret("token")
-    assert token is not None
+    token = sub.secret("token", required=False)
+    certificate_file = sub.path("certificate_file", must_exist=False)
+    if (token is None) == (certificate_file is None):
+        raise sub.error(
+            "token",
+            "set either token_file/token_env (shared token) or certificate_file (a registered "
+            "connector, see `backchannel register`), not both"
+            if token is not None
+            else "is required: set certificate_file (recommended: a registered connector, see "
+            "`backchannel register`) or token_file/token_env",
+        )
+    renew_before = None
+    if "renew_before_days" in sub:
+        if certificate_file is None:
+            raise sub.error("renew_before_days", "needs certificate_file")
+        renew_before = datetime.timedelta(
+            days=sub.number("renew_before_days", 10, minimum=0.001, maximum=824)
+        )
     ca_file = sub.path("ca_file")
     if ca_file is not None:
         try:
@@ -351,5 +387,15 @@ def _read_connector_subaccount(name: str, sub: TableReader) -> ConnectorSubaccou
     untrusted = frozenset(sub.string_list("untrusted_identity_providers"))
     sub.finish()
     return ConnectorSubaccount(
-        name, gateway, location, token, ca_file, proxy, use_env, mappings, untrusted
+        name,
+        gateway,
+        location,
+        token,
+        ca_file,
+        proxy,
+        use_env,
+        mappings,
+        untrusted,
+        certificate_file,
+        renew_before,
     )

@@ -20,6 +20,9 @@ from ._access import AccessControl, Denied
 from ._audit import AuditLog
 from ._config import ConnectorConfig, ConnectorSubaccount
 from ._configutil import HostPort, TableReader
+from ._connector_certificate import CredentialError
+from ._connector_identity import ConnectorIdentity
+from ._connector_renewal import DEFAULT_CHECK_INTERVAL, CertificateKeeper
 from ._dial import ProxySettings, proxy_from_environment
 from ._exceptions import ConfigError, StreamError, TunnelError
 from ._identity import PrincipalResolver
@@ -27,6 +30,7 @@ from ._jwt_trust import TrustList
 from ._plugin_api import ConnectorContext, ConnectorHandler, Role, Session
 from ._plugins import collect_hook_results, get_plugin_manager, plugin_infos
 from ._proto._errors import ResetCode
+from ._registration import Clock, utc_now
 from ._stream import TunnelStream
 from ._transport import client_ssl_context, closed_reason, dial_gateway
 from ._tunnel import Tunnel
@@ -48,14 +52,23 @@ class TunnelStatus:
     connects: int = 0
     last_error: str = ""
     tunnel: Tunnel | None = None
+    #: The connector certificate of a registered connector (None: shared token).
+    certificate: CertificateKeeper | None = None
 
 
 class Connector:
     """A connector instance. Use :func:`open_connector`, or ``await nursery.start(c.serve)``."""
 
     def __init__(
-        self, config: ConnectorConfig, *, plugin_manager: pluggy.PluginManager | None = None
+        self,
+        config: ConnectorConfig,
+        *,
+        plugin_manager: pluggy.PluginManager | None = None,
+        clock: Clock | None = None,
+        certificate_check_interval: float = DEFAULT_CHECK_INTERVAL,
     ) -> None:
+        """``clock`` (UTC wall clock) and ``certificate_check_interval`` (seconds between
+        looks at a registered connector's certificate) are for tests."""
         self.config = config
         self._plugins = plugin_manager or get_plugin_manager(config.plugins, source=config.source)
         self.handlers = self._build_handlers()
@@ -77,6 +90,21 @@ class Connector:
                 },
             )
         self._changed = trio.lowlevel.ParkingLot()
+        for name, sub in config.subaccounts.items():
+            if sub.certificate_file is not None:
+                self.status[name].certificate = CertificateKeeper(
+                    ConnectorIdentity(sub.name, sub.location),
+                    sub.certificate_file,
+                    renew_before=sub.renew_before,
+                    clock=clock or utc_now,
+                    audit=self.audit,
+                    check_interval=certificate_check_interval,
+                    on_change=self._notify,
+                )
+
+    def _notify(self) -> None:
+        """Something in ``status`` changed: wake ``wait_status`` callers."""
+        self._changed.unpark_all()
 
     def _build_handlers(self) -> dict[str, ConnectorHandler]:
         """Mapping protocol → handler; config errors surface here, before any dialling."""
@@ -173,22 +201,29 @@ class Connector:
 
     async def _keep_tunnel(self, sub: ConnectorSubaccount) -> None:
         status = self.status[sub.name]
-        ssl_context = client_ssl_context(sub.ca_file)
         proxy = self._proxies[sub.name]
         hello = {
             "role": "connector",
             "subaccount": sub.name,
             "location": sub.location,
-            "token": sub.token.reveal(),
             "software": f"backchannel {__version__}",
         }
+        if sub.token is not None:
+            hello["token"] = sub.token.reveal()
         delay = self.config.reconnect_min_delay
         label = f"{sub.name}/{sub.location or '-'} → {sub.gateway}"
         while not self._stopping:
             status.attempts += 1
             try:
+                ssl_context = self._ssl_context(sub, status)
                 if await self._connect_once(sub, status, label, ssl_context, proxy, hello):
                     delay = self.config.reconnect_min_delay
+            except* CredentialError as group:
+                # No usable certificate: say what to do, and keep looking at the file (a new
+                # registration while the connector runs is picked up).
+                status.last_error = str(_leaf_exceptions(group)[0])
+                log.error("tunnel %s cannot start: %s", label, status.last_error)
+                delay = self.config.reconnect_max_delay
             except* ConnectionClosed as group:
                 # The gateway closed the WebSocket while the tunnel was winding down (a GO_AWAY
                 # racing the close handshake): the tunnel is lost, nothing failed here.
@@ -208,6 +243,12 @@ class Connector:
             # once (after a gateway restart) must not reconnect in lock-step.
             await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  (not for security)
             delay = min(delay * 2, self.config.reconnect_max_delay)
+
+    def _ssl_context(self, sub: ConnectorSubaccount, status: TunnelStatus) -> ssl.SSLContext:
+        """TLS for the next dial: the registered connector presents its certificate."""
+        if status.certificate is None:
+            return client_ssl_context(sub.ca_file)
+        return status.certificate.context_for_dial(sub.ca_file)
 
     async def _connect_once(
         self,
@@ -247,6 +288,8 @@ class Connector:
                 control_handler=partial(self._on_control, sub),
             )
             self._set_connected(status, tunnel)
+            if status.certificate is not None:
+                nursery.start_soon(status.certificate.keep, tunnel)
             via = f" via proxy {proxy.redacted()}" if proxy else ""
             log.info("tunnel %s up%s", label, via)
             try:
@@ -258,6 +301,10 @@ class Connector:
         return True
 
     def _on_control(self, sub: ConnectorSubaccount, payload: dict[str, Any]) -> None:
+        keeper = self.status[sub.name].certificate
+        if "renewed" in payload and keeper is not None:
+            keeper.on_control(payload)
+            return
         _on_control_document(self.principal_resolver, sub, payload)
 
     async def drain(self, grace: float) -> int:

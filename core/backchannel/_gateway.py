@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import pluggy
 import trio
+from cryptography import x509
 
 from ._apptoken import verify_app_token
 from ._audit import AuditLog
 from ._config import LOCATION_ID, GatewayConfig
 from ._configutil import HostPort, Secret, TableReader
+from ._connector_identity import registration_path, serial_text
 from ._exceptions import (
     AuthenticationError,
     ConfigError,
@@ -24,12 +28,15 @@ from ._exceptions import (
     StreamError,
     TunnelError,
 )
+from ._gateway_registration import handle_renewal, serve_registration, watch_certificates
+from ._jwt_trust import TrustList
 from ._plugin_api import AppIdentity, FrontDoor, GatewayContext, Role
 from ._plugins import collect_hook_results, get_plugin_manager, plugin_infos
 from ._proto._errors import ResetCode
+from ._registration import Clock, ConnectorAuthority
 from ._registry import InMemoryTunnelRegistry, TunnelEntry, TunnelRegistry
 from ._stream import TunnelStream
-from ._transport import accept_tunnel, closed_reason, server_ssl_context
+from ._transport import PathHandler, accept_tunnel, closed_reason, server_ssl_context
 from ._tunnel import Tunnel
 from ._version import __version__
 
@@ -49,8 +56,15 @@ class Gateway:
         *,
         plugin_manager: pluggy.PluginManager | None = None,
         registry: TunnelRegistry | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
+        #: Signs and checks connector certificates (None without ``[registration]``).
+        self.authority: ConnectorAuthority | None = None
+        if config.registration is not None:
+            self.authority = ConnectorAuthority(
+                config.registration, source=config.source, clock=clock
+            )
         self.registry: TunnelRegistry = registry or InMemoryTunnelRegistry()
         self._plugins = plugin_manager or get_plugin_manager(config.plugins, source=config.source)
         self.audit = AuditLog(Role.GATEWAY, config.audit)
@@ -93,6 +107,8 @@ class Gateway:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen for tunnels and run the front doors until cancelled."""
         ssl_context = server_ssl_context(self.config.tls_cert, self.config.tls_key)
+        if self.authority is not None:
+            self.authority.configure_server_context(ssl_context)
         listen = self.config.listen
         self.audit.open()
         try:
@@ -104,6 +120,19 @@ class Gateway:
                     trio.serve_listeners, self._tunnel_connection(ssl_context), listeners
                 )
                 log.info("tunnel endpoint on wss://%s%s", self.tunnel_address, self.config.path)
+                if self.authority is not None:
+                    nursery.start_soon(
+                        watch_certificates,
+                        self.authority,
+                        self.registry,
+                        self.audit,
+                        self.authority.config.revocation_check_interval,
+                    )
+                    log.info(
+                        "connector registration on wss://%s%s",
+                        self.tunnel_address,
+                        registration_path(self.config.path),
+                    )
                 for door in self._front_doors:
                     addresses = await nursery.start(door.serve)
                     self.front_door_addresses[door.name] = list(addresses)
@@ -133,10 +162,18 @@ class Gateway:
     ) -> None:
         entry_holder: list[TunnelEntry] = []
 
-        async def authenticate(hello: dict[str, Any], peer: str) -> dict[str, Any]:
-            entry = self._authenticate_connector(hello, peer)
+        async def authenticate(
+            hello: dict[str, Any], peer: str, certificate: bytes | None
+        ) -> dict[str, Any]:
+            entry = self._authenticate_connector(hello, peer, certificate)
             entry_holder.append(entry)
             return {"role": "gateway", "software": f"backchannel {__version__}"}
+
+        other_paths: dict[str, PathHandler] = {}
+        if self.authority is not None:
+            other_paths[registration_path(self.config.path)] = partial(
+                serve_registration, self.authority, self.audit
+            )
 
         try:
             async with trio.open_nursery() as nursery:
@@ -148,6 +185,7 @@ class Gateway:
                         path=self.config.path,
                         settings=self.config.tunnel,
                         authenticate=authenticate,
+                        other_paths=other_paths,
                     )
                     if result is None:
                         return
@@ -162,6 +200,7 @@ class Gateway:
                         peer_info=hello,
                         label=label,
                         closed_translator=closed_reason,
+                        control_handler=partial(self._on_control, entry),
                     )
                     entry.tunnel = tunnel
                     log.info("connector %s connected (%s)", label, entry.software)
@@ -174,24 +213,64 @@ class Gateway:
             for entry in entry_holder:
                 self.registry.release(entry)
 
+    def reload_identity_providers(self) -> list[str]:
+        """Read the identity providers of every subaccount again from the config file (and
+        the key files it names); send the changed trust lists to connected connectors at once.
+
+        Only identity providers are taken over; other changes need a restart (logged). Raises
+        :class:`ConfigError` (the old lists stay) if the file is not valid. Returns the
+        subaccounts whose list changed. ``backchannel gateway`` calls it on SIGHUP.
+        """
+        fresh = GatewayConfig.from_file(Path(self.config.source))
+        ignored = sorted(set(fresh.subaccounts) ^ set(self.config.subaccounts))
+        if ignored:
+            log.warning(
+                "reload: subaccounts added or removed (%s) take effect at the next restart",
+                ", ".join(ignored),
+            )
+        changed = {
+            name: fresh.subaccounts[name].identity_providers
+            for name, sub in self.config.subaccounts.items()
+            if name in fresh.subaccounts
+            and fresh.subaccounts[name].identity_providers.to_wire()
+            != sub.identity_providers.to_wire()
+        }
+        for name, trust in changed.items():
+            self.update_identity_providers(name, trust)
+        log.info("reload: identity providers changed for %s", ", ".join(changed) or "no subaccount")
+        return list(changed)
+
+    def update_identity_providers(self, subaccount: str, trust: TrustList) -> None:
+        """Replace ``subaccount``'s trusted identity providers and send the new list to its
+        connected connectors (for embedders; see also :meth:`reload_identity_providers`)."""
+        subaccounts = dict(self.config.subaccounts)
+        subaccounts[subaccount] = dataclasses.replace(
+            subaccounts[subaccount], identity_providers=trust
+        )
+        self.config = dataclasses.replace(self.config, subaccounts=subaccounts)
+        for entry in self.registry.entries():
+            if entry.subaccount == subaccount and entry.tunnel is not None:
+                self._send_trust(entry.tunnel, subaccount)
+
     def _send_trust(self, tunnel: Tunnel, subaccount: str) -> None:
         """Tell the connector which identity providers its subaccount trusts (principal
-        propagation); sent as soon as the tunnel is up."""
+        propagation); sent as soon as the tunnel is up, and again whenever the list changes."""
         trust = self.config.subaccounts[subaccount].identity_providers
         tunnel.send_control({"trust": trust.to_wire()})
 
-    def _authenticate_connector(self, hello: Mapping[str, Any], peer: str) -> TunnelEntry:
+    def _on_control(self, entry: TunnelEntry, payload: dict[str, Any]) -> None:
+        """A CONTROL document from a connector: today only certificate renewal."""
+        if "renew" in payload and self.authority is not None and entry.tunnel is not None:
+            handle_renewal(self.authority, self.audit, entry, entry.tunnel, payload)
+
+    def _authenticate_connector(
+        self, hello: Mapping[str, Any], peer: str, certificate_der: bytes | None = None
+    ) -> TunnelEntry:
         subaccount = hello.get("subaccount")
         location = hello.get("location", "")
-        token = hello.get("token")
-        if (
-            not isinstance(subaccount, str)
-            or not isinstance(location, str)
-            or not isinstance(token, str)
-        ):
+        if not isinstance(subaccount, str) or not isinstance(location, str):
             raise TunnelError(
-                "HELLO must carry subaccount, location and token as strings",
-                ResetCode.UNAUTHENTICATED,
+                "HELLO must carry subaccount and location as strings", ResetCode.UNAUTHENTICATED
             )
         if not LOCATION_ID.match(location):
             raise TunnelError(
@@ -199,22 +278,18 @@ class Gateway:
                 "use up to 64 letters, digits, '.', '_' or '-'",
                 ResetCode.REFUSED,
             )
-        sub = self.config.subaccounts.get(subaccount)
-        expected = sub.connector_token.reveal().encode() if sub is not None else _DUMMY_SECRET
-        token_ok = hmac.compare_digest(expected, token.encode())
-        if sub is None or not token_ok:
-            problem = "unknown subaccount" if sub is None else "wrong connector token"
-            self.audit.denied(
-                "connector_register", problem, subaccount=subaccount, location=location, peer=peer
-            )
-            raise TunnelError(
-                f"authentication failed for subaccount {subaccount!r}: unknown subaccount or wrong "
-                "token (check subaccount and token_file in connector.toml)",
-                ResetCode.UNAUTHENTICATED,
-            )
+        certificate = None
+        if certificate_der is not None and self.authority is not None:
+            certificate = self._check_certificate(certificate_der, subaccount, location, peer)
+        else:
+            self._check_token(hello.get("token"), subaccount, location, peer)
         software = hello.get("software")
         entry = TunnelEntry(
-            subaccount, location, peer, software if isinstance(software, str) else "?"
+            subaccount,
+            location,
+            peer,
+            software if isinstance(software, str) else "?",
+            certificate=certificate,
         )
         try:
             self.registry.reserve(entry)
@@ -229,6 +304,66 @@ class Gateway:
             log.warning("refused connector from %s: %s", peer, exc)
             raise
         return entry
+
+    def _check_token(self, token: object, subaccount: str, location: str, peer: str) -> None:
+        """Shared-token authentication, in constant time."""
+        sub = self.config.subaccounts.get(subaccount)
+        if sub is not None and sub.connector_token is None:
+            problem = "certificate required"
+            self.audit.denied(
+                "connector_register", problem, subaccount=subaccount, location=location, peer=peer
+            )
+            raise TunnelError(
+                f"subaccount {subaccount!r} accepts registered connectors only (no shared "
+                "token): register this connector with `backchannel register` and set "
+                "certificate_file in connector.toml",
+                ResetCode.UNAUTHENTICATED,
+            )
+        if not isinstance(token, str):
+            raise TunnelError(
+                "HELLO must carry a token (or the connector must present its certificate)",
+                ResetCode.UNAUTHENTICATED,
+            )
+        expected = (
+            sub.connector_token.reveal().encode()
+            if sub is not None and sub.connector_token is not None
+            else _DUMMY_SECRET
+        )
+        token_ok = hmac.compare_digest(expected, token.encode())
+        if sub is None or not token_ok:
+            problem = "unknown subaccount" if sub is None else "wrong connector token"
+            self.audit.denied(
+                "connector_register", problem, subaccount=subaccount, location=location, peer=peer
+            )
+            raise TunnelError(
+                f"authentication failed for subaccount {subaccount!r}: unknown subaccount or wrong "
+                "token (check subaccount and token_file in connector.toml)",
+                ResetCode.UNAUTHENTICATED,
+            )
+
+    def _check_certificate(
+        self, certificate_der: bytes, subaccount: str, location: str, peer: str
+    ) -> x509.Certificate:
+        """Certificate authentication: valid, not revoked, and naming this place."""
+        assert self.authority is not None
+        fields = {"subaccount": subaccount, "location": location, "peer": peer}
+        try:
+            identity, certificate = self.authority.authenticate(certificate_der)
+        except TunnelError as exc:
+            self.audit.denied("connector_register", str(exc), **fields)
+            log.warning("refused connector from %s: %s", peer, exc)
+            raise
+        if (identity.subaccount, identity.location) != (subaccount, location):
+            problem = (
+                f"the connector certificate (serial {serial_text(certificate)}) is for "
+                f"{identity}, but the connector asked for {subaccount}/{location or '-'}"
+            )
+        elif subaccount not in self.config.subaccounts:
+            problem = f"subaccount {subaccount!r} is not configured on this gateway"
+        else:
+            return certificate
+        self.audit.denied("connector_register", problem, **fields)
+        raise TunnelError(problem, ResetCode.UNAUTHENTICATED)
 
     # ---------------------------------------------------------------- GatewayServices
 

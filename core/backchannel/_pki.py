@@ -72,6 +72,22 @@ def _public_der(key: object) -> bytes | None:
     )
 
 
+def end_entity_key_usage(*, key_encipherment: bool = False) -> x509.KeyUsage:
+    """KeyUsage of a TLS end-entity certificate: digital signatures (and key encipherment,
+    for RSA keys used in RSA key exchange)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` exclusively with permission ``mode`` and write ``data`` to it.
 
@@ -323,20 +339,7 @@ class CertificateAuthority:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(end_entity_key_usage(), critical=True)
             .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False

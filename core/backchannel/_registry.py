@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cryptography import x509
+
 from ._exceptions import TunnelError
 from ._proto._errors import ResetCode
 from ._tunnel import Tunnel
@@ -21,6 +23,8 @@ class TunnelEntry:
     software: str
     since: float = field(default_factory=time.time)
     tunnel: Tunnel | None = None
+    #: The connector's client certificate, when it authenticated with one.
+    certificate: x509.Certificate | None = None
 
 
 class TunnelRegistry(Protocol):

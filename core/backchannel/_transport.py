@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,33 +184,7 @@ async def _client_handshakes(
     settings: TunnelSettings,
 ) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]]:
     """TLS, then the WebSocket upgrade, then HELLO; TunnelError says which one failed."""
-    try:
-        await tls.do_handshake()
-    except (trio.BrokenResourceError, OSError) as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            raise TunnelError(
-                f"gateway {address} presented a certificate that is not trusted "
-                f"({cause.verify_message}); set ca_file to the CA that signed it",
-                ResetCode.UNAUTHENTICATED,
-            ) from exc
-        raise TunnelError(f"TLS handshake with gateway {address} failed: {cause or exc}") from exc
-    try:
-        ws = await trio_websocket.wrap_client_stream(
-            nursery,
-            tls,  # type: ignore[arg-type]  # any trio stream works; the hint is too narrow
-            address.host,
-            address.path,
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            max_message_size=MAX_RECEIVED_MESSAGE,
-            receive_buffer_size=RECEIVE_BUFFER_SIZE,
-        )
-    except trio_websocket.HandshakeError as exc:
-        raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
-    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
-        raise TunnelError(
-            f"gateway {address} dropped the connection during the WebSocket upgrade: {exc}"
-        ) from exc
+    ws = await _client_upgrade(nursery, tls, address, address.path)
     mux = Mux(initiator=True, settings=settings.mux)
     mux.send_hello(hello)
     try:
@@ -226,6 +200,157 @@ async def _client_handshakes(
             await ws.aclose()
         raise
     return ws, mux, peer_info
+
+
+async def _client_upgrade(
+    nursery: trio.Nursery,
+    tls: trio.SSLStream[trio.abc.Stream],
+    address: GatewayAddress,
+    path: str,
+) -> trio_websocket.WebSocketConnection:
+    """TLS handshake, then the WebSocket upgrade on ``path``; TunnelError says which failed."""
+    try:
+        await tls.do_handshake()
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise _tls_failure(address, exc) from exc
+    # trio-websocket waits for the upgrade answer forever if the stream ends first (the
+    # gateway refusing our client certificate just closes it): race the upgrade against the
+    # end of the stream.
+    watched = _EndWatchingStream(tls)
+    upgraded: list[trio_websocket.WebSocketConnection] = []
+
+    async def upgrade() -> None:
+        upgraded.append(
+            await trio_websocket.wrap_client_stream(
+                nursery,
+                watched,  # type: ignore[arg-type]  # any trio stream works; the hint is too narrow
+                address.host,
+                path,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                max_message_size=MAX_RECEIVED_MESSAGE,
+                receive_buffer_size=RECEIVE_BUFFER_SIZE,
+            )
+        )
+        race.cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as race:
+            race.start_soon(upgrade)
+            await watched.ended.wait()
+            race.cancel_scope.cancel()
+    except trio_websocket.HandshakeError as exc:
+        raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
+    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+        raise _tls_failure(address, exc, during="the WebSocket upgrade") from exc
+    if upgraded:
+        return upgraded[0]
+    if watched.error is not None:
+        raise _tls_failure(address, watched.error, during="the WebSocket upgrade")
+    raise TunnelError(
+        f"gateway {address} closed the connection during the WebSocket upgrade; if this "
+        "connector presents a certificate, the gateway may have refused it (not signed by its "
+        "connector CA): register again with `backchannel register`",
+        ResetCode.UNAUTHENTICATED,
+    )
+
+
+class _EndWatchingStream(trio.abc.Stream):
+    """A stream that notes when its peer ended it (EOF or error) before anyone asked."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self.ended = trio.Event()
+        self.error: BaseException | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.error = exc
+            self.ended.set()
+            raise
+        if not data:
+            self.ended.set()
+        return data
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()  # type: ignore[attr-defined]
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _tls_failure(
+    address: GatewayAddress, exc: BaseException, *, during: str = "the TLS handshake"
+) -> TunnelError:
+    """Say what to fix for a failed TLS handshake (ours or the gateway's verdict on us)."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return TunnelError(
+            f"gateway {address} presented a certificate that is not trusted "
+            f"({cause.verify_message}); set ca_file to the CA that signed it",
+            ResetCode.UNAUTHENTICATED,
+        )
+    if isinstance(cause, ssl.SSLError) and "ALERT" in str(cause.reason or ""):
+        # With TLS 1.3 the gateway's verdict on our client certificate arrives after our side
+        # of the handshake finished, as an alert.
+        return TunnelError(
+            f"gateway {address} refused the connection during {during} with a TLS alert "
+            f"({cause.reason}): is this connector's certificate signed by the gateway's "
+            "connector CA? Register again with `backchannel register`",
+            ResetCode.UNAUTHENTICATED,
+        )
+    if during == "the TLS handshake":
+        return TunnelError(f"TLS handshake with gateway {address} failed: {cause or exc}")
+    return TunnelError(f"gateway {address} dropped the connection during {during}: {exc}")
+
+
+async def exchange_text(
+    address: GatewayAddress,
+    path: str,
+    message: str,
+    *,
+    ssl_context: ssl.SSLContext,
+    proxy: ProxySettings | None,
+    answer_within: float,
+) -> str:
+    """One text message to the gateway's WebSocket at ``path`` and its one answer.
+
+    Used for connector registration (before a tunnel exists). Raises :class:`TunnelError`.
+    """
+    with trio.move_on_after(answer_within) as scope:
+        try:
+            tcp = await open_tcp(address.host, address.port, proxy=proxy)
+        except DialError as exc:
+            raise TunnelError(f"cannot reach gateway {address}: {exc}") from exc
+        tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await _client_upgrade(nursery, tls, address, path)
+                try:
+                    await ws.send_message(message)
+                    answer = await ws.get_message()
+                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
+                    raise TunnelError(
+                        f"gateway {address} closed the connection before answering: "
+                        f"{closed_reason(exc) or exc}"
+                    ) from exc
+                with trio.move_on_after(1):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(tls)
+        if not isinstance(answer, str):
+            raise TunnelError(f"gateway {address} answered with a binary message")
+        return answer
+    assert scope.cancelled_caught
+    raise TunnelError(f"gateway {address} did not answer within {answer_within:g} s")
 
 
 async def _await_hello(
@@ -253,7 +378,10 @@ async def _await_hello(
                 )
 
 
-Authenticator = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+#: ``authenticate(hello, peer_address, client_certificate_der)`` -> the HELLO to answer with.
+Authenticator = Callable[[dict[str, Any], str, bytes | None], Awaitable[dict[str, Any]]]
+#: Serves a WebSocket upgrade on a path other than the tunnel's (``request``, peer address).
+PathHandler = Callable[[trio_websocket.WebSocketRequest, str], Awaitable[None]]
 
 
 async def accept_tunnel(
@@ -264,12 +392,16 @@ async def accept_tunnel(
     path: str,
     settings: TunnelSettings,
     authenticate: Authenticator,
+    other_paths: Mapping[str, PathHandler] | None = None,
 ) -> tuple[WebSocketTransport, Mux, dict[str, Any]] | None:
     """Server side: TLS, WebSocket upgrade on ``path``, HELLO, authentication.
 
-    ``authenticate(hello, peer_address)`` returns the HELLO to answer with, or raises
-    :class:`TunnelError` whose message is sent to the connector in GO_AWAY. Returns None when
-    the peer failed before a tunnel existed (already logged).
+    ``authenticate(hello, peer_address, client_certificate_der)`` returns the HELLO to answer
+    with, or raises :class:`TunnelError` whose message is sent to the connector in GO_AWAY
+    (the certificate is None unless the client presented one and the context verified it).
+    An upgrade on one of ``other_paths`` is handed to its handler (connector registration),
+    within the same handshake timeout. Returns None when no tunnel came of the connection
+    (already logged).
     """
     peer = _peer_name(tcp)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -277,7 +409,9 @@ async def accept_tunnel(
     result: tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None = None
     try:
         with trio.move_on_after(settings.handshake_timeout) as scope:
-            result = await _server_handshakes(nursery, tls, peer, path, settings, authenticate)
+            result = await _server_handshakes(
+                nursery, tls, peer, path, settings, authenticate, other_paths or {}
+            )
         if scope.cancelled_caught:
             log.info(
                 "tunnel endpoint: %s did not complete the handshake within %g s",
@@ -301,6 +435,7 @@ async def _server_handshakes(
     path: str,
     settings: TunnelSettings,
     authenticate: Authenticator,
+    other_paths: Mapping[str, PathHandler],
 ) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None:
     """TLS, upgrade on ``path``, HELLO, authentication; None (logged) when refused or failed."""
     ws: trio_websocket.WebSocketConnection | None = None
@@ -313,6 +448,10 @@ async def _server_handshakes(
             max_message_size=MAX_RECEIVED_MESSAGE,
             receive_buffer_size=RECEIVE_BUFFER_SIZE,
         )
+        handler = other_paths.get(request.path)
+        if handler is not None:
+            await handler(request, peer)
+            return None
         if request.path != path:
             await request.reject(404, body=b"no backchannel tunnel endpoint here\n")
             log.info("tunnel endpoint: %s asked for %r, not %r: refused", peer, request.path, path)
@@ -321,7 +460,8 @@ async def _server_handshakes(
         mux = Mux(initiator=False, settings=settings.mux)
         hello = await _receive_hello(ws, mux)
         try:
-            answer = await authenticate(hello, peer)
+            certificate = tls.getpeercert(binary_form=True)
+            answer = await authenticate(hello, peer, certificate)
         except TunnelError as exc:
             mux.go_away(exc.code, str(exc))
             await ws.send_message(mux.data_to_send())
@@ -332,7 +472,11 @@ async def _server_handshakes(
         await ws.send_message(mux.data_to_send())
         return ws, mux, hello
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-        log.info("tunnel endpoint: %s failed before the handshake completed: %s", peer, exc)
+        log.info(
+            "tunnel endpoint: %s failed before the handshake completed: %s",
+            peer,
+            exc.__cause__ or exc or type(exc).__name__,
+        )
     except trio_websocket.ConnectionClosed as exc:
         log.info("tunnel endpoint: %s closed during the handshake: %s", peer, closed_reason(exc))
     except (ProtocolError, TunnelError) as exc:

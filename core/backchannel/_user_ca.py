@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ._configutil import Secret
 from ._exceptions import ConfigError
-from ._pki import CLOCK_SKEW, CertificateAuthority, _save_pair
+from ._pki import CLOCK_SKEW, CertificateAuthority, _save_pair, end_entity_key_usage
 
 __all__ = [
     "KeyType",
@@ -429,17 +429,7 @@ class UserCertificateAuthority:
             .not_valid_after(min(now + validity, ca.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                end_entity_key_usage(key_encipherment=isinstance(key, rsa.RSAPrivateKey)),
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
