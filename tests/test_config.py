@@ -850,7 +850,8 @@ def test_tcps_options(base: Path) -> None:
     )
     assert isinstance(connector, Connector)
     (only,) = connector.access.mappings
-    options: Any = only.options
+    tcps: Any = only.options
+    options = tcps.tls
     assert options.server_name == "ldap.corp.example"
     assert options.context.verify_mode == ssl.CERT_REQUIRED
     assert options.context.check_hostname

@@ -9,6 +9,7 @@ from ._audit import AuditLog as AuditLog
 from ._authorization import authenticate_authorization as authenticate_authorization
 from ._authorization import parse_authorization as parse_authorization
 from ._backend_tls import BackendTls as BackendTls
+from ._backend_tls import UserTlsContexts as UserTlsContexts
 from ._backend_tls import read_backend_tls as read_backend_tls
 from ._config import ConnectorConfig as ConnectorConfig
 from ._config import GatewayConfig as GatewayConfig

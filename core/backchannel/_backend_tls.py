@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ssl
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._configutil import TableReader
 from ._transport import verifying_client_context
 from ._user_ca import UserCertificate
+
+if TYPE_CHECKING:
+    from ._identity import PropagatedUser
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +34,29 @@ class BackendTls:
         context = verifying_client_context(self.ca_file)
         certificate.load_into(context)
         return context
+
+
+class UserTlsContexts:
+    """TLS settings presenting a propagated user's certificate, kept while that certificate
+    is the cached one: building a context costs milliseconds (loading the key), on the event
+    loop. Bounded (least recently used first out)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._contexts: OrderedDict[tuple[int, int], tuple[BackendTls, BackendTls]] = OrderedDict()
+
+    def get(self, tls: BackendTls, user: PropagatedUser) -> BackendTls:
+        """The mapping's TLS settings with ``user``'s certificate as the client certificate."""
+        key = (id(tls), user.certificate.certificate.serial_number)
+        found = self._contexts.get(key)
+        if found is not None and found[0] is tls:
+            self._contexts.move_to_end(key)
+            return found[1]
+        made = BackendTls(tls.context_with(user.certificate), tls.server_name, tls.ca_file, True)
+        self._contexts[key] = (tls, made)  # holding ``tls`` keeps its id from being reused
+        while len(self._contexts) > self._size:
+            self._contexts.popitem(last=False)
+        return made
 
 
 def read_backend_tls(mapping: TableReader) -> BackendTls:

@@ -270,8 +270,8 @@ class PrincipalResolver:
             raise PrincipalError(
                 PrincipalReason.MISSING_TOKEN,
                 f"{session.virtual} needs the cloud user's token for principal propagation: "
-                "send it as 'SAP-Connectivity-Authentication: Bearer <JWT>' (HTTP) or pass "
-                "token=... (RFC)",
+                "send it as 'SAP-Connectivity-Authentication: Bearer <JWT>' (HTTP), pass "
+                "token=... (RFC) or send '<app token>,<JWT>' with SOCKS5 method 0x80 (TCP)",
             )
         scheme, _, token = principal.partition(" ")
         trust = self.trust_for(session.subaccount)

@@ -16,7 +16,6 @@ import logging
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -34,6 +33,7 @@ from backchannel import (
     StreamError,
     TableReader,
     TunnelStream,
+    UserTlsContexts,
     is_connection_refused,
     read_backend_tls,
     splice_streams,
@@ -96,7 +96,7 @@ class HttpHandler:
 
     def __init__(self, *, connect_timeout: float = 10.0) -> None:
         self.connect_timeout = connect_timeout
-        self.user_contexts = UserContexts()
+        self.user_contexts = UserTlsContexts()
 
     def parse_mapping_options(self, mapping: TableReader) -> HttpOptions:
         """Read ``host_header``, ``backend_timeout``, ``[[resources]]`` and, for ``https``,
@@ -160,28 +160,6 @@ class HttpHandler:
             await server.serve()
         finally:
             await server.close_backend()
-
-
-class UserContexts:
-    """TLS contexts presenting a propagated user's certificate, kept while that certificate is
-    the cached one: building one costs milliseconds (loading the key), on the event loop."""
-
-    def __init__(self, size: int = 1024) -> None:
-        self._size = size
-        self._contexts: OrderedDict[tuple[int, int], tuple[BackendTls, BackendTls]] = OrderedDict()
-
-    def get(self, tls: BackendTls, user: PropagatedUser) -> BackendTls:
-        """The mapping's TLS settings with ``user``'s certificate as the client certificate."""
-        key = (id(tls), user.certificate.certificate.serial_number)
-        found = self._contexts.get(key)
-        if found is not None and found[0] is tls:
-            self._contexts.move_to_end(key)
-            return found[1]
-        made = BackendTls(tls.context_with(user.certificate), tls.server_name, tls.ca_file, True)
-        self._contexts[key] = (tls, made)  # holding ``tls`` keeps its id from being reused
-        while len(self._contexts) > self._size:
-            self._contexts.popitem(last=False)
-        return made
 
 
 # --------------------------------------------------------------------------- failures
@@ -285,7 +263,7 @@ class _StreamServer:
         stream: TunnelStream,
         options: HttpOptions,
         connect_timeout: float,
-        user_contexts: UserContexts,
+        user_contexts: UserTlsContexts,
     ) -> None:
         self.user_contexts = user_contexts
         self.session = session

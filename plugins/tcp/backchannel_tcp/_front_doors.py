@@ -80,6 +80,8 @@ class _Negotiated:
     location: str
     failure: str
     request: ConnectRequest
+    #: The cloud user's token as ``Bearer <JWT>`` (method 0x80 extension), for the connector.
+    principal: str | None = None
 
 
 class Socks5FrontDoor:
@@ -149,6 +151,7 @@ class Socks5FrontDoor:
         app: AppIdentity | None = None
         location = ""
         failure = "no credentials"
+        principal: str | None = None
         while True:
             for event in await _next_events(client, connection):
                 if isinstance(event, Greeting):
@@ -163,10 +166,14 @@ class Socks5FrontDoor:
                     await client.send_all(connection.auth_reply(True))
                 elif isinstance(event, SapToken):
                     location = event.location_id
-                    app, failure = self._check(self._services.authenticate_bearer, event.token)
+                    # backchannel's extension: "<app token>,<cloud user's JWT>" also carries
+                    # the user, for principal propagation (tcps mappings).
+                    app_token, _, user_token = event.token.partition(",")
+                    principal = f"Bearer {user_token}" if user_token else None
+                    app, failure = self._check(self._services.authenticate_bearer, app_token)
                     await client.send_all(connection.auth_reply(True))
                 elif isinstance(event, ConnectRequest):
-                    return _Negotiated(app, location, failure, event), connection
+                    return _Negotiated(app, location, failure, event, principal), connection
 
     @staticmethod
     def _check(
@@ -201,7 +208,11 @@ class Socks5FrontDoor:
             return None
         try:
             stream = await self._services.open_stream(
-                negotiated.app, protocol="tcp", target=target, location=negotiated.location
+                negotiated.app,
+                protocol="tcp",
+                target=target,
+                location=negotiated.location,
+                principal=negotiated.principal,
             )
         except NotConnectedError as exc:
             log.info("socks5 %s → %s: %s", peer, target, exc.reason)

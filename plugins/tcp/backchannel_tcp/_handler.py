@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from dataclasses import dataclass
 
 import trio
 
 from backchannel import (
     BackendTls,
+    PrincipalError,
+    PrincipalReason,
     ResetCode,
     Session,
     StreamError,
     TableReader,
     TunnelStream,
+    UserTlsContexts,
     is_connection_refused,
     read_backend_tls,
 )
@@ -22,6 +26,22 @@ from backchannel import (
 from ._splice import splice
 
 log = logging.getLogger("backchannel.tcp")
+
+#: The stream reset (and so the SOCKS5 reply) for each way principal propagation can fail;
+#: anything about the user's token is UNAUTHENTICATED (SOCKS5 0x05).
+_PRINCIPAL_RESET = {
+    PrincipalReason.NO_SUBJECT: ResetCode.ACCESS_DENIED,
+    PrincipalReason.CA_UNUSABLE: ResetCode.INTERNAL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TcpsOptions:
+    """A ``tcps`` mapping: TLS to the backend, and whether the cloud user's certificate is
+    the TLS client certificate (``principal_propagation = "certificate"``)."""
+
+    tls: BackendTls
+    propagate_user: bool = False
 
 
 class TcpHandler:
@@ -32,16 +52,26 @@ class TcpHandler:
 
     def __init__(self, *, connect_timeout: float) -> None:
         self.connect_timeout = connect_timeout
+        self.user_contexts = UserTlsContexts()
 
-    def parse_mapping_options(self, mapping: TableReader) -> BackendTls | None:
-        """``tcps`` mappings take ca_file, server_name, client_cert and client_key."""
+    def parse_mapping_options(self, mapping: TableReader) -> TcpsOptions | None:
+        """``tcps`` mappings take ca_file, server_name, client_cert, client_key and
+        principal_propagation (``"none"`` or ``"certificate"``)."""
         protocol = mapping.string("protocol", required=True)
         if protocol == "tcp":
+            if "principal_propagation" in mapping:
+                raise mapping.error(
+                    "principal_propagation",
+                    "needs protocol 'tcps': the user's certificate travels in the TLS handshake",
+                )
             mapping.finish()
             return None
         tls = read_backend_tls(mapping)
+        mode = mapping.string("principal_propagation", "none")
+        if mode not in ("none", "certificate"):
+            raise mapping.error("principal_propagation", "must be 'none' or 'certificate'")
         mapping.finish()
-        return tls
+        return TcpsOptions(tls, propagate_user=mode == "certificate")
 
     async def handle(self, session: Session, stream: TunnelStream) -> None:
         """Connect to the backend, accept the stream, splice until both sides are done."""
@@ -72,10 +102,15 @@ class TcpHandler:
             raise StreamError(ResetCode.BACKEND_UNREACHABLE, f"{where} {what}") from None
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         options = session.mapping.options
-        if not isinstance(options, BackendTls):
+        if not isinstance(options, TcpsOptions):
             return tcp
+        try:
+            backend_tls = self._tls_for(session, options)
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
         tls = trio.SSLStream(
-            tcp, options.context, server_hostname=options.server_name or internal.host
+            tcp, backend_tls.context, server_hostname=backend_tls.server_name or internal.host
         )
         try:
             with trio.fail_after(self.connect_timeout):
@@ -93,3 +128,19 @@ class TcpHandler:
             )
             raise StreamError(ResetCode.BACKEND_UNREACHABLE, f"{where}: {detail}") from None
         return tls
+
+    def _tls_for(self, session: Session, options: TcpsOptions) -> BackendTls:
+        """The mapping's TLS, or with ``propagate_user`` the same presenting the cloud user's
+        certificate; StreamError (audited by the resolver) when there is no such user."""
+        if not options.propagate_user:
+            return options.tls
+        try:
+            user = session.propagated_user()
+        except PrincipalError as exc:
+            code = _PRINCIPAL_RESET.get(exc.reason, ResetCode.UNAUTHENTICATED)
+            raise StreamError(
+                code,
+                f"principal propagation to {session.virtual} failed ({exc.code}): {exc.message}",
+            ) from None
+        log.info("%s: TLS with the certificate of %s", session.virtual, user.subject)
+        return self.user_contexts.get(options.tls, user)
