@@ -228,8 +228,8 @@ async def test_configured_renew_before_days(
     async with registration_gateway(tmp_path) as setup:
         config = connector_for(setup, tmp_path, renew_before_days=2)
         await register_connector(setup.authority, config)
-        later = datetime.timedelta(days=days_later)
-        connector = Connector(config, clock=lambda: datetime.datetime.now(datetime.UTC) + later)
+        setup.clock.days(days_later)
+        connector = Connector(config, clock=setup.clock)
         async with trio.open_nursery() as nursery:
             await nursery.start(connector.serve)
             with trio.fail_after(10):
@@ -324,7 +324,8 @@ async def test_certificate_from_another_ca_is_refused_at_tls(tmp_path: Path) -> 
     async with registration_gateway(tmp_path) as setup:
         config = connector_for(setup, tmp_path)
         key, request = new_key_and_request(ACME)
-        forged = other.renew(ACME, request)  # right identity, wrong CA
+        token = other.mint_token(ACME, datetime.timedelta(minutes=5))
+        forged = other.register(token, request)  # right identity, wrong CA
         path = config.subaccounts["acme"].certificate_file
         assert path is not None
         store_credential(path, key, forged)

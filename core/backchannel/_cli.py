@@ -263,6 +263,8 @@ async def _reload_on_sighup(gateway: Gateway) -> None:
                 gateway.reload_identity_providers()
             except ConfigError as exc:
                 log.error("reload failed, the previous identity providers stay: %s", exc)
+            except Exception:  # a reload must never stop the gateway
+                log.exception("reload failed, the previous identity providers stay")
 
 
 async def _drain_then_cancel(

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from cryptography import x509
 
 URI_PREFIX = "urn:backchannel:connector:"
-_SUBACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_LOCATION = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+_SUBACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LOCATION = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +27,9 @@ class ConnectorIdentity:
     location: str
 
     def __post_init__(self) -> None:
-        if not _SUBACCOUNT.match(self.subaccount):
+        if not _SUBACCOUNT.fullmatch(self.subaccount):
             raise ValueError(f"invalid subaccount name {self.subaccount[:80]!r}")
-        if not _LOCATION.match(self.location):
+        if not _LOCATION.fullmatch(self.location):
             raise ValueError(f"invalid location id {self.location[:80]!r}")
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import secrets
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,7 @@ class CertificateKeeper:
         self.renewal_error = ""
         self._answer: dict[str, Any] | None = None
         self._answered: trio.Event | None = None
+        self._request_id = ""
 
     def context_for_dial(self, ca_file: Path | None) -> ssl.SSLContext:
         """Load the certificate file again (it may have been renewed or re-registered) and
@@ -156,7 +158,8 @@ class CertificateKeeper:
     async def _ask(self, tunnel: Tunnel, request: str) -> dict[str, Any]:
         self._answer = None
         self._answered = trio.Event()
-        tunnel.send_control({"renew": {"csr": request}})
+        self._request_id = secrets.token_hex(8)
+        tunnel.send_control({"renew": {"csr": request, "id": self._request_id}})
         with trio.move_on_after(RENEWAL_ANSWER_TIMEOUT):
             await self._answered.wait()
         self._answered = None
@@ -178,7 +181,11 @@ class CertificateKeeper:
     def on_control(self, payload: dict[str, Any]) -> None:
         """Take the gateway's ``renewed`` answer."""
         answer = payload.get("renewed")
-        if self._answered is None or not isinstance(answer, dict):
+        if (
+            self._answered is None
+            or not isinstance(answer, dict)
+            or answer.get("id") != self._request_id
+        ):
             log.info("ignored a renewal answer nobody waits for")
             return
         self._answer = answer

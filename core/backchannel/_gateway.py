@@ -32,7 +32,7 @@ from ._gateway_registration import handle_renewal, serve_registration, watch_cer
 from ._jwt_trust import TrustList
 from ._plugin_api import AppIdentity, FrontDoor, GatewayContext, Role
 from ._plugins import collect_hook_results, get_plugin_manager, plugin_infos
-from ._proto._errors import ResetCode
+from ._proto._errors import ProtocolError, ResetCode
 from ._registration import Clock, ConnectorAuthority
 from ._registry import InMemoryTunnelRegistry, TunnelEntry, TunnelRegistry
 from ._stream import TunnelStream
@@ -222,11 +222,11 @@ class Gateway:
         subaccounts whose list changed. ``backchannel gateway`` calls it on SIGHUP.
         """
         fresh = GatewayConfig.from_file(Path(self.config.source))
-        ignored = sorted(set(fresh.subaccounts) ^ set(self.config.subaccounts))
+        ignored = _restart_only_changes(self.config, fresh)
         if ignored:
             log.warning(
-                "reload: subaccounts added or removed (%s) take effect at the next restart",
-                ", ".join(ignored),
+                "reload: these changes take effect only at the next restart: %s",
+                "; ".join(ignored),
             )
         changed = {
             name: fresh.subaccounts[name].identity_providers
@@ -249,8 +249,15 @@ class Gateway:
         )
         self.config = dataclasses.replace(self.config, subaccounts=subaccounts)
         for entry in self.registry.entries():
-            if entry.subaccount == subaccount and entry.tunnel is not None:
-                self._send_trust(entry.tunnel, subaccount)
+            tunnel = entry.tunnel
+            if entry.subaccount != subaccount or tunnel is None:
+                continue
+            if tunnel.closed or tunnel.going_away:
+                continue  # it takes no more requests; its successor gets the new list
+            try:
+                self._send_trust(tunnel, subaccount)
+            except ProtocolError as exc:  # closed meanwhile
+                log.info("trust list not sent to %s: %s", entry.peer, exc)
 
     def _send_trust(self, tunnel: Tunnel, subaccount: str) -> None:
         """Tell the connector which identity providers its subaccount trusts (principal
@@ -455,6 +462,33 @@ class Gateway:
     def connected(self) -> list[TunnelEntry]:
         """Registered connectors (for status output)."""
         return self.registry.entries()
+
+
+def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """What differs between two configurations apart from identity providers (a reload
+    does not apply it)."""
+    changes = [
+        name
+        for name in ("listen", "path", "tls_cert", "tls_key", "tunnel", "audit", "registration")
+        if getattr(old, name) != getattr(new, name)
+    ]
+    if (old.plugins, old.plugin_tables) != (new.plugins, new.plugin_tables):
+        changes.append("plugins")
+    for name in sorted(set(old.subaccounts) ^ set(new.subaccounts)):
+        changes.append(f"subaccount {name} {'added' if name in new.subaccounts else 'removed'}")
+    for name in sorted(set(old.subaccounts) & set(new.subaccounts)):
+        before, after = old.subaccounts[name], new.subaccounts[name]
+        if _revealed(before.connector_token) != _revealed(after.connector_token):
+            changes.append(f"subaccounts.{name}.connector_token")
+        apps_before = {app: config.secret.reveal() for app, config in before.apps.items()}
+        apps_after = {app: config.secret.reveal() for app, config in after.apps.items()}
+        if apps_before != apps_after:
+            changes.append(f"subaccounts.{name}.apps")
+    return changes
+
+
+def _revealed(secret: Secret | None) -> str | None:
+    return secret.reveal() if secret is not None else None
 
 
 @asynccontextmanager

@@ -10,6 +10,7 @@ Registration: ``wss://gateway/<tunnel path>/register`` takes one JSON text messa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -22,6 +23,7 @@ from ._audit import AuditLog
 from ._connector_identity import ConnectorIdentity, serial_text
 from ._proto._errors import ResetCode
 from ._registration import ConnectorAuthority
+from ._registration_state import RevocationListError
 from ._registration_token import RegistrationError
 from ._registry import TunnelEntry, TunnelRegistry
 from ._transport import closed_reason
@@ -57,7 +59,8 @@ def _register(
     fields: dict[str, Any] = {"peer": peer}
     try:
         document = _registration_request(message)
-        fields.update(subaccount=document["subaccount"], location=document["location"])
+        # Unauthenticated input: at most 80 characters of it reach the audit trail.
+        fields.update(subaccount=document["subaccount"][:80], location=document["location"][:80])
         wanted = ConnectorIdentity(document["subaccount"], document["location"])
         certificate = authority.register(document["token"], document["csr"], wanted=wanted)
     except (RegistrationError, ValueError) as exc:
@@ -106,6 +109,8 @@ def handle_renewal(
     """Answer a CONTROL ``renew`` request on a certificate-authenticated tunnel."""
     request = payload.get("renew")
     fields = {"subaccount": entry.subaccount, "location": entry.location, "peer": entry.peer}
+    request_id = request.get("id") if isinstance(request, dict) else None
+    echo = {"id": request_id} if isinstance(request_id, str) and len(request_id) <= 64 else {}
     if entry.certificate is None:
         error = (
             "renewal needs a certificate-authenticated tunnel; this connector uses the shared "
@@ -115,22 +120,32 @@ def handle_renewal(
         error = "a renew request is {'renew': {'csr': PEM}}"
     else:
         identity = ConnectorIdentity(entry.subaccount, entry.location)
+        previous = entry.certificate
         try:
-            certificate = authority.renew(identity, request["csr"])
+            certificate = authority.renew(identity, request["csr"], previous)
         except RegistrationError as exc:
             error = str(exc)
+            problem = authority.refusal(previous)
+            if problem is not None:  # revoked or expired: this tunnel must go as well
+                _cut(tunnel, problem)
+        except Exception as exc:  # a bug must not end the tunnel's reader
+            log.exception("renewal for connector %s failed", identity)
+            error = f"the gateway could not sign the certificate ({type(exc).__name__})"
         else:
+            # The tunnel now stands for the newest certificate (its lineage includes the old
+            # one): revoking either cuts it, and the old one's expiry does not.
+            entry.certificate = certificate
             serial = serial_text(certificate)
             audit.allowed(
-                "connector_renew", serial=serial, previous=serial_text(entry.certificate), **fields
+                "connector_renew", serial=serial, previous=serial_text(previous), **fields
             )
             log.info("renewed the certificate of connector %s: serial %s", identity, serial)
             pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
-            tunnel.send_control({"renewed": {"certificate": pem}})
+            tunnel.send_control({"renewed": {"certificate": pem, **echo}})
             return
     audit.denied("connector_renew", error, **fields)
     log.warning("renewal for connector %s/%s refused: %s", entry.subaccount, entry.location, error)
-    tunnel.send_control({"renewed": {"error": error}})
+    tunnel.send_control({"renewed": {"error": error, **echo}})
 
 
 async def watch_certificates(
@@ -138,33 +153,59 @@ async def watch_certificates(
 ) -> None:
     """Every ``interval`` seconds, cut tunnels whose certificate was revoked or expired."""
     cut: set[int] = set()  # entries already told to go (by id)
+    reported = ""
     async with trio.open_nursery() as nursery:
         while True:
             await trio.sleep(interval)
-            entries = registry.entries()
-            cut &= {id(entry) for entry in entries}
-            for entry in entries:
-                tunnel = entry.tunnel
-                if entry.certificate is None or tunnel is None or id(entry) in cut:
-                    continue
-                problem = authority.refusal(entry.certificate)
-                if problem is None:
-                    continue
-                audit.denied(
-                    "connector_tunnel",
-                    problem,
-                    subaccount=entry.subaccount,
-                    location=entry.location,
-                    peer=entry.peer,
-                )
-                log.warning("closing the tunnel of %s: %s", entry.peer, problem)
-                cut.add(id(entry))
-                tunnel.go_away(ResetCode.UNAUTHENTICATED, problem)
-                nursery.start_soon(_abort_soon, tunnel, problem)
+            try:
+                reported = _report_revocation_list(authority, reported)
+                entries = registry.entries()
+                cut &= {id(entry) for entry in entries}
+                for entry in entries:
+                    if entry.certificate is None or entry.tunnel is None or id(entry) in cut:
+                        continue
+                    problem = authority.refusal(entry.certificate)
+                    if problem is None:
+                        continue
+                    audit.denied(
+                        "connector_tunnel",
+                        problem,
+                        subaccount=entry.subaccount,
+                        location=entry.location,
+                        peer=entry.peer,
+                    )
+                    log.warning("closing the tunnel of %s: %s", entry.peer, problem)
+                    cut.add(id(entry))
+                    nursery.start_soon(_cut_soon, entry.tunnel, problem)
+            except Exception:  # the watcher must keep watching, and the gateway keep serving
+                log.exception("checking connector certificates failed")
 
 
-async def _abort_soon(tunnel: Tunnel, reason: str) -> None:
+def _report_revocation_list(authority: ConnectorAuthority, reported: str) -> str:
+    """Log (once per new problem) that the revocation list on disk is unusable."""
+    with contextlib.suppress(RevocationListError):
+        authority.state.revoked()
+    error = authority.state.revocation_error
+    if error and error != reported:
+        log.error(
+            "%s; the last good revocation list stays in force (none: certificate "
+            "authentication is refused)",
+            error,
+        )
+    return error
+
+
+def _cut(tunnel: Tunnel, reason: str) -> None:
+    """GO_AWAY naming ``reason``: no new streams now; the watcher closes the tunnel with its
+    open streams at its next round."""
+    if not tunnel.closed and not tunnel.going_away:
+        tunnel.go_away(ResetCode.UNAUTHENTICATED, reason)
+
+
+async def _cut_soon(tunnel: Tunnel, reason: str) -> None:
     """Give the GO_AWAY a moment to leave, then close the tunnel with its streams."""
+    if not tunnel.closed and not tunnel.going_away:
+        tunnel.go_away(ResetCode.UNAUTHENTICATED, reason)
     with trio.move_on_after(1):
         await tunnel.wait_closed()
     tunnel.abort(reason)

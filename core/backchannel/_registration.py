@@ -27,13 +27,16 @@ from ._connector_identity import ConnectorIdentity, describe, identity_of, seria
 from ._exceptions import ConfigError, TunnelError
 from ._pki import CLOCK_SKEW, CertificateAuthority, end_entity_key_usage
 from ._proto._errors import ResetCode
-from ._registration_state import RegistrationState
+from ._registration_state import RegistrationState, RevocationListError
 from ._registration_token import RegistrationError, mint_token, verify_token
 
 #: OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the TLS layer checks the chain and key possession,
 #: the gateway checks the validity period itself (to name the certificate when refusing it).
 _NO_CHECK_TIME = 0x200000
 _MAX_CSR_BYTES = 16 * 1024
+#: A certificate may be renewed once less than this share of its lifetime is left (the
+#: connector renews at a third by default, at half at the most).
+RENEWAL_WINDOW = 0.6
 
 Clock = Callable[[], datetime.datetime]
 
@@ -107,7 +110,19 @@ class ConnectorAuthority:
 
     def mint_token(self, identity: ConnectorIdentity, lifetime: datetime.timedelta) -> str:
         """A one-time registration token for ``identity``."""
+        self._not_after()  # no token that could never be honoured
         return mint_token(self.ca.private_key, identity, lifetime, now=self.now())
+
+    def _not_after(self) -> datetime.datetime:
+        """The expiry of a certificate signed now; RegistrationError if the CA cannot sign."""
+        now = self.now()
+        ca_expiry = self.ca.certificate.not_valid_after_utc
+        if ca_expiry <= now + CLOCK_SKEW:
+            raise RegistrationError(
+                f"the gateway's connector CA expired at {when(ca_expiry)}: the operator must "
+                "create a new connector CA (ca_cert/ca_key in [registration])"
+            )
+        return min(now + datetime.timedelta(days=self.config.certificate_days), ca_expiry)
 
     # ------------------------------------------------------------------ signing
 
@@ -126,25 +141,44 @@ class ConnectorAuthority:
                 "for a token for it"
             )
         key = _requested_key(csr_pem)
-        if not self.state.spend_token(claims.token_id, claims.expires):
+        self._not_after()  # a CA that cannot sign must not spend the token
+        if not self.state.spend_token(claims.token_id, claims.expires, now=self.now()):
             raise RegistrationError(
                 f"this registration token for {claims.identity} was already used: registration "
                 "tokens are single-use, ask the gateway operator for a new one"
             )
         return self._sign(claims.identity, key, reason="registration")
 
-    def renew(self, identity: ConnectorIdentity, csr_pem: str) -> x509.Certificate:
-        """Sign a new key for an already authenticated connector."""
-        return self._sign(identity, _requested_key(csr_pem), reason="renewal")
+    def renew(
+        self, identity: ConnectorIdentity, csr_pem: str, current: x509.Certificate
+    ) -> x509.Certificate:
+        """Sign a new key for a connector authenticated with ``current``: refused when
+        ``current`` (or one it renewed) is revoked or expired, or has more than
+        :data:`RENEWAL_WINDOW` of its lifetime left (no renewal storms that outrun
+        revocation)."""
+        problem = self.refusal(current)
+        if problem is not None:
+            raise RegistrationError(problem)
+        lifetime = current.not_valid_after_utc - current.not_valid_before_utc
+        left = current.not_valid_after_utc - self.now()
+        if left > lifetime * RENEWAL_WINDOW:
+            raise RegistrationError(
+                f"connector certificate {describe(current)} is renewed only in the last "
+                f"{RENEWAL_WINDOW:.0%} of its lifetime"
+            )
+        key = _requested_key(csr_pem)
+        return self._sign(identity, key, reason="renewal", previous=serial_text(current))
 
     def _sign(
-        self, identity: ConnectorIdentity, key: CertificatePublicKey, *, reason: str
+        self,
+        identity: ConnectorIdentity,
+        key: CertificatePublicKey,
+        *,
+        reason: str,
+        previous: str | None = None,
     ) -> x509.Certificate:
         now = self.now()
-        not_after = min(
-            now + datetime.timedelta(days=self.config.certificate_days),
-            self.ca.certificate.not_valid_after_utc,
-        )
+        not_after = self._not_after()
         certificate = (
             x509.CertificateBuilder()
             .subject_name(
@@ -174,7 +208,7 @@ class ConnectorAuthority:
             )
             .sign(self.ca.private_key, hashes.SHA256())
         )
-        self.state.record_issued(certificate, reason=reason, now=now)
+        self.state.record_issued(certificate, reason=reason, now=now, previous=previous)
         return certificate
 
     # ------------------------------------------------------------------ checking
@@ -202,11 +236,19 @@ class ConnectorAuthority:
         """Why ``certificate`` may not (or no longer) hold a tunnel, or None if it may."""
         now = self.now()
         name = f"connector certificate {describe(certificate)}"
-        revocation = self.state.revoked().get(serial_text(certificate))
-        if revocation is not None:
+        try:
+            revoked = self.state.revoked()
+        except RevocationListError as exc:
+            return f"{name} cannot be checked: {exc}; fix or remove the file"
+        for serial in self.state.lineage(serial_text(certificate)):
+            revocation = revoked.get(serial)
+            if revocation is None:
+                continue
+            which = "" if serial == serial_text(certificate) else f" (it renewed serial {serial})"
             return (
-                f"{name} was revoked at {when(revocation.revoked_at)} ({revocation.reason}): "
-                "register the connector again with a new registration token"
+                f"{name} was revoked{which} at {when(revocation.revoked_at)} "
+                f"({revocation.reason}): register the connector again with a new registration "
+                "token"
             )
         if now > certificate.not_valid_after_utc:
             return (

@@ -30,6 +30,7 @@ from ._connector_identity import ConnectorIdentity, when
 from ._exceptions import ConfigError, TunnelError
 from ._pki import _write_new_file
 from ._registration import ConnectorAuthority, utc_now
+from ._registration_token import RegistrationError
 from ._transport import client_ssl_context
 
 __all__ = ["add_registration_commands", "run_registration_command"]
@@ -106,7 +107,7 @@ def run_registration_command(args: argparse.Namespace) -> int:
         if args.registration_command == "list":
             return _list(authority)
         return _revoke(authority, args)
-    except (CredentialError, TunnelError, ValueError, OSError) as exc:
+    except (CredentialError, RegistrationError, TunnelError, ValueError, OSError) as exc:
         print(f"backchannel {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

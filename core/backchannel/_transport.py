@@ -218,32 +218,43 @@ async def _client_upgrade(
     # end of the stream.
     watched = _EndWatchingStream(tls)
     upgraded: list[trio_websocket.WebSocketConnection] = []
+    failed: list[BaseException] = []
 
     async def upgrade() -> None:
-        upgraded.append(
-            await trio_websocket.wrap_client_stream(
-                nursery,
-                watched,  # type: ignore[arg-type]  # any trio stream works; the hint is too narrow
-                address.host,
-                path,
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=MAX_RECEIVED_MESSAGE,
-                receive_buffer_size=RECEIVE_BUFFER_SIZE,
+        try:
+            upgraded.append(
+                await trio_websocket.wrap_client_stream(
+                    nursery,
+                    watched,  # type: ignore[arg-type]  # any trio stream works
+                    address.host,
+                    path,
+                    message_queue_size=MESSAGE_QUEUE_SIZE,
+                    max_message_size=MAX_RECEIVED_MESSAGE,
+                    receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                )
             )
-        )
+        except (
+            trio_websocket.HandshakeError,
+            trio_websocket.ConnectionClosed,
+            trio.BrokenResourceError,
+            OSError,
+        ) as exc:
+            failed.append(exc)
         race.cancel_scope.cancel()
 
-    try:
-        async with trio.open_nursery() as race:
-            race.start_soon(upgrade)
-            await watched.ended.wait()
-            race.cancel_scope.cancel()
-    except trio_websocket.HandshakeError as exc:
-        raise TunnelError(f"gateway {address} refused the WebSocket upgrade: {exc}") from exc
-    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
-        raise _tls_failure(address, exc, during="the WebSocket upgrade") from exc
+    async with trio.open_nursery() as race:
+        race.start_soon(upgrade)
+        await watched.ended.wait()
+        race.cancel_scope.cancel()
     if upgraded:
         return upgraded[0]
+    if failed:
+        failure = failed[0]
+        if isinstance(failure, trio_websocket.HandshakeError):
+            raise TunnelError(
+                f"gateway {address} refused the WebSocket upgrade: {failure}"
+            ) from failure
+        raise _tls_failure(address, failure, during="the WebSocket upgrade") from failure
     if watched.error is not None:
         raise _tls_failure(address, watched.error, during="the WebSocket upgrade")
     raise TunnelError(
@@ -330,27 +341,55 @@ async def exchange_text(
         except DialError as exc:
             raise TunnelError(f"cannot reach gateway {address}: {exc}") from exc
         tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
+        # Errors are collected and raised outside the nursery, as themselves (not in a group):
+        # the WebSocket library reports a refused upgrade from its reader task.
+        outcome: list[str | TunnelError] = []
         try:
             async with trio.open_nursery() as nursery:
-                ws = await _client_upgrade(nursery, tls, address, path)
                 try:
-                    await ws.send_message(message)
-                    answer = await ws.get_message()
-                except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
-                    raise TunnelError(
-                        f"gateway {address} closed the connection before answering: "
-                        f"{closed_reason(exc) or exc}"
-                    ) from exc
-                with trio.move_on_after(1):
-                    await ws.aclose()
+                    outcome.append(await _one_exchange(nursery, tls, address, path, message))
+                except TunnelError as exc:
+                    outcome.append(exc)
                 nursery.cancel_scope.cancel()
+        except* trio_websocket.HandshakeError as group:
+            refusal = group.exceptions[0]
+            outcome.append(
+                TunnelError(f"gateway {address} refused the WebSocket upgrade: {refusal}")
+            )
+        except* (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as group:
+            lost = group.exceptions[0]
+            outcome.append(TunnelError(f"gateway {address} dropped the connection: {lost}"))
         finally:
             await trio.aclose_forcefully(tls)
-        if not isinstance(answer, str):
-            raise TunnelError(f"gateway {address} answered with a binary message")
-        return answer
+        if outcome:
+            result = outcome[0]
+            if isinstance(result, TunnelError):
+                raise result
+            return result
     assert scope.cancelled_caught
     raise TunnelError(f"gateway {address} did not answer within {answer_within:g} s")
+
+
+async def _one_exchange(
+    nursery: trio.Nursery,
+    tls: trio.SSLStream[trio.abc.Stream],
+    address: GatewayAddress,
+    path: str,
+    message: str,
+) -> str:
+    ws = await _client_upgrade(nursery, tls, address, path)
+    try:
+        await ws.send_message(message)
+        answer = await ws.get_message()
+    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError) as exc:
+        raise TunnelError(
+            f"gateway {address} closed the connection before answering: {closed_reason(exc) or exc}"
+        ) from exc
+    with trio.move_on_after(1):
+        await ws.aclose()
+    if not isinstance(answer, str):
+        raise TunnelError(f"gateway {address} answered with a binary message")
+    return answer
 
 
 async def _await_hello(

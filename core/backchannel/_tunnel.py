@@ -347,6 +347,10 @@ class Tunnel:
                 event.code.name,
                 event.reason,
             )
+            if event.code != ResetCode.NO_ERROR and not self._close_reason:
+                # Why the peer sent us away (a revoked certificate, say) is what the operator
+                # must read in the connector's status, not "went away gracefully".
+                self._close_reason = f"the peer went away ({event.code.name}): {event.reason}"
             self._close_if_drained()
         elif isinstance(event, ControlReceived):
             log.debug("tunnel %s: control document with keys %s", self.label, sorted(event.payload))
