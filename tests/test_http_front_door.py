@@ -565,7 +565,7 @@ async def test_no_connector_gets_503_naming_subaccount_and_location() -> None:
         ("unsupported.virtual", 502, b"mapping protocol is tcp"),
         ("down.virtual", 502, b"connection refused"),
         ("slow.virtual", 504, b"connect timed out"),
-        ("busy.virtual", 502, b"too many streams"),
+        ("busy.virtual", 503, b"too many streams"),
     ],
 )
 async def test_stream_refusals_map_to_statuses(host: str, status: int, phrase: bytes) -> None:

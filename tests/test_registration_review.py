@@ -53,7 +53,7 @@ async def connector_on(
 
 
 async def test_a_revoked_connector_cannot_renew_over_its_live_tunnel(tmp_path: Path) -> None:
-    # A slow watcher: the renewal attempt comes before the watcher would cut the tunnel.
+    # A slow watcher: the renewal attempt comes long before the watcher cuts the tunnel.
     async with registration_gateway(tmp_path, check_interval=3600) as setup:
         config = connector_for(setup, tmp_path)
         await register_connector(setup.authority, config)
@@ -68,11 +68,6 @@ async def test_a_revoked_connector_cannot_renew_over_its_live_tunnel(tmp_path: P
             setup.clock.days(25)  # renewal is due: the connector asks at its next check
             with trio.fail_after(10):
                 status = await connector.wait_status(_renewal_failed_with("was revoked"))
-            # The attempt also sent the tunnel away, saying why (and it cannot come back).
-            with trio.fail_after(10):
-                await connector.wait_status(
-                    lambda s: not s.connected and "was revoked" in s.last_error
-                )
             assert status.certificate is not None
             assert status.certificate.renewals == 0
         assert load_credential(path, ACME).certificate.serial_number == first.serial_number

@@ -17,6 +17,7 @@ from ._config import is_valid_location_id as is_valid_location_id
 from ._configutil import HostPort as HostPort
 from ._configutil import Secret as Secret
 from ._configutil import TableReader as TableReader
+from ._connection_limit import ConnectionLimit as ConnectionLimit
 from ._connector import Connector as Connector
 from ._connector import open_connector as open_connector
 from ._dial import is_connection_refused as is_connection_refused

@@ -180,6 +180,8 @@ class GatewayConfig:
     plugin_tables: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: ``[registration]``: connector CA and records (None: token authentication only).
     registration: RegistrationConfig | None = None
+    #: Streams one cloud app may have open at once, over all its front doors.
+    max_streams_per_app: int = 10_000
 
     @classmethod
     def from_file(cls, path: Path) -> GatewayConfig:
@@ -201,6 +203,9 @@ class GatewayConfig:
         tls_key = gateway.path("tls_key", required=True)
         assert tls_cert is not None
         assert tls_key is not None
+        max_streams_per_app = gateway.integer(
+            "max_streams_per_app", 10_000, minimum=1, maximum=1_000_000
+        )
         gateway.finish()
         tunnel_table = root.table("tunnel")
         tunnel = read_tunnel_settings(tunnel_table)
@@ -247,6 +252,7 @@ class GatewayConfig:
             selection,
             tables,
             registration,
+            max_streams_per_app,
         )
 
 

@@ -71,6 +71,8 @@ class Gateway:
         self.tunnel_address: HostPort | None = None
         self.front_door_addresses: dict[str, list[HostPort]] = {}
         self._front_doors = self._build_front_doors()
+        #: Streams each app (subaccount, app) has open, for ``max_streams_per_app``.
+        self._app_streams: dict[tuple[str, str], set[TunnelStream]] = {}
 
     # ---------------------------------------------------------------- set-up
 
@@ -429,6 +431,14 @@ class Gateway:
             error = NotConnectedError(app.subaccount, location)
             self.audit.denied("open_stream", error.reason, **fields)
             raise error
+        mine = self._open_streams_of(app)
+        if len(mine) >= self.config.max_streams_per_app:
+            reason = (
+                f"app {app.subaccount}/{app.app} has {len(mine)} streams open, the most "
+                "allowed ([gateway] max_streams_per_app): close some first"
+            )
+            self.audit.denied("open_stream", reason, **fields)
+            raise StreamError(ResetCode.REFUSED, reason)
         metadata: dict[str, Any] = {
             "protocol": protocol,
             "host": target.host,
@@ -445,8 +455,15 @@ class Gateway:
         except StreamError as exc:
             self.audit.denied("open_stream", f"{exc.code.name}: {exc.reason}", **fields)
             raise
+        mine.add(stream)
         self.audit.allowed("open_stream", **fields)
         return stream
+
+    def _open_streams_of(self, app: AppIdentity) -> set[TunnelStream]:
+        """The app's streams its front door has not closed yet (closed ones dropped now)."""
+        streams = self._app_streams.setdefault((app.subaccount, app.app), set())
+        streams.difference_update([s for s in streams if s._closed or s.error is not None])
+        return streams
 
     async def drain(self, grace: float) -> int:
         """Graceful stop: GO_AWAY to every connector, wait up to ``grace`` seconds for their
@@ -469,7 +486,16 @@ def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     does not apply it)."""
     changes = [
         name
-        for name in ("listen", "path", "tls_cert", "tls_key", "tunnel", "audit", "registration")
+        for name in (
+            "listen",
+            "path",
+            "tls_cert",
+            "tls_key",
+            "tunnel",
+            "audit",
+            "registration",
+            "max_streams_per_app",
+        )
         if getattr(old, name) != getattr(new, name)
     ]
     if (old.plugins, old.plugin_tables) != (new.plugins, new.plugin_tables):

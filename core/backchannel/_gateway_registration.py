@@ -125,9 +125,8 @@ def handle_renewal(
             certificate = authority.renew(identity, request["csr"], previous)
         except RegistrationError as exc:
             error = str(exc)
-            problem = authority.refusal(previous)
-            if problem is not None:  # revoked or expired: this tunnel must go as well
-                _cut(tunnel, problem)
+            # A revoked or expired certificate's tunnel is cut by the watcher at its next
+            # round (cutting it here could lose this answer on the way out).
         except Exception as exc:  # a bug must not end the tunnel's reader
             log.exception("renewal for connector %s failed", identity)
             error = f"the gateway could not sign the certificate ({type(exc).__name__})"

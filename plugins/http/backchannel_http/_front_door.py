@@ -31,6 +31,7 @@ import trio
 from h11 import MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 
 from backchannel import (
+    ConnectionLimit,
     FrontDoor,
     GatewayContext,
     GatewayServices,
@@ -487,7 +488,8 @@ async def serve_http(
             log.exception("%s %s:%s: unexpected failure", label, host, port)
             await trio.aclose_forcefully(client)
 
-    await trio.serve_listeners(handle, listeners)
+    limit = ConnectionLimit(limits.max_connections, label)
+    await trio.serve_listeners(limit.wrap(handle), listeners)
 
 
 class _HttpFrontDoor:
@@ -551,6 +553,9 @@ def read_limits(table: TableReader) -> HttpLimits:
         max_header_bytes=table.integer("max_header_bytes", 65536, minimum=1024, maximum=16 << 20),
         max_headers=table.integer("max_headers", 100, minimum=1, maximum=10_000),
         header_timeout=table.number("header_timeout", 30.0, minimum=0.1, maximum=3600),
+        max_connections=table.integer(
+            "max_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
+        ),
     )
 
 

@@ -21,6 +21,7 @@ import h11
 from backchannel import (
     AppIdentity,
     AuthenticationError,
+    ConnectionLimit,
     GatewayServices,
     HostPort,
     NotConnectedError,
@@ -65,6 +66,8 @@ class HttpLimits:
     max_header_bytes: int = 65536
     max_headers: int = 100
     header_timeout: float = 30.0
+    #: Client connections a listener serves at once; more are closed at once.
+    max_connections: int = ConnectionLimit.DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +330,8 @@ def refusal_for_stream_error(error: StreamError, route: Route) -> Refusal:
         return Refusal(503, message, headers)
     if code is ResetCode.ACCESS_DENIED:
         return Refusal(403, f"access denied by the connector: {reason}", headers)
+    if code is ResetCode.REFUSED:  # a limit (max_streams_per_app, the tunnel's streams)
+        return Refusal(503, f"the stream to {target} was refused: {reason}", headers)
     if code is ResetCode.BACKEND_TIMEOUT:
         return Refusal(504, f"the backend of {target} did not answer in time: {reason}", headers)
     if code is ResetCode.BACKEND_UNREACHABLE:

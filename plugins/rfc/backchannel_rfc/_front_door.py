@@ -22,7 +22,13 @@ from typing import Any
 
 import trio
 
-from backchannel import GatewayServices, HostPort, TunnelStream, splice_streams
+from backchannel import (
+    ConnectionLimit,
+    GatewayServices,
+    HostPort,
+    TunnelStream,
+    splice_streams,
+)
 
 from ._destinations import RfcDestinations
 from ._errors import RFCLibError, RfcRc, library_error, to_wire
@@ -52,11 +58,13 @@ class RfcFrontDoor:
         destinations: RfcDestinations,
         *,
         handshake_timeout: float = 10.0,
+        max_connections: int = ConnectionLimit.DEFAULT,
     ) -> None:
         self.services = services
         self.listen = listen
         self.destinations = destinations
         self.handshake_timeout = handshake_timeout
+        self.connections = ConnectionLimit(max_connections, self.name)
 
     async def serve(self, *, task_status: trio.TaskStatus[Sequence[HostPort]]) -> None:
         """Bind, report the bound addresses, serve until cancelled."""
@@ -64,7 +72,7 @@ class RfcFrontDoor:
         bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
         log.info("RFC front door listening on %s", ", ".join(map(str, bound)))
         task_status.started(bound)
-        await trio.serve_listeners(self._serve_client, listeners)
+        await trio.serve_listeners(self.connections.wrap(self._serve_client), listeners)
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         peer = _peer(stream)

@@ -114,6 +114,7 @@ import trio
 from backchannel import (
     AppIdentity,
     AuthenticationError,
+    ConnectionLimit,
     GatewayServices,
     HostPort,
     StreamError,
@@ -193,7 +194,9 @@ class RfcJsonEndpoint:
         request_timeout: float = 30.0,
         call_timeout: float | None = None,
         idle_timeout: float = 60.0,
+        max_connections: int = ConnectionLimit.DEFAULT,
     ) -> None:
+        self.connections = ConnectionLimit(max_connections, "rfc.json")
         self.services = services
         self.listen = listen
         self.destinations = destinations
@@ -214,7 +217,7 @@ class RfcJsonEndpoint:
         bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
         log.info("RFC JSON endpoint listening on %s", ", ".join(map(str, bound)))
         task_status.started(bound)
-        await trio.serve_listeners(self._serve_client, listeners)
+        await trio.serve_listeners(self.connections.wrap(self._serve_client), listeners)
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         try:

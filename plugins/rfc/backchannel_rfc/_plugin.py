@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from backchannel import (
+    ConnectionLimit,
     ConnectorContext,
     ConnectorHandler,
     DemoPart,
@@ -34,6 +35,7 @@ _GATEWAY_KEYS = (
     "handshake_timeout",
     "http_max_body",
     "http_request_timeout",
+    "max_client_connections",
 )
 
 
@@ -82,6 +84,7 @@ class _GatewaySettings:
     handshake_timeout: float
     max_body: int
     request_timeout: float
+    max_connections: int
 
 
 def _gateway_settings(table: TableReader) -> _GatewaySettings:
@@ -89,6 +92,10 @@ def _gateway_settings(table: TableReader) -> _GatewaySettings:
         handshake_timeout=table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600),
         max_body=table.integer("http_max_body", MAX_BODY, minimum=1024, maximum=64 * 1024 * 1024),
         request_timeout=table.number("http_request_timeout", 30.0, minimum=0.1, maximum=3600),
+        # ``max_connections`` is the connector's pool size in the same table.
+        max_connections=table.integer(
+            "max_client_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
+        ),
     )
 
 
@@ -131,6 +138,7 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
                 table.host_port("listen"),
                 destinations,
                 handshake_timeout=settings.handshake_timeout,
+                max_connections=settings.max_connections,
             )
         )
     if "http_listen" in table:
@@ -141,6 +149,7 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
                 destinations,
                 max_body=settings.max_body,
                 request_timeout=settings.request_timeout,
+                max_connections=settings.max_connections,
             )
         )
     table.finish()

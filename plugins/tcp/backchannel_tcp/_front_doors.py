@@ -13,6 +13,7 @@ import trio
 from backchannel import (
     AppIdentity,
     AuthenticationError,
+    ConnectionLimit,
     GatewayServices,
     HostPort,
     NotConnectedError,
@@ -92,11 +93,17 @@ class Socks5FrontDoor:
     name = "tcp.socks5"
 
     def __init__(
-        self, services: GatewayServices, listen: HostPort, *, handshake_timeout: float
+        self,
+        services: GatewayServices,
+        listen: HostPort,
+        *,
+        handshake_timeout: float,
+        max_connections: int = ConnectionLimit.DEFAULT,
     ) -> None:
         self._services = services
         self._listen = listen
         self._handshake_timeout = handshake_timeout
+        self.connections = ConnectionLimit(max_connections, self.name)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Sequence[HostPort]] = trio.TASK_STATUS_IGNORED
@@ -104,7 +111,7 @@ class Socks5FrontDoor:
         """Listen and serve SOCKS5 clients until cancelled."""
         listeners = await _bind(self._listen)
         task_status.started(_bound(listeners))
-        await trio.serve_listeners(self._handle, listeners)
+        await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         _nodelay(client)
@@ -243,6 +250,7 @@ class PortForward:
         subaccount: str,
         location: str,
         target: HostPort,
+        max_connections: int = ConnectionLimit.DEFAULT,
     ) -> None:
         self._services = services
         self._listen = listen
@@ -250,6 +258,7 @@ class PortForward:
         self._location = location
         self._target = target
         self.name = f"tcp.forward[{listen}→{target}]"
+        self.connections = ConnectionLimit(max_connections, self.name)
 
     async def serve(
         self, *, task_status: trio.TaskStatus[Sequence[HostPort]] = trio.TASK_STATUS_IGNORED
@@ -257,7 +266,7 @@ class PortForward:
         """Listen and forward until cancelled."""
         listeners = await _bind(self._listen)
         task_status.started(_bound(listeners))
-        await trio.serve_listeners(self._handle, listeners)
+        await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         _nodelay(client)

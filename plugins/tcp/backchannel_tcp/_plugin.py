@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from backchannel import (
+    ConnectionLimit,
     ConnectorContext,
     ConnectorHandler,
     FrontDoor,
@@ -35,17 +36,20 @@ def backchannel_plugin_info() -> PluginInfo:
     )
 
 
-def _read_common(table: TableReader) -> tuple[float, float]:
+def _read_common(table: TableReader) -> tuple[float, float, int]:
     handshake = table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600)
     connect = table.number("connect_timeout", 10.0, minimum=0.1, maximum=600)
-    return handshake, connect
+    connections = table.integer(
+        "max_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
+    )
+    return handshake, connect, connections
 
 
 @hookimpl
 def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[ConnectorHandler]:
     """The tcp/tcps backend handler."""
     table = context.config_for(NAME)
-    _, connect_timeout = _read_common(table)
+    _, connect_timeout, _ = _read_common(table)
     # Gateway-side keys may share the file in a combined set-up; they are checked there.
     table.optional_string("socks5_listen")
     list(table.tables("forwards"))
@@ -57,13 +61,16 @@ def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[Connec
 def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDoor]:
     """SOCKS5 (if ``socks5_listen`` is set) and one listener per ``[[plugins.tcp.forwards]]``."""
     table = context.config_for(NAME)
-    handshake_timeout, _ = _read_common(table)
+    handshake_timeout, _, max_connections = _read_common(table)
     services = context.services
     doors: list[FrontDoor] = []
     if "socks5_listen" in table:
         doors.append(
             Socks5FrontDoor(
-                services, table.host_port("socks5_listen"), handshake_timeout=handshake_timeout
+                services,
+                table.host_port("socks5_listen"),
+                handshake_timeout=handshake_timeout,
+                max_connections=max_connections,
             )
         )
     for forward in table.tables("forwards"):
@@ -79,7 +86,14 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
         target = forward.host_port("target", allow_port_zero=False)
         forward.finish()
         doors.append(
-            PortForward(services, listen, subaccount=subaccount, location=location, target=target)
+            PortForward(
+                services,
+                listen,
+                subaccount=subaccount,
+                location=location,
+                target=target,
+                max_connections=max_connections,
+            )
         )
     table.finish()
     return doors

@@ -1,0 +1,127 @@
+"""Configurable limits: connections per front door (``max_connections``) and streams per
+cloud app (``[gateway] max_streams_per_app``). Past a limit the newcomer is refused, the ones
+already served carry on, and a freed place is usable again."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from python_socks import ProxyError
+
+from backchannel import ConnectorConfig, Gateway, GatewayConfig, open_connector, open_gateway
+from tests.harness import (
+    APP_SECRET,
+    audit_lines,
+    connector_document,
+    echo_server,
+    gateway_document,
+    socks_connect,
+    tls_material,
+)
+
+ECHO = "echo.virtual"
+
+
+@asynccontextmanager
+async def limited_pair(
+    tmp_path: Path, *, gateway: dict[str, Any], plugins: dict[str, Any]
+) -> AsyncIterator[Gateway]:
+    tls = tls_material(tmp_path / "tls")
+    document = gateway_document(tls, tmp_path / "gateway-audit.jsonl")
+    document["gateway"].update(gateway)
+    document["subaccounts"]["acme"]["apps"]["hr"] = {"secret": APP_SECRET}
+    for name, table in plugins.items():
+        document["plugins"].setdefault(name, {}).update(table)
+    async with echo_server() as port, open_gateway(GatewayConfig.from_mapping(document)) as gw:
+        assert gw.tunnel_address is not None
+        mapping = {"protocol": "tcp", "virtual": f"{ECHO}:7", "internal": f"127.0.0.1:{port}"}
+        connector = connector_document(
+            tls, gw.tunnel_address.port, tmp_path / "connector-audit.jsonl", [mapping]
+        )
+        async with open_connector(ConnectorConfig.from_mapping(connector)) as running:
+            with trio.fail_after(10):
+                await running.wait_connected()
+            yield gw
+
+
+async def test_socks5_front_door_serves_at_most_max_connections(tmp_path: Path) -> None:
+    async with limited_pair(
+        tmp_path, gateway={}, plugins={"tcp": {"max_connections": 2}}
+    ) as gateway:
+        socks = gateway.front_door_addresses["tcp.socks5"][0]
+        first = await trio.open_tcp_stream(socks.host, socks.port)
+        second = await trio.open_tcp_stream(socks.host, socks.port)
+        await trio.testing.wait_all_tasks_blocked()
+        third = await trio.open_tcp_stream(socks.host, socks.port)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            assert await third.receive_some(1) == b""  # closed at once, nothing read
+        # The two served ones still work end to end once one place is free again.
+        await first.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            stream = await socks_connect(socks, ECHO, 7)
+        async with stream:
+            await stream.send_all(b"ping")
+            assert await stream.receive_some(4) == b"ping"
+        await second.aclose()
+        await third.aclose()
+
+
+async def test_http_proxy_serves_at_most_max_connections(tmp_path: Path) -> None:
+    plugins = {"http": {"proxy_listen": "127.0.0.1:0", "max_connections": 1}}
+    async with limited_pair(tmp_path, gateway={}, plugins=plugins) as gateway:
+        (proxy,) = [v[0] for k, v in gateway.front_door_addresses.items() if k.startswith("http")]
+        held = await trio.open_tcp_stream(proxy.host, proxy.port)
+        await trio.testing.wait_all_tasks_blocked()
+        refused = await trio.open_tcp_stream(proxy.host, proxy.port)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            assert await refused.receive_some(1) == b""
+        await held.send_all(
+            b"GET http://nowhere.virtual/ HTTP/1.1\r\nHost: nowhere.virtual\r\n\r\n"
+        )
+        with trio.fail_after(10):
+            answer = await held.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 407")  # served: asks for credentials
+        await held.aclose()
+        await refused.aclose()
+
+
+async def test_streams_per_app_are_capped_and_other_apps_carry_on(tmp_path: Path) -> None:
+    async with limited_pair(tmp_path, gateway={"max_streams_per_app": 2}, plugins={}) as gateway:
+        socks = gateway.front_door_addresses["tcp.socks5"][0]
+        with trio.fail_after(10):
+            one = await socks_connect(socks, ECHO, 7)
+            two = await socks_connect(socks, ECHO, 7)
+        # crm's third stream is refused with a SOCKS5 error...
+        with pytest.raises(ProxyError, match="General SOCKS server failure"), trio.fail_after(10):
+            await socks_connect(socks, ECHO, 7)
+        # ...while another app of the same subaccount is served.
+        with trio.fail_after(10):
+            other = await socks_connect(socks, ECHO, 7, user="acme/hr")
+        async with other:
+            await other.send_all(b"hr")
+            assert await other.receive_some(2) == b"hr"
+        # The streams crm has keep working; closing one frees a place.
+        await one.send_all(b"one")
+        assert await one.receive_some(3) == b"one"
+        await one.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            again = await socks_connect(socks, ECHO, 7)
+        await again.aclose()
+        await two.aclose()
+    refusals = [
+        line
+        for line in audit_lines(tmp_path / "gateway-audit.jsonl")
+        if line["event"] == "open_stream" and "max_streams_per_app" in line.get("reason", "")
+    ]
+    assert len(refusals) == 1
+    assert refusals[0]["app"] == "crm"
