@@ -24,7 +24,7 @@ from backchannel import (
 )
 from backchannel._proto._errors import ProtocolError
 from backchannel._proto._frames import FrameType, encode_frame
-from backchannel._proto._mux import Mux
+from backchannel._proto._mux import Mux, MuxSettings
 from tests.harness import (
     connector_document,
     echo_server,
@@ -116,7 +116,11 @@ async def test_connector_keeps_retrying_when_dropped_right_after_the_upgrade(
 
 
 async def test_a_peer_that_pings_without_reading_is_cut_off() -> None:
-    settings = TunnelSettings(output_high_water=64 * 1024)
+    # A ping rate the flood limit allows (test_mux_limits.py covers that limit): the output
+    # limit must catch a peer that does not read on its own.
+    settings = TunnelSettings(
+        mux=MuxSettings(max_pings_per_second=10**6), output_high_water=64 * 1024
+    )
     async with tunnel_pair(gateway_settings=settings) as pair:
         pair.gateway_transport.hold_sends()  # the gateway's output stays queued: no one reads
         ping = encode_frame(FrameType.PING, 0, b"12345678")

@@ -4,8 +4,11 @@ already served carry on, and a freed place is usable again."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,11 @@ ECHO = "echo.virtual"
 
 @asynccontextmanager
 async def limited_pair(
-    tmp_path: Path, *, gateway: dict[str, Any], plugins: dict[str, Any]
+    tmp_path: Path,
+    *,
+    gateway: dict[str, Any],
+    plugins: dict[str, Any],
+    extra_mappings: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[Gateway]:
     tls = tls_material(tmp_path / "tls")
     document = gateway_document(tls, tmp_path / "gateway-audit.jsonl")
@@ -42,7 +49,10 @@ async def limited_pair(
         assert gw.tunnel_address is not None
         mapping = {"protocol": "tcp", "virtual": f"{ECHO}:7", "internal": f"127.0.0.1:{port}"}
         connector = connector_document(
-            tls, gw.tunnel_address.port, tmp_path / "connector-audit.jsonl", [mapping]
+            tls,
+            gw.tunnel_address.port,
+            tmp_path / "connector-audit.jsonl",
+            [mapping, *(extra_mappings or [])],
         )
         async with open_connector(ConnectorConfig.from_mapping(connector)) as running:
             with trio.fail_after(10):
@@ -125,3 +135,71 @@ async def test_streams_per_app_are_capped_and_other_apps_carry_on(tmp_path: Path
     ]
     assert len(refusals) == 1
     assert refusals[0]["app"] == "crm"
+
+
+async def _sink(stream: trio.SocketStream) -> None:
+    """A backend that reads everything and never answers."""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(65536):
+                pass
+
+
+async def test_idle_tcp_connections_are_closed_after_idle_timeout(tmp_path: Path) -> None:
+    forwards = {"listen": "127.0.0.1:0", "subaccount": "acme", "target": f"{ECHO}:7"}
+    plugins = {"tcp": {"idle_timeout": 0.3, "forwards": [forwards]}}
+    async with limited_pair(tmp_path, gateway={}, plugins=plugins) as gateway:
+        (forward,) = [v[0] for k, v in gateway.front_door_addresses.items() if "forward" in k]
+        busy = await trio.open_tcp_stream(forward.host, forward.port)
+        idle = await trio.open_tcp_stream(forward.host, forward.port)
+        # The busy one keeps talking for longer than the idle timeout and stays up...
+        for _ in range(8):
+            await busy.send_all(b"x")
+            with trio.fail_after(5):
+                assert await busy.receive_some(1) == b"x"
+            await trio.sleep(0.1)  # the traffic pattern under test, not a synchronisation
+        # ...while the idle one was closed.
+        with trio.fail_after(5):
+            assert await idle.receive_some(1) == b""
+        await busy.aclose()
+        await idle.aclose()
+
+
+async def test_a_trickled_http_request_body_gets_408(tmp_path: Path) -> None:
+    plugins = {"http": {"proxy_listen": "127.0.0.1:0", "body_timeout": 0.3, "min_body_rate": 1000}}
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, _sink, 0, host="127.0.0.1"))
+        sink_port = listeners[0].socket.getsockname()[1]
+        web = {
+            "protocol": "http",
+            "virtual": "web.virtual:80",
+            "internal": f"127.0.0.1:{sink_port}",
+        }
+        async with limited_pair(
+            tmp_path,
+            gateway={},
+            plugins=plugins,
+            extra_mappings=[{**web, "resources": [{"path": "/"}]}],
+        ) as gateway:
+            (proxy,) = [v[0] for k, v in gateway.front_door_addresses.items() if "proxy" in k]
+            client = await trio.open_tcp_stream(proxy.host, proxy.port)
+            credentials = base64.b64encode(f"acme/crm:{APP_SECRET}".encode()).decode()
+            await client.send_all(
+                b"POST http://web.virtual/upload HTTP/1.1\r\nHost: web.virtual\r\n"
+                + f"Proxy-Authorization: Basic {credentials}\r\n".encode()
+                + b"Content-Length: 100000\r\n\r\n"
+            )
+            answer = b""
+            with trio.fail_after(10):
+                while not answer.endswith(b"\n") or b"\r\n\r\n" not in answer:
+                    with trio.move_on_after(0.05):  # one body byte every 50 ms: too slow
+                        data = await client.receive_some(4096)
+                        if not data:
+                            break
+                        answer += data
+                        continue
+                    await client.send_all(b"a")
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert b"min_body_rate" in answer
+            await client.aclose()
+        nursery.cancel_scope.cancel()

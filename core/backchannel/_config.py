@@ -93,6 +93,21 @@ def read_tunnel_settings(reader: TableReader) -> TunnelSettings:
                 minimum=1,
                 maximum=1_000_000,
             ),
+            max_pings_per_second=reader.integer(
+                "max_pings_per_second", mux_defaults.max_pings_per_second, minimum=1, maximum=10**6
+            ),
+            max_resets_per_second=reader.integer(
+                "max_resets_per_second",
+                mux_defaults.max_resets_per_second,
+                minimum=1,
+                maximum=10**7,
+            ),
+            max_stream_opens_per_second=reader.integer(
+                "max_stream_opens_per_second",
+                mux_defaults.max_stream_opens_per_second,
+                minimum=1,
+                maximum=10**7,
+            ),
         ),
         heartbeat_interval=interval,
         heartbeat_timeout=timeout,

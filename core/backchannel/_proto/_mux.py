@@ -8,7 +8,8 @@ peer. The mux never blocks, sleeps, or reads a clock; all waiting is the caller'
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,13 @@ class MuxSettings:
     max_frame_size: int = 1024 * 1024
     max_concurrent_streams: int = 10_000
     data_chunk_size: int = 64 * 1024
+    #: Flood limits on what the peer sends (a token bucket each: this many per second on
+    #: average, bursts of as many). Past them: PINGs and RESETs cut the tunnel
+    #: (PROTOCOL_ERROR, "rapid reset" and ping floods); OPENs are refused (REFUSED), the
+    #: tunnel stays.
+    max_pings_per_second: int = 100
+    max_resets_per_second: int = 10_000
+    max_stream_opens_per_second: int = 10_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.initial_window <= MAX_WINDOW:
@@ -68,6 +76,32 @@ class MuxSettings:
             raise ValueError("max_concurrent_streams must be positive")
         if self.data_chunk_size < 1:
             raise ValueError("data_chunk_size must be positive")
+        for name in ("max_pings_per_second", "max_resets_per_second"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.max_stream_opens_per_second < 1:
+            raise ValueError("max_stream_opens_per_second must be positive")
+
+
+class _Budget:
+    """A token bucket: ``rate`` events per second on average, bursts of up to ``rate``."""
+
+    __slots__ = ("rate", "stamp", "tokens")
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.stamp: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False when none is left."""
+        if self.stamp is not None:
+            self.tokens = min(float(self.rate), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +119,18 @@ class Mux:
     The initiator opens odd stream ids and sends HELLO first; the other side opens even ids.
     """
 
-    def __init__(self, *, initiator: bool, settings: MuxSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        settings: MuxSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings or MuxSettings()
+        self._clock = clock
+        self._pings = _Budget(self.settings.max_pings_per_second)
+        self._resets = _Budget(self.settings.max_resets_per_second)
+        self._opens = _Budget(self.settings.max_stream_opens_per_second)
         self.initiator = initiator
         self.peer: PeerSettings | None = None
         self._decoder = FrameDecoder(max_payload=MAX_HELLO_SIZE)
@@ -377,6 +421,11 @@ class Mux:
             reason = f"too many concurrent streams (limit {self.settings.max_concurrent_streams})"
             self._queue(encode_reset(stream_id, ResetCode.REFUSED, reason))
             return
+        if not self._opens.take(self._clock()):
+            rate = self.settings.max_stream_opens_per_second
+            reason = f"streams opened faster than {rate} per second (max_stream_opens_per_second)"
+            self._queue(encode_reset(stream_id, ResetCode.REFUSED, reason))
+            return
         assert self.peer is not None
         self._streams[stream_id] = StreamState(
             stream_id,
@@ -435,6 +484,11 @@ class Mux:
         self._forget_if_finished(state)
 
     def _on_reset(self, frame: Frame, events: list[Event]) -> None:
+        if not self._resets.take(self._clock()):
+            raise ProtocolError(
+                f"RESET flood: more than {self.settings.max_resets_per_second} per second "
+                "(max_resets_per_second)"
+            )
         code, reason = decode_reset(frame.payload)
         state = self._remote_state(frame)
         if state is None:
@@ -445,6 +499,11 @@ class Mux:
     def _on_ping(self, frame: Frame, events: list[Event]) -> None:
         if len(frame.payload) != PING_PAYLOAD_SIZE:
             raise ProtocolError("PING payload must be 8 bytes")
+        if not self._pings.take(self._clock()):
+            raise ProtocolError(
+                f"PING flood: more than {self.settings.max_pings_per_second} per second "
+                "(max_pings_per_second)"
+            )
         self._queue(encode_frame(FrameType.PONG, 0, frame.payload), urgent=True)
         events.append(PingReceived(frame.payload))
 

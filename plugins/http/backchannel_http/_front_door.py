@@ -326,15 +326,40 @@ class ClientConnection:
         return outcome
 
     async def _pump_request(self, leg: _TunnelLeg) -> None:
-        """Client body → tunnel, until the request's end (or a failure resets the stream)."""
+        """Client body → tunnel, until the request's end (or a failure resets the stream).
+
+        The client may spend ``body_timeout`` seconds waiting to send, plus one second for
+        every ``min_body_rate`` bytes it sent (time the tunnel holds it back does not count):
+        a body trickled slower than that is cut off with 408.
+        """
+        limits = self._limits
+        waited = 0.0
+        received = 0
         try:
             while True:
                 event = self._conn.next_event()
                 if event is h11.NEED_DATA:
-                    self._conn.receive_data(await self._receive())
-                    continue
+                    allowed = limits.body_timeout + received / limits.min_body_rate - waited
+                    started = trio.current_time()
+                    with trio.move_on_after(max(allowed, 0.0)):
+                        self._conn.receive_data(await self._receive())
+                        waited += trio.current_time() - started
+                        continue
+                    self._failure = Refusal(
+                        408,
+                        f"the request body came slower than {limits.min_body_rate} bytes/s after "
+                        f"{limits.body_timeout:g} s (body_timeout, min_body_rate)",
+                        close=True,
+                    )
+                    log.info("%s: %s", self._label, self._failure.message)
+                    leg.stream.reset_nowait(
+                        ResetCode.CANCELLED, "the client sent its body too slowly"
+                    )
+                    return
                 if not isinstance(event, h11.Data | h11.EndOfMessage):
                     return
+                if isinstance(event, h11.Data):
+                    received += len(event.data)
                 await leg.send(event)
                 if isinstance(event, h11.EndOfMessage):
                     return
@@ -553,6 +578,8 @@ def read_limits(table: TableReader) -> HttpLimits:
         max_header_bytes=table.integer("max_header_bytes", 65536, minimum=1024, maximum=16 << 20),
         max_headers=table.integer("max_headers", 100, minimum=1, maximum=10_000),
         header_timeout=table.number("header_timeout", 30.0, minimum=0.1, maximum=3600),
+        body_timeout=table.number("body_timeout", 30.0, minimum=0.1, maximum=86400),
+        min_body_rate=table.integer("min_body_rate", 500, minimum=1, maximum=1 << 30),
         max_connections=table.integer(
             "max_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
         ),

@@ -66,6 +66,9 @@ class HttpLimits:
     max_header_bytes: int = 65536
     max_headers: int = 100
     header_timeout: float = 30.0
+    #: Time a client may wait to send its request body, plus a second per min_body_rate bytes.
+    body_timeout: float = 30.0
+    min_body_rate: int = 500
     #: Client connections a listener serves at once; more are closed at once.
     max_connections: int = ConnectionLimit.DEFAULT
 

@@ -36,6 +36,7 @@ _GATEWAY_KEYS = (
     "http_max_body",
     "http_request_timeout",
     "max_client_connections",
+    "http_idle_timeout",
 )
 
 
@@ -85,6 +86,7 @@ class _GatewaySettings:
     max_body: int
     request_timeout: float
     max_connections: int
+    idle_timeout: float
 
 
 def _gateway_settings(table: TableReader) -> _GatewaySettings:
@@ -92,6 +94,7 @@ def _gateway_settings(table: TableReader) -> _GatewaySettings:
         handshake_timeout=table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600),
         max_body=table.integer("http_max_body", MAX_BODY, minimum=1024, maximum=64 * 1024 * 1024),
         request_timeout=table.number("http_request_timeout", 30.0, minimum=0.1, maximum=3600),
+        idle_timeout=table.number("http_idle_timeout", 60.0, minimum=0.1, maximum=3600),
         # ``max_connections`` is the connector's pool size in the same table.
         max_connections=table.integer(
             "max_client_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
@@ -150,6 +153,7 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
                 max_body=settings.max_body,
                 request_timeout=settings.request_timeout,
                 max_connections=settings.max_connections,
+                idle_timeout=settings.idle_timeout,
             )
         )
     table.finish()

@@ -99,10 +99,12 @@ class Socks5FrontDoor:
         *,
         handshake_timeout: float,
         max_connections: int = ConnectionLimit.DEFAULT,
+        idle_timeout: float = 0.0,
     ) -> None:
         self._services = services
         self._listen = listen
         self._handshake_timeout = handshake_timeout
+        self._idle_timeout = idle_timeout
         self.connections = ConnectionLimit(max_connections, self.name)
 
     async def serve(
@@ -137,6 +139,7 @@ class Socks5FrontDoor:
                     client,
                     label=f"socks5 {peer} → {negotiated.request.host}",
                     other_broke=CLIENT_BROKE,
+                    idle_timeout=self._idle_timeout,
                 )
         except SocksError as exc:
             log.info("socks5 %s: %s", peer, exc)
@@ -251,7 +254,9 @@ class PortForward:
         location: str,
         target: HostPort,
         max_connections: int = ConnectionLimit.DEFAULT,
+        idle_timeout: float = 0.0,
     ) -> None:
+        self._idle_timeout = idle_timeout
         self._services = services
         self._listen = listen
         self._app = services.app_for_forward(subaccount, str(listen))
@@ -286,6 +291,7 @@ class PortForward:
                     client,
                     label=f"forward {peer} → {self._target}",
                     other_broke=CLIENT_BROKE,
+                    idle_timeout=self._idle_timeout,
                 )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("forward %s: %s went away: %s", self.name, peer, exc)

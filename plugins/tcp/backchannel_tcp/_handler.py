@@ -50,8 +50,9 @@ class TcpHandler:
     name = "tcp"
     mapping_protocols: tuple[str, ...] = ("tcp", "tcps")
 
-    def __init__(self, *, connect_timeout: float) -> None:
+    def __init__(self, *, connect_timeout: float, idle_timeout: float = 0.0) -> None:
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
         self.user_contexts = UserTlsContexts()
 
     def parse_mapping_options(self, mapping: TableReader) -> TcpsOptions | None:
@@ -81,7 +82,7 @@ class TcpHandler:
         except BaseException:
             await trio.aclose_forcefully(backend)
             raise
-        await splice(stream, backend, label=f"{session.virtual}")
+        await splice(stream, backend, label=f"{session.virtual}", idle_timeout=self.idle_timeout)
 
     async def _connect(self, session: Session) -> trio.abc.Stream:
         internal = session.internal

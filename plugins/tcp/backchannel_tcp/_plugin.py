@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from backchannel import (
     ConnectionLimit,
@@ -36,32 +37,44 @@ def backchannel_plugin_info() -> PluginInfo:
     )
 
 
-def _read_common(table: TableReader) -> tuple[float, float, int]:
-    handshake = table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600)
-    connect = table.number("connect_timeout", 10.0, minimum=0.1, maximum=600)
-    connections = table.integer(
-        "max_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    handshake_timeout: float
+    connect_timeout: float
+    max_connections: int
+    idle_timeout: float
+
+
+def _read_common(table: TableReader) -> _Settings:
+    return _Settings(
+        handshake_timeout=table.number("handshake_timeout", 10.0, minimum=0.1, maximum=600),
+        connect_timeout=table.number("connect_timeout", 10.0, minimum=0.1, maximum=600),
+        max_connections=table.integer(
+            "max_connections", ConnectionLimit.DEFAULT, minimum=1, maximum=1_000_000
+        ),
+        idle_timeout=table.number("idle_timeout", 0.0, minimum=0.0, maximum=7 * 86400),
     )
-    return handshake, connect, connections
 
 
 @hookimpl
 def backchannel_connector_handlers(context: ConnectorContext) -> Sequence[ConnectorHandler]:
     """The tcp/tcps backend handler."""
     table = context.config_for(NAME)
-    _, connect_timeout, _ = _read_common(table)
+    settings = _read_common(table)
     # Gateway-side keys may share the file in a combined set-up; they are checked there.
     table.optional_string("socks5_listen")
     list(table.tables("forwards"))
     table.finish()
-    return [TcpHandler(connect_timeout=connect_timeout)]
+    return [
+        TcpHandler(connect_timeout=settings.connect_timeout, idle_timeout=settings.idle_timeout)
+    ]
 
 
 @hookimpl
 def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDoor]:
     """SOCKS5 (if ``socks5_listen`` is set) and one listener per ``[[plugins.tcp.forwards]]``."""
     table = context.config_for(NAME)
-    handshake_timeout, _, max_connections = _read_common(table)
+    settings = _read_common(table)
     services = context.services
     doors: list[FrontDoor] = []
     if "socks5_listen" in table:
@@ -69,8 +82,9 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
             Socks5FrontDoor(
                 services,
                 table.host_port("socks5_listen"),
-                handshake_timeout=handshake_timeout,
-                max_connections=max_connections,
+                handshake_timeout=settings.handshake_timeout,
+                max_connections=settings.max_connections,
+                idle_timeout=settings.idle_timeout,
             )
         )
     for forward in table.tables("forwards"):
@@ -92,7 +106,8 @@ def backchannel_gateway_front_doors(context: GatewayContext) -> Sequence[FrontDo
                 subaccount=subaccount,
                 location=location,
                 target=target,
-                max_connections=max_connections,
+                max_connections=settings.max_connections,
+                idle_timeout=settings.idle_timeout,
             )
         )
     table.finish()

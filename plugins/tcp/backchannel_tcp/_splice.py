@@ -21,15 +21,32 @@ async def splice(
     *,
     label: str,
     other_broke: tuple[ResetCode, str] = BACKEND_BROKE,
+    idle_timeout: float = 0.0,
 ) -> None:
     """Pump until both directions ended; a failure on one side aborts the other side.
 
     Each direction forwards EOF as a half-close where the destination supports it (TLS
-    streams cannot half-close: their direction then stays open until the other ends).
+    streams cannot half-close: their direction then stays open until the other ends). With
+    ``idle_timeout`` (seconds, 0 = none), a connection on which no byte moved either way for
+    that long is closed, and the tunnel stream reset with CANCELLED saying so.
     """
     broken: str | None = None
     try:
-        broken = await splice_streams(tunnel, other, a_name="tunnel", b_name="other")
+        if idle_timeout <= 0:
+            broken = await splice_streams(tunnel, other, a_name="tunnel", b_name="other")
+            return
+        with trio.CancelScope() as idle:
+            watched_tunnel = _Watched(tunnel, idle, idle_timeout)
+            watched_other = _Watched(other, idle, idle_timeout)
+            watched_tunnel.moved()
+            broken = await splice_streams(
+                watched_tunnel, watched_other, a_name="tunnel", b_name="other"
+            )
+        if idle.cancelled_caught:
+            log.info("%s: nothing moved for %g s (idle_timeout): closed", label, idle_timeout)
+            tunnel.reset_nowait(
+                ResetCode.CANCELLED, f"idle for {idle_timeout:g} s ([plugins.tcp] idle_timeout)"
+            )
     finally:
         # Also on cancellation (tunnel lost, shutdown): the other socket must not leak.
         if broken is not None:
@@ -37,3 +54,36 @@ async def splice(
             if broken == "other":
                 tunnel.reset_nowait(*other_broke)
         await trio.aclose_forcefully(other)
+
+
+class _Watched(trio.abc.HalfCloseableStream):
+    """A stream that pushes an idle deadline back whenever a byte moves through it."""
+
+    def __init__(self, stream: trio.abc.Stream, idle: trio.CancelScope, timeout: float) -> None:
+        self._stream = stream
+        self._idle = idle
+        self._timeout = timeout
+
+    def moved(self) -> None:
+        """Something moved: the connection is not idle for another ``timeout`` seconds."""
+        self._idle.deadline = trio.current_time() + self._timeout
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self._stream.receive_some(max_bytes)
+        self.moved()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+        self.moved()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        # Only half-closeable streams get an EOF (TLS cannot send one: nothing to do).
+        if isinstance(self._stream, trio.abc.HalfCloseableStream):
+            await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
