@@ -25,6 +25,7 @@ from ._proto._errors import ProtocolError, ResetCode
 from ._proto._events import GoAwayReceived, HelloReceived
 from ._proto._mux import Mux
 from ._tunnel import TunnelSettings
+from ._wsmask import install as _install_c_masking
 
 log = logging.getLogger("backchannel.transport")
 
@@ -114,6 +115,7 @@ class WebSocketTransport:
     ) -> None:
         self.ws = ws
         self._stream = stream
+        _install_c_masking()  # the handshake's few frames need not wait for it
 
     async def send_message(self, message: bytes) -> None:
         """Send one binary message."""
