@@ -24,8 +24,9 @@ from ._exceptions import TunnelError
 from ._proto._errors import ProtocolError, ResetCode
 from ._proto._events import GoAwayReceived, HelloReceived
 from ._proto._mux import Mux
+from ._tlsdrain import DrainingReceive
 from ._tunnel import TunnelSettings
-from ._wsmask import install as _install_c_masking
+from ._wsspeedups import install as _install_wsproto_speedups
 
 log = logging.getLogger("backchannel.transport")
 
@@ -115,7 +116,13 @@ class WebSocketTransport:
     ) -> None:
         self.ws = ws
         self._stream = stream
-        _install_c_masking()  # the handshake's few frames need not wait for it
+        _install_wsproto_speedups()  # the handshake's few frames need not wait for it
+        if isinstance(stream, trio.SSLStream) and isinstance(
+            getattr(ws, "_stream", None), trio.SSLStream
+        ):
+            # trio-websocket's reader reads ws._stream afresh on every pass (a private
+            # attribute: without it, nothing changes); see _tlsdrain.
+            ws._stream = DrainingReceive(stream)
 
     async def send_message(self, message: bytes) -> None:
         """Send one binary message."""
