@@ -274,6 +274,10 @@ class Tunnel:
         while True:
             while not self._mux.pending_bytes:
                 await self._writer_waiters.park()
+                # One scheduler pass before sending: the tasks that woke us usually queue more
+                # (ACCEPT then the first DATA, FIN then RESET), and each message costs a
+                # WebSocket frame, a TLS record and a send() of its own.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             data = self._mux.data_to_send(self._settings.max_message_size)
             try:
                 await self._transport.send_message(data)
