@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .closed_loop import latency_summary, split
-from .procs import BenchError, WorkDir, spawn
+from .procs import BenchError, Proc, WorkDir, spawn
 
 SMALL_PATH = "/small"
 
@@ -51,6 +51,8 @@ class HttpPath:
     port: int
     proxy_target: str | None = None
     credentials: str | None = None
+    #: The processes on the path (server side, client side) whose CPU per request is reported.
+    procs: tuple[Proc, ...] = ()
 
 
 def wrk_path() -> str | None:
@@ -178,12 +180,18 @@ def run_http_versus(
         for index in range(repeat):
             for path in paths:
                 check_alive(f"http {path.name} c={concurrency}")
+                if wrk is not None and warm_up > 0:
+                    run_wrk(wrk, work, path, concurrency, max(1.0, warm_up))
+                cpu_before = [proc.cpu_seconds() for proc in path.procs]
                 if wrk is not None:
-                    if warm_up > 0:
-                        run_wrk(wrk, work, path, concurrency, max(1.0, warm_up))
                     result = run_wrk(wrk, work, path, concurrency, seconds)
                 else:
                     result = run_own_client(work, path, concurrency, seconds, warm_up)
+                if path.procs and result["requests"]:
+                    result["cpu_us_per_request"] = [
+                        round(1e6 * (proc.cpu_seconds() - before) / result["requests"], 1)
+                        for proc, before in zip(path.procs, cpu_before, strict=True)
+                    ]
                 result |= {"path": path.name, "concurrency": concurrency, "repeat": index + 1}
                 runs.append(result)
                 ms = result["latency_ms"]
@@ -223,6 +231,11 @@ def _summary(
                     for key in ("p50", "p99", "p99_9")
                 },
             }
+            costs = [r["cpu_us_per_request"] for r in mine if "cpu_us_per_request" in r]
+            if costs:
+                row[name]["cpu_us_per_request"] = [
+                    round(statistics.median(c[i] for c in costs), 1) for i in range(len(costs[0]))
+                ]
         summary[str(concurrency)] = row
     return summary
 
@@ -233,13 +246,14 @@ def http_paths(
     forward_port: int | None,
     proxy_target: str,
     credentials: str,
-    peer_ports: Mapping[str, int],
+    peer_ports: Mapping[str, tuple[int, tuple[Proc, ...]]],
+    pair_procs: tuple[Proc, ...] = (),
 ) -> list[HttpPath]:
     """direct, proxy, forward (when the pair has them), then each peer's forward."""
     paths = [HttpPath("direct", backend_port)]
     if proxy_port is not None:
-        paths.append(HttpPath("proxy", proxy_port, proxy_target, credentials))
+        paths.append(HttpPath("proxy", proxy_port, proxy_target, credentials, pair_procs))
     if forward_port is not None:
-        paths.append(HttpPath("forward", forward_port))
-    paths += [HttpPath(name, port) for name, port in peer_ports.items()]
+        paths.append(HttpPath("forward", forward_port, procs=pair_procs))
+    paths += [HttpPath(name, port, procs=procs) for name, (port, procs) in peer_ports.items()]
     return paths

@@ -72,7 +72,11 @@ def run_http(
         pair.addresses.forwards.get("web"),
         f"{HTTP_VIRTUAL[0]}:{HTTP_VIRTUAL[1]}",
         f"{SUBACCOUNT}/{APP}:{work.app_secret}",
-        {name: peer.forwards["web"] for name, peer in peers.tcp("web").items()},
+        {
+            name: (peer.forwards["web"], tuple(_peer_procs(peers, name)))
+            for name, peer in peers.tcp("web").items()
+        },
+        pair.procs(),
     )
     return http_versus.run_http_versus(
         work,

@@ -87,7 +87,8 @@ def http_lines(section: dict[str, Any]) -> list[str]:
     lines = [
         f"HTTP through every path, {section['request']}, client {section['client']}, "
         f"{section['seconds']:g} s per case, median of {section['repeat']} (latency ms)",
-        f"  {'conc':>4} {'path':18} {'req/s':>9} {'p50':>8} {'p99':>8} {'p99.9':>8} {'/direct':>8}",
+        f"  {'conc':>4} {'path':18} {'req/s':>9} {'p50':>8} {'p99':>8} {'p99.9':>8} {'/direct':>8}"
+        "  CPU µs/request server / client side",
     ]
     for concurrency, row in section["summary"].items():
         direct = row.get("direct", {}).get("req_per_s")
@@ -95,7 +96,8 @@ def http_lines(section: dict[str, Any]) -> list[str]:
             ratio = f"{cell['req_per_s'] / direct:8.3f}" if direct else f"{'-':>8}"
             lines.append(
                 f"  {concurrency:>4} {name:18} {cell['req_per_s']:9.0f} {cell['p50']:8.3f}"
-                f" {cell['p99']:8.3f} {cell['p99_9']:8.3f} {ratio}"
+                f" {cell['p99']:8.3f} {cell['p99_9']:8.3f} {ratio}  "
+                + " / ".join(f"{v:.0f}" for v in cell.get("cpu_us_per_request", []))
             )
     return [*lines, ""]
 
