@@ -146,6 +146,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if len(parts) > 1:
                 chunk = b"".join(parts)
         self._buffered -= len(chunk)
+        if not self._chunks:
+            self._chunks = _NO_CHUNKS  # an idle stream keeps no deque block
         self._tunnel._mux_acknowledge(self.stream_id, len(chunk))
         return chunk
 
