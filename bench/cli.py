@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import resource
 import shutil
 import signal
@@ -16,14 +17,27 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import components, http_scenario, identity, rfc_scenario, scenarios
+from . import (
+    chart,
+    components,
+    http_scenario,
+    identity,
+    rfc_scenario,
+    scenarios,
+    targets,
+    versus,
+)
+from .peers import PEER_NAMES, PeerSet, bulk_paths, start_peers
 from .procs import BenchError, Pair, Proc, WorkDir, start_backend, start_pair
 from .profile import Profiler, py_spy_path
 from .report import RESULTS_DIR, command_line, machine_info, render_table, write_json
 
 QUICK: dict[str, Any] = {
     "bulk_mib": 128,
-    "idle_streams": 200,
+    "idle_streams": [200],
+    "streams_mib": 64,
+    "stream_counts": [1, 10, 100],
+    "first_byte_samples": 50,
     "repeat": 1,
     "http_seconds": 2.0,
     "http_warm_up": 0.5,
@@ -34,7 +48,10 @@ QUICK: dict[str, Any] = {
 }
 FULL: dict[str, Any] = {
     "bulk_mib": 1024,
-    "idle_streams": 1000,
+    "idle_streams": [1000, 10000],
+    "streams_mib": 256,
+    "stream_counts": [1, 10, 100, 1000],
+    "first_byte_samples": 200,
     "repeat": 3,
     "http_seconds": 5.0,
     "http_warm_up": 1.0,
@@ -43,7 +60,9 @@ FULL: dict[str, Any] = {
     "rfc_warm_up": 1.0,
     "identity_runs": 1000,
 }
-SCENARIOS = ("idle", "bulk", "http", "rfc")
+SCENARIOS = ("idle", "bulk", "streams", "http", "http-peers", "setup", "rfc")
+#: Scenarios that use the peers (started once per run when one of these runs).
+PEER_SCENARIOS = ("bulk", "streams", "http-peers", "setup")
 #: Scenarios that run only when asked for with --only (identity needs nginx).
 EXTRA_SCENARIOS = ("identity",)
 
@@ -74,7 +93,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeat", type=int, help="runs per path and direction (default 3; quick 1)"
     )
     parser.add_argument(
-        "--idle-streams", type=int, help="concurrent idle streams (default 1000; quick 200)"
+        "--idle-streams",
+        type=int,
+        action="append",
+        help="concurrent idle streams (repeatable, a fresh pair each; default 1000 and 10000; "
+        "quick 200)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="append",
+        choices=[*PEER_NAMES, "none"],
+        help="peers to compare with (repeatable; default all: OpenSSH ssh -R with aes128-gcm "
+        "and chacha20, websocket-tunnel, websockify); 'none' for backchannel alone",
+    )
+    parser.add_argument(
+        "--stream-count",
+        type=int,
+        action="append",
+        help="streams: concurrent streams per case (repeatable; default 1, 10, 100, 1000)",
+    )
+    parser.add_argument(
+        "--streams-mib", type=int, help="streams: MiB per case, shared out (default 256)"
+    )
+    parser.add_argument(
+        "--http-peers-concurrency",
+        type=int,
+        action="append",
+        help="http-peers: connections (repeatable; default 1, 32, 64)",
+    )
+    parser.add_argument(
+        "--first-byte-samples",
+        type=int,
+        help="setup: new streams timed per path (default 200; quick 50)",
+    )
+    parser.add_argument(
+        "--reconnect-down",
+        type=float,
+        default=3.0,
+        help="setup: seconds the gateway stays down before it is restarted (default 3)",
     )
     parser.add_argument(
         "--idle-via",
@@ -250,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = QUICK if args.quick else FULL
     bulk_mib = args.bulk_mib or preset["bulk_mib"]
     repeat = args.repeat or preset["repeat"]
-    streams = args.idle_streams or preset["idle_streams"]
+    idle_counts = args.idle_streams or preset["idle_streams"]
+    streams = min(idle_counts)
     wanted = args.only or list(SCENARIOS)
     directions = args.direction or ["upload", "download"]
     http_options = {
@@ -267,6 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "processes": args.rfc_clients,
     }
     identity_runs = args.identity_runs or preset["identity_runs"]
+    versus_options = versus.VersusOptions(
+        stream_counts=sorted(set(args.stream_count or preset["stream_counts"])),
+        streams_mib=args.streams_mib or preset["streams_mib"],
+        http_concurrencies=sorted(set(args.http_peers_concurrency or [1, 32, 64])),
+        http_seconds=http_options["seconds"],
+        http_warm_up=http_options["warm_up"],
+        first_byte_samples=args.first_byte_samples or preset["first_byte_samples"],
+        reconnect_down=args.reconnect_down,
+        repeat=repeat,
+        log_level=args.log_level,
+    )
+    peer_names = [] if "none" in (args.peers or []) else list(args.peers or PEER_NAMES)
     identity_options = {
         "seconds": http_options["seconds"],
         "warm_up": http_options["warm_up"],
@@ -315,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "options": {
             "bulk_mib": bulk_mib,
             "repeat": repeat,
-            "idle_streams": streams,
+            "idle_streams": idle_counts,
+            "peers": peer_names,
+            "versus": dataclasses.asdict(versus_options),
             "idle_via": args.idle_via,
             "scenarios": wanted,
             "directions": directions,
@@ -349,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backend: Proc | None = None
     http_backend: Proc | None = None
     stub: Proc | None = None
+    peers = PeerSet()
     try:
         work = WorkDir(work_path)
         progress(f"bench: work folder {work_path}")
@@ -356,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["nofile"]["backend"] = dict(
             zip(("soft", "hard"), backend.nofile_limit(), strict=True)
         )
-        if "http" in wanted:
+        if "http" in wanted or "http-peers" in wanted:
             http_backend, http_ports = start_backend(
                 work,
                 module="bench.http_backend",
@@ -364,8 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args=["--big-mib", str(http_options["big_mib"])],
             )
             ports["http"] = http_ports["http"]
+            ports["web"] = http_ports["http"]  # the same server as plain TCP, for forwards
         if "rfc" in wanted:
             stub, ports["rfc"] = rfc_scenario.start_stub(work)
+        if peer_names and any(name in wanted for name in PEER_SCENARIOS):
+            forwarded = {k: v for k, v in ports.items() if k in ("sink", "source", "hold", "web")}
+            peers = start_peers(work, forwarded, peer_names, progress)
+        document["peers"] = peers.as_json()
         for scenario in (*SCENARIOS, *EXTRA_SCENARIOS):
             if scenario not in wanted:
                 continue
@@ -389,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stub,
                     rfc_options,
                     identity_options,
+                    peers,
+                    versus_options,
+                    idle_counts,
                 )
                 document[scenario] = result
             except BenchError as exc:
@@ -416,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"bench: {exc}")
     finally:
         signal.alarm(0)
+        peers.stop()
         if stub is not None:
             stub.stop()
         if http_backend is not None:
@@ -427,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(work_path, ignore_errors=True)
     document["duration_seconds"] = round(time.monotonic() - started, 1)
+    document["chart"] = chart.write_chart(document, RESULTS_DIR / f"{stamp}.png")
+    document["targets"] = targets.evaluate(document)
     path = write_json(document, stamp)
     print()
     print(render_table(document))
@@ -456,9 +539,19 @@ def _run_scenario(
     stub: Proc | None,
     rfc_options: dict[str, Any],
     identity_options: dict[str, Any],
+    peers: PeerSet,
+    versus_options: versus.VersusOptions,
+    idle_counts: list[int],
 ) -> dict[str, Any]:
     """Fresh gateway + connector processes for each scenario, so one does not skew the other."""
     tcp_ports = {name: port for name, port in ports.items() if name not in ("http", "rfc")}
+    if scenario == "idle":  # a fresh pair per count: freed memory would hide the cost
+        return {
+            "counts": [
+                _run_idle(work, tcp_ports, args, tunnel, count, document, progress)
+                for count in idle_counts
+            ]
+        }
     if scenario == "identity":  # its own configs and backend (nginx)
         return identity.run_identity(
             work,
@@ -476,16 +569,18 @@ def _run_scenario(
         label=scenario,
         tunnel=tunnel,
         log_level=args.log_level,
-        http_backend=ports["http"] if scenario == "http" else None,
+        http_backend=ports["http"] if scenario in ("http", "http-peers") else None,
         rfc_backend=ports["rfc"] if scenario == "rfc" else None,
     )
     try:
         document["nofile"][f"{scenario}_gateway"] = pair.gateway.nofile_limit()
         document["nofile"][f"{scenario}_connector"] = pair.connector.nofile_limit()
-        if scenario == "idle":
-            return scenarios.run_idle(
-                pair, streams=streams, via=args.idle_via, secret=work.app_secret, progress=progress
-            )
+        if scenario == "streams":
+            return versus.run_streams(pair, ports, peers, versus_options, progress)
+        if scenario == "http-peers":
+            return versus.run_http(work, pair, ports, peers, versus_options, progress)
+        if scenario == "setup":
+            return versus.run_setup(work, pair, ports, peers, versus_options, scenario, progress)
         if scenario == "http":
             assert http_backend is not None
             run = http_scenario.HttpRun(work, pair, http_backend, ports["http"], progress)
@@ -511,12 +606,37 @@ def _run_scenario(
             repeat=repeat,
             directions=directions,
             progress=progress,
+            peers=bulk_paths(peers, directions, work.tls.ca_file),
         )
         if args.profile:
             document["profile"] = _profile(
                 pair, args.profile, bulk_mib, directions, stamp, progress
             )
         return result
+    finally:
+        pair.stop()
+
+
+def _run_idle(
+    work: WorkDir,
+    tcp_ports: dict[str, int],
+    args: argparse.Namespace,
+    tunnel: dict[str, Any],
+    count: int,
+    document: dict[str, Any],
+    progress: Any,
+) -> dict[str, Any]:
+    """``count`` idle streams on a fresh gateway and connector."""
+    progress(f"bench: idle x{count}: starting gateway and connector")
+    pair = start_pair(
+        work, tcp_ports, label=f"idle-{count}", tunnel=tunnel, log_level=args.log_level
+    )
+    try:
+        document["nofile"][f"idle_{count}_gateway"] = pair.gateway.nofile_limit()
+        document["nofile"][f"idle_{count}_connector"] = pair.connector.nofile_limit()
+        return scenarios.run_idle(
+            pair, streams=count, via=args.idle_via, secret=work.app_secret, progress=progress
+        )
     finally:
         pair.stop()
 

@@ -32,6 +32,8 @@ VIRTUAL = {
     "sink": ("sink.virtual", 9),
     "source": ("source.virtual", 19),
     "hold": ("hold.virtual", 7),
+    # the HTTP backend as plain TCP (``protocol = "tcp"``): HTTP through a port forward
+    "web": ("webtcp.virtual", 8080),
 }
 #: The virtual host the connector maps to the HTTP backend (``protocol = "http"``).
 HTTP_VIRTUAL = ("web.virtual", 80)

@@ -14,6 +14,8 @@ from typing import Any
 
 import backchannel
 
+from . import versus_report
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -258,6 +260,7 @@ def render_table(document: dict[str, Any]) -> str:
         for row in profile["top_self"][:10]:
             lines.append(f"  {row['percent']:5.1f}%  {row['function']}")
         lines.append("")
+    lines += versus_report.render(document)
     for error in document.get("errors", []):
         lines.append(f"ERROR in {error['scenario']}: {error['message']}")
     return "\n".join(lines)

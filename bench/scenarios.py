@@ -8,6 +8,7 @@ the gateway and connector processes get the cores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import selectors
 import socket
@@ -245,6 +246,33 @@ TRANSFERS: dict[str, tuple[str, Callable[[int, int, float], float]]] = {
 }
 
 
+@dataclass(frozen=True)
+class BulkPath:
+    """A path measured beside direct and tunnel (a peer): per direction a transfer taking
+    ``(total bytes, deadline)`` and returning seconds, and the processes on the path (server
+    side, client side) whose RSS is sampled and CPU metered during its runs."""
+
+    name: str
+    transfers: dict[str, Callable[[int, float], float]]
+    procs: tuple[tuple[str, Proc], ...]
+
+
+def _base_paths(
+    pair: Pair, backend_ports: dict[str, int], directions: Sequence[str]
+) -> list[BulkPath]:
+    direct: dict[str, Callable[[int, float], float]] = {}
+    tunnel: dict[str, Callable[[int, float], float]] = {}
+    for direction in directions:
+        server, transfer = TRANSFERS[direction]
+        direct[direction] = functools.partial(transfer, backend_ports[server])
+        tunnel[direction] = functools.partial(transfer, pair.addresses.forwards[server])
+    gateway, connector = pair.procs()
+    return [
+        BulkPath("direct", direct, ()),
+        BulkPath("tunnel", tunnel, (("gateway", gateway), ("connector", connector))),
+    ]
+
+
 def run_bulk(
     pair: Pair,
     backend: Proc,
@@ -254,67 +282,58 @@ def run_bulk(
     repeat: int,
     directions: Sequence[str],
     progress: Callable[[str], None],
+    peers: Sequence[BulkPath] = (),
 ) -> dict[str, Any]:
-    """Alternate direct and tunnel transfers of ``mib`` MiB; returns the JSON section."""
+    """Alternate direct, tunnel and each peer's transfers of ``mib`` MiB; returns the JSON
+    section (``peers``: the same figures per peer, and the tunnel's ratio to it)."""
     total = mib * MIB
     budget = 20.0 + mib / 4.0  # assumes at least 4 MiB/s; a slower run is reported as a failure
-    gateway, connector = pair.procs()
     names = ("gateway", "connector")
-    meter = CpuMeter({"gateway": gateway, "connector": connector, "backend": backend})
+    paths = [*_base_paths(pair, backend_ports, directions), *peers]
+    metered: dict[str, Proc] = {"backend": backend}
+    for path in paths:
+        for role, proc in path.procs:
+            metered[role if path.name == "tunnel" else f"{path.name}/{role}"] = proc
+    meter = CpuMeter(metered)
 
     warm_up = min(total, 16 * MIB)
     for direction in directions:
-        server, transfer = TRANSFERS[direction]
-        transfer(backend_ports[server], warm_up, time.monotonic() + budget)
-        transfer(pair.addresses.forwards[server], warm_up, time.monotonic() + budget)
+        for path in paths:
+            if direction in path.transfers:
+                path.transfers[direction](warm_up, time.monotonic() + budget)
     time.sleep(0.5)
 
     runs: list[BulkRun] = []
     for index in range(repeat):
         for direction in directions:
-            server, transfer = TRANSFERS[direction]
-            for path, port in (
-                ("direct", backend_ports[server]),
-                ("tunnel", pair.addresses.forwards[server]),
-            ):
-                pair.check_alive(f"bulk {direction} ({path})")
+            for path in paths:
+                if direction not in path.transfers:
+                    continue
+                pair.check_alive(f"bulk {direction} ({path.name})")
                 cpu_before = meter.snapshot()
-                if path == "direct":
-                    seconds = transfer(port, total, time.monotonic() + budget)
-                    cpu_after = meter.snapshot()
-                    cpu = CpuMeter.percent(cpu_before, cpu_after)
-                    run = BulkRun(
-                        direction,
-                        path,
-                        index + 1,
-                        seconds,
-                        total / seconds / 1e6,
-                        cpu,
-                        CpuMeter.seconds(cpu_before, cpu_after),
-                    )
-                else:
-                    with RssSampler((gateway, connector)) as sampler:
-                        seconds = transfer(port, total, time.monotonic() + budget)
-                    cpu_after = meter.snapshot()
-                    cpu = CpuMeter.percent(cpu_before, cpu_after)
-                    if sampler.error:
-                        raise BenchError(sampler.error)
-                    run = BulkRun(
-                        direction,
-                        path,
-                        index + 1,
-                        seconds,
-                        total / seconds / 1e6,
-                        cpu,
-                        CpuMeter.seconds(cpu_before, cpu_after),
-                        rss={name: sampler.summary(i) for i, name in enumerate(names)},
-                        rss_series={name: sampler.series(i) for i, name in enumerate(names)},
-                    )
+                with RssSampler([proc for _, proc in path.procs]) as sampler:
+                    seconds = path.transfers[direction](total, time.monotonic() + budget)
+                cpu_after = meter.snapshot()
+                if sampler.error:
+                    raise BenchError(sampler.error)
+                cpu = CpuMeter.percent(cpu_before, cpu_after)
+                roles = [role for role, _ in path.procs]
+                run = BulkRun(
+                    direction,
+                    path.name,
+                    index + 1,
+                    seconds,
+                    total / seconds / 1e6,
+                    cpu,
+                    CpuMeter.seconds(cpu_before, cpu_after),
+                    rss={role: sampler.summary(i) for i, role in enumerate(roles)} or None,
+                    rss_series={role: sampler.series(i) for i, role in enumerate(roles)} or None,
+                )
                 runs.append(run)
                 progress(
-                    f"  bulk {direction:8} {path:6} run {index + 1}/{repeat}: "
+                    f"  bulk {direction:8} {path.name:16} run {index + 1}/{repeat}: "
                     f"{run.mb_per_s:9.1f} MB/s ({run.seconds:.2f} s)  CPU% "
-                    + " ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+                    + " ".join(f"{k} {v:.0f}" for k, v in cpu.items() if v >= 1)
                 )
 
     summary: dict[str, Any] = {}
@@ -323,14 +342,6 @@ def run_bulk(
         tunnel = [r for r in runs if r.direction == direction and r.path == "tunnel"]
         direct_median = statistics.median(r.mb_per_s for r in direct)
         tunnel_median = statistics.median(r.mb_per_s for r in tunnel)
-        rss = {}
-        for name in names:
-            parts = [r.rss[name] for r in tunnel if r.rss is not None]
-            rss[name] = {
-                "start_kib": parts[0]["start_kib"],
-                "peak_kib": max(p["peak_kib"] for p in parts),
-                "end_kib": parts[-1]["end_kib"],
-            }
         cpu_keys = tunnel[0].cpu_percent.keys() if tunnel[0].cpu_percent else ()
         summary[direction] = {
             "direct_mb_per_s": _spread(r.mb_per_s for r in direct),
@@ -342,17 +353,24 @@ def run_bulk(
             },
             # CPU cost per MB moved: robust against a busy machine (waiting costs no CPU),
             # and 1000 / ms_per_mb is the MB/s ceiling of a side that had a core to itself.
-            "tunnel_cpu_ms_per_mb_median": {
-                key: round(
-                    statistics.median(
-                        1000 * r.cpu_seconds[key] / (total / 1e6) for r in tunnel if r.cpu_seconds
-                    ),
-                    2,
-                )
-                for key in (*names, *(f"{name}_sys" for name in names))
-            },
-            "rss": rss,
+            "tunnel_cpu_ms_per_mb_median": _ms_per_mb(tunnel, total, names),
+            "rss": _rss_over(tunnel, names),
+            "peers": {},
         }
+        for peer in peers:
+            mine = [r for r in runs if r.direction == direction and r.path == peer.name]
+            if not mine:
+                continue
+            roles = [role for role, _ in peer.procs]
+            peer_median = statistics.median(r.mb_per_s for r in mine)
+            summary[direction]["peers"][peer.name] = {
+                "mb_per_s": _spread(r.mb_per_s for r in mine),
+                "ratio_tunnel_to_peer": round(tunnel_median / peer_median, 3),
+                "cpu_ms_per_mb_median": _ms_per_mb(
+                    mine, total, [f"{peer.name}/{role}" for role in roles]
+                ),
+                "rss": _rss_over(mine, roles),
+            }
     return {
         "mib": mib,
         "repeat": repeat,
@@ -360,6 +378,27 @@ def run_bulk(
         "summary": summary,
         "runs": [r.as_json() for r in runs],
     }
+
+
+def _ms_per_mb(runs: Sequence[BulkRun], total: int, keys: Iterable[str]) -> dict[str, float]:
+    keys = list(keys)
+    result = {}
+    for key in (*keys, *(f"{k}_sys" for k in keys)):
+        values = [1000 * r.cpu_seconds[key] / (total / 1e6) for r in runs if r.cpu_seconds]
+        result[key] = round(statistics.median(values), 2)
+    return result
+
+
+def _rss_over(runs: Sequence[BulkRun], roles: Iterable[str]) -> dict[str, dict[str, int]]:
+    rss = {}
+    for role in roles:
+        parts = [r.rss[role] for r in runs if r.rss is not None]
+        rss[role] = {
+            "start_kib": parts[0]["start_kib"],
+            "peak_kib": max(p["peak_kib"] for p in parts),
+            "end_kib": parts[-1]["end_kib"],
+        }
+    return rss
 
 
 def _spread(values: Iterable[float]) -> dict[str, float]:
@@ -395,6 +434,7 @@ def _open_batch(
 ) -> list[socket.socket]:
     """Open ``count`` streams to the hold server and wait for each greeting."""
     opened: list[socket.socket] = []
+    refused: list[socket.socket] = []
     try:
         for _ in range(count):
             if via == "socks5":
@@ -423,17 +463,27 @@ def _open_batch(
                 for key, _ in selector.select(min(left, 1.0)):
                     sock = key.fileobj  # type: ignore[assignment]
                     data = sock.recv(1)
-                    if data != b"R":
-                        raise BenchError(
-                            "a stream was closed before the backend greeted it (refused by the "
-                            "gateway or connector? see their logs)"
-                        )
                     selector.unregister(sock)
                     waiting.discard(sock)
+                    if data != b"R":
+                        refused.append(sock)
     except BaseException:
         for sock in opened:
             sock.close()
         raise
+    if refused:
+        # At the tunnel's stream limit, streams of the previous round that are still closing
+        # count: give them a moment, and open the refused ones again.
+        for sock in refused:
+            sock.close()
+            opened.remove(sock)
+        if time.monotonic() + 0.2 >= deadline:
+            raise BenchError(
+                f"{len(refused)} streams were closed before the backend greeted them (refused "
+                "by the gateway or connector? see their logs)"
+            )
+        time.sleep(0.2)
+        opened += _open_batch(pair, len(refused), via, secret, deadline)
     return opened
 
 

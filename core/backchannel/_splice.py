@@ -31,7 +31,8 @@ async def splice_streams(
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
         nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope)
-        nursery.start_soon(_pump, b, a, b_first, b_name, a_name, broken, scope)
+        # The other direction in this task: one task less per stream (idle streams' memory).
+        await _pump(b, a, b_first, b_name, a_name, broken, scope)
     return broken[0] if broken else None
 
 

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     from ._tunnel import Tunnel
 
 
+#: Never appended to: every stream starts with it and gets a deque of its own on first data.
+_NO_CHUNKS: deque[bytes] = deque()
+
+
 class TunnelStream(trio.abc.HalfCloseableStream):
     """A stream inside a tunnel. Send and receive respect the peer's and our credit windows.
 
@@ -31,10 +35,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self.metadata = metadata
         self.opened_locally = opened_locally
         self.accept_attributes: dict[str, Any] = {}
-        self._accepted = trio.Event()
+        # Only an opener waits for ACCEPT; the peer's streams skip the Event (memory per idle
+        # stream, see docs/performance.md).
+        self._accepted: trio.Event | None = trio.Event() if opened_locally else None
         self._peer_accepted = False
         self._accepted_locally = False
-        self._chunks: deque[bytes] = deque()
+        # The shared empty deque until data arrives: an idle stream keeps no deque block.
+        self._chunks: deque[bytes] = _NO_CHUNKS
         self._buffered = 0
         self._eof_received = False
         self._fin_sent = False
@@ -73,6 +80,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def wait_accepted(self) -> None:
         """Wait until the peer accepts a stream we opened; raises StreamError if it refused."""
+        assert self._accepted is not None, "only a stream opened here is accepted by the peer"
         await self._accepted.wait()
         if not self._peer_accepted:
             assert self._error is not None
@@ -127,7 +135,19 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if max_bytes is not None and len(chunk) > max_bytes:
             self._chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
+        elif max_bytes is not None and self._chunks:
+            # Hand over every whole frame that fits (a splice asks for 256 KiB, frames carry
+            # 64 KiB): one receive and one send to the backend instead of one per frame.
+            parts = [chunk]
+            size = len(chunk)
+            while self._chunks and size + len(self._chunks[0]) <= max_bytes:
+                parts.append(self._chunks.popleft())
+                size += len(parts[-1])
+            if len(parts) > 1:
+                chunk = b"".join(parts)
         self._buffered -= len(chunk)
+        if not self._chunks:
+            self._chunks = _NO_CHUNKS  # an idle stream keeps no deque block
         self._tunnel._mux_acknowledge(self.stream_id, len(chunk))
         return chunk
 
@@ -237,6 +257,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             self._tunnel._mux_acknowledge(self.stream_id, len(data))
             return
+        if self._chunks is _NO_CHUNKS:
+            self._chunks = deque()
         self._chunks.append(data)
         self._buffered += len(data)
         self._receive_waiters.unpark_all()
@@ -248,7 +270,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _on_accepted(self, attributes: dict[str, Any]) -> None:
         self.accept_attributes = attributes
         self._peer_accepted = True
-        self._accepted.set()
+        if self._accepted is not None:
+            self._accepted.set()
 
     def _on_window(self) -> None:
         self._send_waiters.unpark_all()
@@ -262,6 +285,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             # Without the FIN the data received so far is a fragment: do not hand it out.
             self._chunks.clear()
             self._buffered = 0
-        self._accepted.set()
+        if self._accepted is not None:
+            self._accepted.set()
         self._receive_waiters.unpark_all()
         self._send_waiters.unpark_all()

@@ -24,7 +24,9 @@ from ._exceptions import TunnelError
 from ._proto._errors import ProtocolError, ResetCode
 from ._proto._events import GoAwayReceived, HelloReceived
 from ._proto._mux import Mux
+from ._tlsdrain import DrainingReceive
 from ._tunnel import TunnelSettings
+from ._wsspeedups import install as _install_wsproto_speedups
 
 log = logging.getLogger("backchannel.transport")
 
@@ -114,6 +116,14 @@ class WebSocketTransport:
     ) -> None:
         self.ws = ws
         self._stream = stream
+        _install_wsproto_speedups()  # the handshake's few frames need not wait for it
+        if isinstance(stream, trio.SSLStream) and isinstance(
+            getattr(ws, "_stream", None), trio.SSLStream | _EndWatchingStream
+        ):
+            # trio-websocket's reader reads ws._stream afresh on every pass (a private
+            # attribute: without it, nothing changes); see _tlsdrain. (The connector's
+            # end-watching wrapper is needed during the upgrade only.)
+            ws._stream = DrainingReceive(stream)
 
     async def send_message(self, message: bytes) -> None:
         """Send one binary message."""

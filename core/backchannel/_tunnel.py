@@ -51,7 +51,7 @@ class TransportClosed(Exception):
 
 
 #: The most one send_all step hands the mux at once (bounds overshoot of the high-water mark).
-MAX_SEND_CHUNK = 256 * 1024
+MAX_SEND_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,9 @@ class Tunnel:
         self._control_handler = control_handler
         self._streams: dict[int, TunnelStream] = {}
         self._writer_waiters = trio.lowlevel.ParkingLot()
-        self._output_blocked: set[TunnelStream] = set()
+        #: Streams waiting for the output queue to drain, in the order they blocked (a dict
+        #: as an ordered set): woken first come, first served, as many as the room allows.
+        self._output_blocked: dict[TunnelStream, None] = {}
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
         self._close_reason = ""
@@ -273,6 +275,9 @@ class Tunnel:
     async def _writer(self) -> None:
         while True:
             while not self._mux.pending_bytes:
+                # Nothing queued: whoever still waits for room gets it (a stream woken below
+                # may have been closed instead of queueing, and nobody else would wake them).
+                self._wake_blocked(everyone=True)
                 await self._writer_waiters.park()
             data = self._mux.data_to_send(self._settings.max_message_size)
             try:
@@ -283,10 +288,19 @@ class Tunnel:
                     raise
                 self.abort(reason)
                 return
-            if self._output_blocked and self._mux.pending_bytes < self._settings.output_high_water:
-                for stream in self._output_blocked:
-                    stream._on_window()
-                self._output_blocked.clear()
+            self._wake_blocked()
+
+    def _wake_blocked(self, *, everyone: bool = False) -> None:
+        """Wake streams waiting for room, oldest first, about as many as the room below the
+        high-water mark takes (one send step each). Waking all of them would let whichever
+        runs first take the room each time (1,000 streams: the same few, and 1,000 wake-ups
+        per message); a woken stream that finds no room queues itself again at the end."""
+        room = self._settings.output_high_water - self._mux.pending_bytes
+        while self._output_blocked and (everyone or room > 0):
+            stream = next(iter(self._output_blocked))
+            del self._output_blocked[stream]
+            stream._on_window()
+            room -= MAX_SEND_CHUNK
 
     async def _heartbeat(self) -> None:
         interval = self._settings.heartbeat_interval
@@ -383,7 +397,7 @@ class Tunnel:
 
     def _send_blocked(self, stream: TunnelStream) -> bool:
         if self._mux.pending_bytes >= self._settings.output_high_water:
-            self._output_blocked.add(stream)
+            self._output_blocked[stream] = None
             return True
         return self._mux.send_window(stream.stream_id) == 0
 
@@ -412,5 +426,5 @@ class Tunnel:
     def _forget_stream(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
-            self._output_blocked.discard(stream)
+            self._output_blocked.pop(stream, None)
         self._close_if_drained()

@@ -40,6 +40,7 @@ from ._frames import (
     decode_window_increment,
     encode_frame,
     encode_go_away,
+    encode_header,
     encode_reset,
     encode_window_update,
 )
@@ -274,7 +275,8 @@ class Mux:
         view = memoryview(data)
         for start in range(0, count, chunk_size):
             chunk = view[start : min(start + chunk_size, count)]
-            self._queue(encode_frame(FrameType.DATA, stream_id, bytes(chunk)))
+            # header + view: the one copy of the caller's bytes (bytes(chunk) first made two)
+            self._queue(encode_header(FrameType.DATA, stream_id, len(chunk)) + chunk)
         state.send_window -= count
         return count
 
