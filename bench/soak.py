@@ -419,17 +419,13 @@ class Processes:
 async def start_all(
     work: WorkDir, echo_port: int, log_level: str, nursery: trio.Nursery
 ) -> tuple[Processes, Relay]:
-    backend, backend_ports = await trio.to_thread.run_sync(start_backend, work)
-    http_backend, http_ports = await trio.to_thread.run_sync(
-        partial(
-            start_backend,
-            work,
-            module="bench.http_backend",
-            name="http backend",
-            args=["--big-mib", "1"],
-        )
+    # Started from this (the main) thread: the children's PR_SET_PDEATHSIG fires when the
+    # thread that forked them exits, and trio's worker threads do exit when idle.
+    backend, backend_ports = start_backend(work)
+    http_backend, http_ports = start_backend(
+        work, module="bench.http_backend", name="http backend", args=["--big-mib", "1"]
     )
-    stub, stub_port = await trio.to_thread.run_sync(start_stub, work)
+    stub, stub_port = start_stub(work)
     tunnel_port, socks_port, proxy_port, rfc_port, sink_port, hold_port = free_ports(6)
     addresses = Addresses(
         tunnel_port,
