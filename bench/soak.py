@@ -34,6 +34,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -52,6 +53,7 @@ from typing import Any
 import h11
 import trio
 
+from backchannel import ConnectorConfig, GatewayConfig, open_connector, open_gateway
 from backchannel_rfc._connection import Connection
 
 from .http_backend import SMALL_BODY
@@ -62,14 +64,12 @@ from .procs import (
     SUBACCOUNT,
     Addresses,
     BenchError,
-    Pair,
     Proc,
     WorkDir,
     backchannel_command,
     free_ports,
     spawn,
     start_backend,
-    wait_end_to_end,
     wait_listening,
 )
 from .rfc_scenario import start_stub
@@ -116,6 +116,14 @@ def process_figures(proc: Proc) -> dict[str, Any]:
     except OSError:
         fds = -1
     return {"pid": proc.pid, "rss_kib": proc.rss_kib(), "open_fds": fds}
+
+
+def own_rss_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
 
 
 def own_figures() -> dict[str, int]:
@@ -390,20 +398,23 @@ class Soak:
 
 @dataclass
 class Processes:
+    """The children, and gateway and connector: processes, or (``--in-process``) objects in
+    this process, where their tasks count among this process's."""
+
     work: WorkDir
     addresses: Addresses
     backend: Proc
     http_backend: Proc
     stub: Proc
-    gateway: Proc
-    connector: Proc
+    gateway: Proc | None
+    connector: Proc | None
     connector_argv: list[str]
-    log_level: str
     #: Set while the connector is being killed and restarted on purpose.
     restarting: bool = False
 
     def all(self) -> list[Proc]:
-        return [self.backend, self.http_backend, self.stub, self.gateway, self.connector]
+        procs = [self.backend, self.http_backend, self.stub, self.gateway, self.connector]
+        return [proc for proc in procs if proc is not None]
 
     def check_alive(self, during: str) -> None:
         for proc in self.all():
@@ -420,7 +431,11 @@ class Processes:
 
 
 async def start_all(
-    work: WorkDir, echo_port: int, log_level: str, nursery: trio.Nursery
+    work: WorkDir,
+    echo_port: int,
+    args: argparse.Namespace,
+    nursery: trio.Nursery,
+    stack: contextlib.AsyncExitStack,
 ) -> tuple[Processes, Relay]:
     # Started from this (the main) thread: the children's PR_SET_PDEATHSIG fires when the
     # thread that forked them exits, and trio's worker threads do exit when idle.
@@ -440,14 +455,18 @@ async def start_all(
     gateway_toml = work.path / "gateway.toml"
     gateway_toml.write_text(work.gateway_toml(addresses, {}))
     command = backchannel_command()
-    gateway = spawn(
-        "gateway",
-        [*command, "gateway", "-c", str(gateway_toml), "--log-level", log_level],
-        work.path / "gateway.log",
-    )
-    deadline = time.monotonic() + 30
-    for port in (tunnel_port, socks_port, proxy_port, rfc_port, sink_port, hold_port):
-        await trio.to_thread.run_sync(wait_listening, gateway, port, deadline)
+    gateway: Proc | None = None
+    if args.in_process:
+        await stack.enter_async_context(open_gateway(GatewayConfig.from_file(gateway_toml)))
+    else:
+        gateway = spawn(
+            "gateway",
+            [*command, "gateway", "-c", str(gateway_toml), "--log-level", args.log_level],
+            work.path / "gateway.log",
+        )
+        deadline = time.monotonic() + 30
+        for port in (tunnel_port, socks_port, proxy_port, rfc_port, sink_port, hold_port):
+            await trio.to_thread.run_sync(wait_listening, gateway, port, deadline)
     relay = Relay(tunnel_port)
     await nursery.start(relay.serve)
     backends = {"sink": backend_ports["sink"], "hold": backend_ports["hold"]}
@@ -460,21 +479,36 @@ async def start_all(
     connector_toml.write_text(
         work.connector_toml(relay.port, backends, {}, http_ports["http"], stub_port) + echo_mapping
     )
-    argv = [*command, "connector", "-c", str(connector_toml), "--log-level", log_level]
-    connector = spawn("connector", argv, work.path / "connector.log")
-    procs = Processes(
-        work, addresses, backend, http_backend, stub, gateway, connector, argv, log_level
-    )
+    argv = [*command, "connector", "-c", str(connector_toml), "--log-level", args.log_level]
+    connector: Proc | None = None
+    if args.in_process:
+        await stack.enter_async_context(open_connector(ConnectorConfig.from_file(connector_toml)))
+    else:
+        connector = spawn("connector", argv, work.path / "connector.log")
+    procs = Processes(work, addresses, backend, http_backend, stub, gateway, connector, argv)
     await wait_through(procs, 30)
     return procs, relay
 
 
 async def wait_through(procs: Processes, limit: float) -> float:
-    """Wait until a stream gets through the tunnel again; seconds it took."""
+    """Wait until a stream gets through the tunnel again (the ``hold`` backend greets with
+    ``R``); seconds it took."""
     started = time.monotonic()
-    pair = Pair(procs.gateway, procs.connector, procs.addresses)
-    await trio.to_thread.run_sync(wait_end_to_end, pair, started + limit)
-    return time.monotonic() - started
+    last = "no attempt"
+    with trio.move_on_after(limit):
+        while True:
+            procs.check_alive("waiting for the tunnel")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", procs.addresses.forwards["hold"])
+                async with stream:
+                    with trio.move_on_after(2):
+                        if await stream.receive_some(1) == b"R":
+                            return time.monotonic() - started
+                    last = "no greeting"
+            except (OSError, trio.BrokenResourceError) as exc:
+                last = str(exc)
+            await trio.sleep(0.05)  # pacing of the retries
+    raise BenchError(f"no stream got through the tunnel within {limit:g} s (last: {last})")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -501,9 +535,11 @@ async def inject_faults(
         if kind == "cut":
             relay.cut()
         else:
+            assert procs.connector is not None  # "kill" is refused with --in-process
             procs.restarting = True
-            procs.connector.popen.kill()  # SIGKILL
-            await trio.to_thread.run_sync(procs.connector.popen.wait)
+            victim = procs.connector.popen
+            victim.kill()  # SIGKILL
+            await trio.to_thread.run_sync(victim.wait)
             procs.restart_connector()
             procs.restarting = False
         procs.check_alive(f"recovery after a fault ({kind})")
@@ -515,18 +551,19 @@ async def inject_faults(
 
 async def settle_figures(procs: Processes) -> dict[str, Any]:
     """Figures once descriptor counts stop moving (traffic stopped; at most ~5 s)."""
-    previous: tuple[int, int] | None = None
+    previous: list[int] | None = None
+    figures: dict[str, Any] = {}
     for _ in range(25):
-        figures = {
-            "gateway": process_figures(procs.gateway),
-            "connector": process_figures(procs.connector),
-        }
-        now = (figures["gateway"]["open_fds"], figures["connector"]["open_fds"])
+        figures = {}
+        for role, proc in (("gateway", procs.gateway), ("connector", procs.connector)):
+            if proc is not None:
+                figures[role] = process_figures(proc)
+        figures["soak_process"] = {**own_figures(), "rss_kib": own_rss_kib()}
+        now = [figures[role]["open_fds"] for role in figures]
         if now == previous:
             break
         previous = now
         await trio.sleep(0.2)
-    figures["soak_process"] = own_figures()
     return figures
 
 
@@ -538,7 +575,8 @@ async def run(args: argparse.Namespace, work: WorkDir) -> dict[str, Any]:
             partial(trio.serve_tcp, serve_echo, 0, host="127.0.0.1")
         )
         echo_port = echo_listener.socket.getsockname()[1]
-        procs, relay = await start_all(work, echo_port, args.log_level, nursery)
+        stack = contextlib.AsyncExitStack()
+        procs, relay = await start_all(work, echo_port, args, nursery, stack)
         try:
             soak = Soak(work, procs.addresses, echo_port, tally, rng)
             for kind in KINDS:  # warm-up: one of each, so lazy set-up is not counted as growth
@@ -569,6 +607,7 @@ async def run(args: argparse.Namespace, work: WorkDir) -> dict[str, Any]:
             )
             recovered = {kind: tally.last_success.get(kind, 0) > last_fault for kind in KINDS}
         finally:
+            await stack.aclose()
             procs.stop()
         nursery.cancel_scope.cancel()
     return {
@@ -629,7 +668,7 @@ def render(report: dict[str, Any]) -> str:
         f"{report['bytes_counted']}",
         f"mismatches: {report['mismatches']}, hangs: {report['hangs']}",
     ]
-    for role in ("gateway", "connector", "soak_process"):
+    for role in report["start"]:
         start, end = report["start"][role], report["end"][role]
         pairs = ", ".join(f"{key} {start[key]} → {end[key]}" for key in start)
         lines.append(f"{role}: {pairs}")
@@ -660,6 +699,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run gateway and connector inside this process (their tasks are then counted; "
+        "faults: cut only)",
+    )
     args = parser.parse_args(argv)
     args.duration = args.seconds if args.seconds is not None else 60 * (args.minutes or 10)
     if args.fault_every is None:
@@ -667,9 +712,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     if not args.faults or set(args.faults) - {"cut", "kill"}:
         parser.error("--faults takes cut and/or kill")
+    if args.in_process and "kill" in args.faults:
+        if args.faults != ["cut", "kill"]:
+            parser.error("--in-process cannot kill the connector: use --faults cut")
+        args.faults = ["cut"]
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**32)
     folder = Path(tempfile.mkdtemp(prefix="backchannel-soak-"))
+    if args.in_process:  # the gateway's and connector's log lines go to a file, not the screen
+        logging.basicConfig(
+            filename=folder / "in-process.log",
+            level=args.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     failure: BenchError | None = None
     try:
         report = trio.run(run, args, WorkDir(folder))
