@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ import struct
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -582,6 +584,7 @@ async def run(args: argparse.Namespace, work: WorkDir) -> dict[str, Any]:
             for kind in KINDS:  # warm-up: one of each, so lazy set-up is not counted as growth
                 await getattr(soak, kind.replace("-", "_"))(0)
             start = await settle_figures(procs)
+            before = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
             args.started = time.monotonic()
             stop = trio.Event()
             async with trio.open_nursery() as traffic:
@@ -601,6 +604,18 @@ async def run(args: argparse.Namespace, work: WorkDir) -> dict[str, Any]:
                     with contextlib.suppress(Exception):
                         await trio.to_thread.run_sync(connection.close)
             end = await settle_figures(procs)
+            # RSS once glibc has handed its free memory back: growth that survives this is
+            # memory in use, growth that does not was the allocator keeping freed pages.
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            end["soak_process"]["rss_kib_after_malloc_trim"] = own_rss_kib()
+            growth = []
+            if before is not None:
+                after = tracemalloc.take_snapshot()
+                for stat in after.compare_to(before, "lineno")[: args.tracemalloc]:
+                    growth.append(
+                        f"{stat.size_diff / 1024:+.0f} KiB {stat.count_diff:+d} {stat.traceback}"
+                    )
             last_fault = max(
                 (f["at_s"] + f["recovered_s"] + args.started for f in tally.faults),
                 default=args.started,
@@ -635,6 +650,7 @@ async def run(args: argparse.Namespace, work: WorkDir) -> dict[str, Any]:
         "traffic_after_last_fault": recovered,
         "start": start,
         "end": end,
+        "memory_growth_by_line": growth,
         "connector_restarts": sum(1 for f in tally.faults if f["kind"] == "kill"),
     }
 
@@ -668,9 +684,14 @@ def render(report: dict[str, Any]) -> str:
         f"{report['bytes_counted']}",
         f"mismatches: {report['mismatches']}, hangs: {report['hangs']}",
     ]
+    if report["memory_growth_by_line"]:
+        lines.append("memory growth by line (tracemalloc):")
+        lines.extend(f"  {line}" for line in report["memory_growth_by_line"])
     for role in report["start"]:
         start, end = report["start"][role], report["end"][role]
         pairs = ", ".join(f"{key} {start[key]} → {end[key]}" for key in start)
+        if "rss_kib_after_malloc_trim" in end:
+            pairs += f" (after malloc_trim: {end['rss_kib_after_malloc_trim']})"
         lines.append(f"{role}: {pairs}")
     return "\n".join(lines)
 
@@ -700,6 +721,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --in-process: trace allocations, report the N lines whose memory grew most",
+    )
+    parser.add_argument(
         "--in-process",
         action="store_true",
         help="run gateway and connector inside this process (their tasks are then counted; "
@@ -725,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+    if args.tracemalloc:
+        tracemalloc.start()
     failure: BenchError | None = None
     try:
         report = trio.run(run, args, WorkDir(folder))
