@@ -81,6 +81,7 @@ class Connector:
 
     async def _http(self, stream: TunnelStream) -> None:
         conn = h11.Connection(h11.SERVER)
+        head_request = False
         try:
             async with stream:
                 while True:
@@ -93,12 +94,15 @@ class Connector:
                         continue
                     if isinstance(event, h11.Request):
                         self.requests += 1
+                        head_request = event.method == b"HEAD"
                     elif isinstance(event, h11.EndOfMessage):
                         body = b"fine\n"
                         head = h11.Response(
                             status_code=200, headers=[("Content-Length", str(len(body)))]
                         )
-                        out = (conn.send(head) or b"") + (conn.send(h11.Data(data=body)) or b"")
+                        out = conn.send(head) or b""
+                        if not head_request:  # h11 (rightly) refuses a body after HEAD
+                            out += conn.send(h11.Data(data=body)) or b""
                         await stream.send_all(out + (conn.send(h11.EndOfMessage()) or b""))
                         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                             return
