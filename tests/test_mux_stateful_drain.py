@@ -105,9 +105,11 @@ class DrainingMuxPair(MuxPair):
     def open_stream(self, side: str, port: int) -> None:
         going_away = side in self.went_away or side in self.told
         if going_away or self.local_opens(side) >= LIMIT:
+            before = self.mux[side].pending_bytes
             with pytest.raises(ProtocolError) as refused:
                 self.mux[side].open_stream({"protocol": "tcp", "port": port})
             assert refused.value.code is ResetCode.REFUSED
+            assert self.mux[side].pending_bytes == before
             return
         super().open_stream(side, port)
 
