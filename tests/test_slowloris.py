@@ -51,7 +51,7 @@ from tests.harness import (
 from tests.rfc_harness import LOGON, VIRTUAL_HOST, in_thread
 
 #: The configured timeout of every front door under test (seconds).
-TIMEOUT = 1.0
+TIMEOUT = 2.0
 #: Pause between the bytes of a trickling client.
 TICK = 0.05
 #: A generous bound on how long a cut-off may take: a front door that never cuts fails here.
@@ -289,7 +289,7 @@ async def test_http_proxy(tmp_path: Path, log_text: LogText) -> None:
         silent, trickling = await cut_off_while_others_are_served(tcp_to(proxy), trickle, get)
     assert silent.answer == b""
     assert trickling.answer.startswith(b"HTTP/1.1 408 "), trickling.answer
-    assert said(log_text, "no request head within") == 2
+    assert said(log_text, "no request head within") >= 2
 
 
 async def test_http_proxy_stalled_body_gets_504_after_backend_timeout(tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ async def http_proxy_slow_body(tmp_path: Path) -> None:
             return stream
 
         # Hang detection only: well past both configured timeouts.
-        with trio.move_on_after(10 * TIMEOUT) as scope:
+        with trio.move_on_after(5 * TIMEOUT) as scope:
             await slow_client(connect, b"a" * 100_000, result)
     if scope.cancelled_caught:
         raise trio.TooSlowError(f"still open after {result.bytes_sent} body bytes")
@@ -359,7 +359,7 @@ async def test_socks5(tmp_path: Path, log_text: LogText) -> None:
         trickle = b"\x05\xff" + b"\x02" * 255
         silent, trickling = await cut_off_while_others_are_served(tcp_to(socks), trickle, echo)
     assert silent.answer == trickling.answer == b""
-    assert said(log_text, "no complete handshake within") == 2
+    assert said(log_text, "no complete handshake within") >= 2
 
 
 @pytest.mark.xfail(
@@ -490,7 +490,7 @@ async def test_rfc_front_door(tmp_path: Path, log_text: LogText) -> None:
         trickle = (4096).to_bytes(4, "big") + b'{"a": "' + b"a" * 10_000
         silent, trickling = await cut_off_while_others_are_served(tcp_to(door), trickle, call)
     assert silent.answer == trickling.answer == b""
-    assert said(log_text, "sent no logon within") == 2
+    assert said(log_text, "sent no logon within") >= 2
 
 
 async def test_rfc_json_endpoint(tmp_path: Path) -> None:
@@ -569,7 +569,7 @@ async def test_tunnel_endpoint_handshake(tmp_path: Path, log_text: LogText) -> N
                 )
     assert silent.ended
     assert trickling.ended
-    assert said(log_text, "did not complete the handshake within") == 3
+    assert said(log_text, "did not complete the handshake within") >= 3
 
 
 # --------------------------------------------------------------------------- helpers
