@@ -16,7 +16,8 @@ this process, in closed loops:
 
 Faults, one every ``--fault-every MIN MAX`` seconds (uniformly random): ``cut`` resets the
 tunnel's TCP connection at the relay (both ends see a reset; both processes live on) and
-``kill`` sends SIGKILL to the connector and starts a new one. After each fault the next fault
+``kill`` sends SIGKILL to the connector and starts a new one (``--faults`` may add ``gateway``:
+SIGKILL to the gateway and a new one on the same ports). After each fault the next fault
 waits until a stream gets through again (the recovery time is reported).
 
 The report: requests done and errors by kind, bytes verified (content compared) and counted
@@ -411,6 +412,7 @@ class Processes:
     gateway: Proc | None
     connector: Proc | None
     connector_argv: list[str]
+    gateway_argv: list[str]
     #: Set while the connector is being killed and restarted on purpose.
     restarting: bool = False
 
@@ -420,11 +422,21 @@ class Processes:
 
     def check_alive(self, during: str) -> None:
         for proc in self.all():
-            if not (proc is self.connector and self.restarting):
+            if not (proc in (self.connector, self.gateway) and self.restarting):
                 proc.check_alive(during)
 
     def restart_connector(self) -> None:
         self.connector = spawn("connector", self.connector_argv, self.work.path / "connector.log")
+
+    async def restart_gateway(self) -> None:
+        """A new gateway process on the same ports (trio's listeners set SO_REUSEADDR)."""
+        self.gateway = spawn("gateway", self.gateway_argv, self.work.path / "gateway.log")
+        deadline = time.monotonic() + 30
+        doors = (self.addresses.http_proxy, self.addresses.rfc_front_door)
+        ports = [self.addresses.tunnel, self.addresses.socks, *self.addresses.forwards.values()]
+        ports += [port for port in doors if port is not None]
+        for port in ports:
+            await trio.to_thread.run_sync(wait_listening, self.gateway, port, deadline)
 
     def stop(self) -> None:
         for proc in reversed(self.all()):
@@ -458,14 +470,11 @@ async def start_all(
     gateway_toml.write_text(work.gateway_toml(addresses, {}))
     command = backchannel_command()
     gateway: Proc | None = None
+    gateway_argv = [*command, "gateway", "-c", str(gateway_toml), "--log-level", args.log_level]
     if args.in_process:
         await stack.enter_async_context(open_gateway(GatewayConfig.from_file(gateway_toml)))
     else:
-        gateway = spawn(
-            "gateway",
-            [*command, "gateway", "-c", str(gateway_toml), "--log-level", args.log_level],
-            work.path / "gateway.log",
-        )
+        gateway = spawn("gateway", gateway_argv, work.path / "gateway.log")
         deadline = time.monotonic() + 30
         for port in (tunnel_port, socks_port, proxy_port, rfc_port, sink_port, hold_port):
             await trio.to_thread.run_sync(wait_listening, gateway, port, deadline)
@@ -487,7 +496,9 @@ async def start_all(
         await stack.enter_async_context(open_connector(ConnectorConfig.from_file(connector_toml)))
     else:
         connector = spawn("connector", argv, work.path / "connector.log")
-    procs = Processes(work, addresses, backend, http_backend, stub, gateway, connector, argv)
+    procs = Processes(
+        work, addresses, backend, http_backend, stub, gateway, connector, argv, gateway_argv
+    )
     await wait_through(procs, 30)
     return procs, relay
 
@@ -537,12 +548,16 @@ async def inject_faults(
         if kind == "cut":
             relay.cut()
         else:
-            assert procs.connector is not None  # "kill" is refused with --in-process
+            # "kill" and "gateway" are refused with --in-process.
+            target = procs.connector if kind == "kill" else procs.gateway
+            assert target is not None
             procs.restarting = True
-            victim = procs.connector.popen
-            victim.kill()  # SIGKILL
-            await trio.to_thread.run_sync(victim.wait)
-            procs.restart_connector()
+            target.popen.kill()  # SIGKILL
+            await trio.to_thread.run_sync(target.popen.wait)
+            if kind == "kill":
+                procs.restart_connector()
+            else:
+                await procs.restart_gateway()
             procs.restarting = False
         procs.check_alive(f"recovery after a fault ({kind})")
         recovered = await wait_through(procs, args.request_timeout)
@@ -652,6 +667,7 @@ async def run(args: argparse.Namespace, work: WorkDir) -> dict[str, Any]:
         "end": end,
         "memory_growth_by_line": growth,
         "connector_restarts": sum(1 for f in tally.faults if f["kind"] == "kill"),
+        "gateway_restarts": sum(1 for f in tally.faults if f["kind"] == "gateway"),
     }
 
 
@@ -712,7 +728,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds between faults (default 5 15; with --seconds 2 5)",
     )
     parser.add_argument(
-        "--faults", default="cut,kill", help="fault kinds: cut, kill (default both)"
+        "--faults",
+        default="cut,kill",
+        help="fault kinds: cut (tunnel TCP reset), kill (SIGKILL + restart the connector), "
+        "gateway (SIGKILL + restart the gateway); default cut,kill",
     )
     parser.add_argument("--workers", type=int, default=2, help="tcp-echo and http loops each")
     parser.add_argument("--request-timeout", type=float, default=30.0)
@@ -738,11 +757,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fault_every is None:
         args.fault_every = (2.0, 5.0) if args.duration < 120 else (5.0, 15.0)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
-    if not args.faults or set(args.faults) - {"cut", "kill"}:
-        parser.error("--faults takes cut and/or kill")
-    if args.in_process and "kill" in args.faults:
+    if not args.faults or set(args.faults) - {"cut", "kill", "gateway"}:
+        parser.error("--faults takes cut, kill and/or gateway")
+    if args.in_process and set(args.faults) - {"cut"}:
         if args.faults != ["cut", "kill"]:
-            parser.error("--in-process cannot kill the connector: use --faults cut")
+            parser.error("--in-process can only cut the tunnel: use --faults cut")
         args.faults = ["cut"]
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**32)
