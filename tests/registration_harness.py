@@ -4,11 +4,13 @@ that tests can move, a connector configured with a certificate file."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from backchannel import Connector, ConnectorConfig, Gateway, GatewayConfig, open_gateway
 from backchannel._connector_certificate import register, store_credential
@@ -139,6 +141,28 @@ async def registration_gateway(
         yield RegistrationSetup(gateway, authority, clock, address)
 
 
+@asynccontextmanager
+async def connector_on(
+    config: ConnectorConfig,
+    clock: Callable[[], datetime.datetime],
+    *,
+    check_interval: float = 3600,
+) -> AsyncIterator[Connector]:
+    """A running connector whose wall clock is ``clock`` (a moved one: certificates are
+    checked and renewed on it)."""
+    connector = Connector(config, clock=clock, certificate_check_interval=check_interval)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(connector.serve)
+        yield connector
+        nursery.cancel_scope.cancel()
+
+
+def later_by(days: float) -> Callable[[], datetime.datetime]:
+    """A clock ``days`` ahead of the real one (for the connector only)."""
+    offset = datetime.timedelta(days=days)
+    return lambda: utc_now() + offset
+
+
 def connector_for(
     setup: RegistrationSetup,
     tmp_path: Path,
@@ -157,6 +181,8 @@ __all__ = [
     "MovableClock",
     "RegistrationSetup",
     "connector_for",
+    "connector_on",
+    "later_by",
     "register_connector",
     "registration_gateway",
 ]

@@ -15,7 +15,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from backchannel import Connector, open_connector
+from backchannel import open_connector
 from backchannel._connector import TunnelStatus
 from backchannel._connector_certificate import CredentialError, load_credential
 from backchannel._connector_identity import ConnectorIdentity, serial_text
@@ -25,6 +25,8 @@ from backchannel._registration_token import mint_token
 from tests.harness import audit_lines, echo_server, socks_connect
 from tests.registration_harness import (
     connector_for,
+    connector_on,
+    later_by,
     register_connector,
     registration_gateway,
 )
@@ -159,11 +161,8 @@ async def test_renewal_before_expiry_with_moved_clock(tmp_path: Path) -> None:
         assert path is not None
         first = _certificate(path)
         # 25 of 30 days later: less than a third of the lifetime is left, renewal is due.
-        later = datetime.timedelta(days=25)
         setup.clock.days(25)
-        connector = Connector(config, clock=lambda: datetime.datetime.now(datetime.UTC) + later)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(connector.serve)
+        async with connector_on(config, setup.clock) as connector:
             with trio.fail_after(10):
                 status = await connector.wait_status(
                     lambda s: s.certificate is not None and s.certificate.renewals >= 1
@@ -186,7 +185,6 @@ async def test_renewal_before_expiry_with_moved_clock(tmp_path: Path) -> None:
             assert entry.certificate.serial_number == renewed.serial_number
             assert status.certificate is not None
             assert status.certificate.renewals == 1
-            nursery.cancel_scope.cancel()
     reasons = [record.reason for record in setup.authority.state.issued()]
     assert reasons == ["registration", "renewal"]
     renewals = [
@@ -205,17 +203,13 @@ async def test_no_renewal_while_plenty_of_lifetime_is_left(tmp_path: Path) -> No
         path = config.subaccounts["acme"].certificate_file
         assert path is not None
         first = _certificate(path)
-        later = datetime.timedelta(days=5)
-        connector = Connector(config, clock=lambda: datetime.datetime.now(datetime.UTC) + later)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(connector.serve)
+        async with connector_on(config, later_by(5)) as connector:
             with trio.fail_after(10):
                 status = await connector.wait_status(
                     lambda s: s.certificate is not None and s.certificate.checks >= 1
                 )
             assert status.certificate is not None
             assert status.certificate.renewals == 0
-            nursery.cancel_scope.cancel()
         assert _certificate(path).serial_number == first.serial_number
 
 
@@ -229,14 +223,11 @@ async def test_configured_renew_before_days(
         config = connector_for(setup, tmp_path, renew_before_days=2)
         await register_connector(setup.authority, config)
         setup.clock.days(days_later)
-        connector = Connector(config, clock=setup.clock)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(connector.serve)
+        async with connector_on(config, setup.clock) as connector:
             with trio.fail_after(10):
                 status = await connector.wait_status(
                     lambda s: s.certificate is not None and s.certificate.checks >= 1
                 )
-            nursery.cancel_scope.cancel()
         assert status.certificate is not None
         assert status.certificate.renewals == int(renewed)
 
@@ -285,13 +276,9 @@ async def test_connector_does_not_dial_with_an_expired_certificate(tmp_path: Pat
     async with registration_gateway(tmp_path) as setup:
         config = connector_for(setup, tmp_path)
         await register_connector(setup.authority, config)
-        later = datetime.timedelta(days=31)
-        connector = Connector(config, clock=lambda: datetime.datetime.now(datetime.UTC) + later)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(connector.serve)
+        async with connector_on(config, later_by(31)) as connector:
             with trio.fail_after(10):
                 status = await connector.wait_status(lambda s: "expired at" in s.last_error)
-            nursery.cancel_scope.cancel()
         assert "backchannel register" in status.last_error
         assert setup.gateway.connected() == []
     # The gateway never saw it (no refusal recorded).

@@ -9,15 +9,14 @@ import datetime
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 import trio_websocket
 
-from backchannel import Connector, ConnectorConfig, open_connector, open_gateway
+from backchannel import ConnectorConfig, open_connector, open_gateway
 from backchannel._connector import TunnelStatus
 from backchannel._connector_certificate import CredentialError, load_credential, register
 from backchannel._connector_identity import ConnectorIdentity, serial_text
@@ -30,26 +29,14 @@ from backchannel._transport import GatewayAddress, client_ssl_context
 from tests.harness import audit_lines, connector_document, gateway_document, tls_material
 from tests.procs import write_toml
 from tests.registration_harness import (
-    MovableClock,
     connector_for,
+    connector_on,
     register_connector,
     registration_gateway,
 )
 from tests.test_trust_reload import _idp, _write_gateway
 
 ACME = ConnectorIdentity("acme", "")
-
-
-@asynccontextmanager
-async def connector_on(
-    config: ConnectorConfig, clock: MovableClock, *, check_interval: float = 3600
-) -> AsyncIterator[Connector]:
-    """A connector whose wall clock is the test's (certificates signed on the moved clock)."""
-    connector = Connector(config, clock=clock, certificate_check_interval=check_interval)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(connector.serve)
-        yield connector
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_revoked_connector_cannot_renew_over_its_live_tunnel(tmp_path: Path) -> None:
