@@ -23,6 +23,7 @@ from backchannel import (
     open_connector,
 )
 from backchannel._proto._errors import ProtocolError
+from backchannel._proto._events import Event, PingReceived
 from backchannel._proto._frames import FrameType, encode_frame
 from backchannel._proto._mux import Mux, MuxSettings
 from tests.harness import (
@@ -179,3 +180,22 @@ async def test_gateway_keeps_no_connector_token(tmp_path: Path) -> None:
         assert len(entries) == 1
         assert entries[0].tunnel is not None
         assert "token" not in entries[0].tunnel.peer_info
+
+
+async def test_heartbeat_keeps_one_ping_in_flight_while_the_peer_is_silent() -> None:
+    # A stall: the gateway's answers are held back. The connector must not pile up a PING
+    # per interval (they would reach the gateway as a burst when the path recovers).
+    settings = TunnelSettings(heartbeat_interval=0.05, heartbeat_timeout=30)
+    async with tunnel_pair(connector_settings=settings) as pair:
+        pings: list[object] = []
+        receive = pair.gateway._mux.receive_data
+
+        def counting(data: bytes | bytearray | memoryview) -> list[Event]:
+            events = receive(data)
+            pings.extend(e for e in events if isinstance(e, PingReceived))
+            return events
+
+        pair.gateway._mux.receive_data = counting  # type: ignore[method-assign]
+        pair.gateway_transport.hold_sends()
+        await trio.sleep(0.6)  # the stall under test: a dozen heartbeat intervals
+        assert len(pings) == 1

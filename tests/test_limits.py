@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -203,3 +204,122 @@ async def test_a_trickled_http_request_body_gets_408(tmp_path: Path) -> None:
             assert b"min_body_rate" in answer
             await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_opens_cannot_overrun_max_streams_per_app(tmp_path: Path) -> None:
+    async with limited_pair(tmp_path, gateway={"max_streams_per_app": 2}, plugins={}) as gw:
+        socks = gw.front_door_addresses["tcp.socks5"][0]
+        opened: list[trio.SocketStream] = []
+        refused = [0]
+
+        async def one() -> None:
+            try:
+                opened.append(await socks_connect(socks, ECHO, 7))
+            except ProxyError:
+                refused[0] += 1
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):  # all at once: the slot is taken before the ACCEPT
+                    nursery.start_soon(one)
+        assert (len(opened), refused[0]) == (2, 18)
+        for stream in opened:
+            await stream.aclose()
+
+
+async def _bulk_backend(stream: trio.SocketStream) -> None:
+    """Sends 768 KiB as fast as the reader takes it."""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):
+            for _ in range(12):
+                await stream.send_all(b"d" * 65536)
+
+
+async def test_idle_timeout_spares_a_slow_but_steady_download(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, _bulk_backend, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        bulk = [{"protocol": "tcp", "virtual": "bulk.virtual:9", "internal": f"127.0.0.1:{port}"}]
+        forward = {"listen": "127.0.0.1:0", "subaccount": "acme", "target": "bulk.virtual:9"}
+        plugins = {"tcp": {"idle_timeout": 0.5, "forwards": [forward]}}
+        async with limited_pair(
+            tmp_path, gateway={}, plugins=plugins, extra_mappings=bulk
+        ) as gateway:
+            (address,) = [v[0] for k, v in gateway.front_door_addresses.items() if "forward" in k]
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect((address.host, address.port))
+            client = trio.SocketStream(sock)
+            received = 0
+            with trio.fail_after(60):
+                # ~200 KiB/s: a 256 KiB splice chunk takes longer than idle_timeout to drain.
+                while received < 768 * 1024:
+                    data = await client.receive_some(4096)
+                    if not data:
+                        break
+                    received += len(data)
+                    await trio.sleep(0.02)  # the slow reader under test
+            await client.aclose()
+            assert received == 768 * 1024
+        nursery.cancel_scope.cancel()
+
+
+async def _slow_continue_backend(stream: trio.SocketStream) -> None:
+    """Reads the head; answers 100 Continue only after a while; then 200 for the body."""
+    buffer = b""
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while b"\r\n\r\n" not in buffer:
+                buffer += await stream.receive_some(65536)
+            body = buffer.partition(b"\r\n\r\n")[2]
+            await trio.sleep(1.0)  # deciding (a quota check, say): longer than body_timeout
+            await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            while len(body) < 10:
+                body += await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await stream.receive_some(1)
+
+
+async def test_waiting_for_100_continue_is_not_a_slow_body(tmp_path: Path) -> None:
+    plugins = {"http": {"proxy_listen": "127.0.0.1:0", "body_timeout": 0.3}}
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, _slow_continue_backend, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        web = {
+            "protocol": "http",
+            "virtual": "web.virtual:80",
+            "internal": f"127.0.0.1:{port}",
+            "resources": [{"path": "/"}],
+        }
+        async with limited_pair(
+            tmp_path, gateway={}, plugins=plugins, extra_mappings=[web]
+        ) as gateway:
+            (proxy,) = [v[0] for k, v in gateway.front_door_addresses.items() if "proxy" in k]
+            client = await trio.open_tcp_stream(proxy.host, proxy.port)
+            credentials = base64.b64encode(f"acme/crm:{APP_SECRET}".encode()).decode()
+            await client.send_all(
+                b"PUT http://web.virtual/up HTTP/1.1\r\nHost: web.virtual\r\n"
+                + f"Proxy-Authorization: Basic {credentials}\r\n".encode()
+                + b"Expect: 100-continue\r\nContent-Length: 10\r\n\r\n"
+            )
+            with trio.fail_after(10):
+                interim = await _head(client)
+                assert interim.startswith(b"HTTP/1.1 100"), interim
+                await client.send_all(b"0123456789")
+                final = await _head(client)
+            assert final.startswith(b"HTTP/1.1 200"), final
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _head(stream: trio.SocketStream) -> bytes:
+    """One response head, read byte by byte (nothing of what follows is taken)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        data = await stream.receive_some(1)
+        if not data:
+            break
+        head += data
+    return head

@@ -66,7 +66,7 @@ def test_a_reset_flood_closes_the_tunnel() -> None:
         for stream_id in range(2, 2 + 2 * 10, 2)
     )
     connector.receive_data(burst)
-    with pytest.raises(ProtocolError, match="RESET flood: more than 10 per second"):
+    with pytest.raises(ProtocolError, match="RESET flood: more than 10 streams per second"):
         connector.receive_data(
             encode_frame(FrameType.OPEN, 100, b"{}") + encode_reset(100, ResetCode.CANCELLED, "")
         )
@@ -91,3 +91,19 @@ def test_opens_above_the_rate_are_refused_and_the_budget_refills() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_pings_per_second"):
         MuxSettings(max_pings_per_second=0)
+
+
+def test_ordinary_closes_do_not_count_as_a_reset_flood() -> None:
+    clock = Clock()
+    connector, _ = _connected(
+        MuxSettings(max_resets_per_second=10, max_stream_opens_per_second=1000), clock
+    )
+    ids = range(2, 2 + 2 * 100, 2)
+    connector.receive_data(b"".join(encode_frame(FrameType.OPEN, sid, b"{}") for sid in ids))
+    for sid in ids:
+        connector.accept_stream(sid)
+    # 100 RESETs in one go, all of streams we had answered: closes, not a rapid reset.
+    events = connector.receive_data(
+        b"".join(encode_reset(sid, ResetCode.CANCELLED, "closed") for sid in ids)
+    )
+    assert len(events) == 100

@@ -6,6 +6,7 @@ import dataclasses
 import hmac
 import logging
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -71,8 +72,10 @@ class Gateway:
         self.tunnel_address: HostPort | None = None
         self.front_door_addresses: dict[str, list[HostPort]] = {}
         self._front_doors = self._build_front_doors()
-        #: Streams each app (subaccount, app) has open, for ``max_streams_per_app``.
-        self._app_streams: dict[tuple[str, str], set[TunnelStream]] = {}
+        #: Streams each app (subaccount, app) has open, and opens in flight, for
+        #: ``max_streams_per_app`` (weak: a closed stream does not stay referenced).
+        self._app_streams: dict[tuple[str, str], weakref.WeakSet[TunnelStream]] = {}
+        self._app_opening: dict[tuple[str, str], int] = {}
 
     # ---------------------------------------------------------------- set-up
 
@@ -431,11 +434,13 @@ class Gateway:
             error = NotConnectedError(app.subaccount, location)
             self.audit.denied("open_stream", error.reason, **fields)
             raise error
+        key = (app.subaccount, app.app)
         mine = self._open_streams_of(app)
-        if len(mine) >= self.config.max_streams_per_app:
+        opening = self._app_opening.get(key, 0)
+        if len(mine) + opening >= self.config.max_streams_per_app:
             reason = (
-                f"app {app.subaccount}/{app.app} has {len(mine)} streams open, the most "
-                "allowed ([gateway] max_streams_per_app): close some first"
+                f"app {app.subaccount}/{app.app} has {len(mine) + opening} streams open, the "
+                "most allowed ([gateway] max_streams_per_app): close some first"
             )
             self.audit.denied("open_stream", reason, **fields)
             raise StreamError(ResetCode.REFUSED, reason)
@@ -450,19 +455,27 @@ class Gateway:
         }
         if principal is not None:
             metadata["principal"] = principal
+        self._app_opening[key] = opening + 1  # the slot is taken while the open is in flight
         try:
             stream = await entry.tunnel.open_stream(metadata, wait_accepted=wait_accepted)
         except StreamError as exc:
             self.audit.denied("open_stream", f"{exc.code.name}: {exc.reason}", **fields)
             raise
+        finally:
+            left = self._app_opening[key] - 1
+            if left:
+                self._app_opening[key] = left
+            else:
+                del self._app_opening[key]
         mine.add(stream)
         self.audit.allowed("open_stream", **fields)
         return stream
 
-    def _open_streams_of(self, app: AppIdentity) -> set[TunnelStream]:
+    def _open_streams_of(self, app: AppIdentity) -> weakref.WeakSet[TunnelStream]:
         """The app's streams its front door has not closed yet (closed ones dropped now)."""
-        streams = self._app_streams.setdefault((app.subaccount, app.app), set())
-        streams.difference_update([s for s in streams if s._closed or s.error is not None])
+        streams = self._app_streams.setdefault((app.subaccount, app.app), weakref.WeakSet())
+        for stream in [s for s in streams if s._closed or s.error is not None]:
+            streams.discard(stream)
         return streams
 
     async def drain(self, grace: float) -> int:

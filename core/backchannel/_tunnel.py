@@ -99,6 +99,7 @@ class Tunnel:
         self.label = label
         self._stream_handler = stream_handler
         self._translate_closed = closed_translator or (lambda exc: None)
+        self._ping_unanswered = False
         self._control_handler = control_handler
         self._streams: dict[int, TunnelStream] = {}
         self._writer_waiters = trio.lowlevel.ParkingLot()
@@ -230,6 +231,7 @@ class Tunnel:
                 self.abort(reason)
                 return
             self._last_received = trio.current_time()
+            self._ping_unanswered = False  # anything from the peer shows it is alive
             if isinstance(message, str):
                 self._protocol_failure(ProtocolError("text message on the tunnel"))
                 return
@@ -311,7 +313,10 @@ class Tunnel:
                 self._peer_silent = True
                 self.abort(f"peer sent nothing for {idle:.1f} s (heartbeat timeout)")
                 return
-            if idle >= interval:
+            if idle >= interval and not self._ping_unanswered:
+                # One heartbeat PING at a time: after a stall, a backlog of them would reach
+                # the peer as a burst (and trip its max_pings_per_second).
+                self._ping_unanswered = True
                 self._mux.ping(os.urandom(8))
                 self._wake_writer()
 

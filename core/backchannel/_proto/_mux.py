@@ -44,7 +44,7 @@ from ._frames import (
     encode_reset,
     encode_window_update,
 )
-from ._streamstate import Action, Role, StreamState, StreamStateError
+from ._streamstate import Action, Phase, Role, StreamState, StreamStateError
 
 PROTOCOL_NAME = "backchannel/1"
 #: A HELLO is read before the peer is authenticated, so it gets a small ceiling of its own.
@@ -486,15 +486,21 @@ class Mux:
         self._forget_if_finished(state)
 
     def _on_reset(self, frame: Frame, events: list[Event]) -> None:
-        if not self._resets.take(self._clock()):
-            raise ProtocolError(
-                f"RESET flood: more than {self.settings.max_resets_per_second} per second "
-                "(max_resets_per_second)"
-            )
         code, reason = decode_reset(frame.payload)
         state = self._remote_state(frame)
         if state is None:
             return
+        if (
+            state.role is Role.ACCEPTOR
+            and state.phase is Phase.PENDING
+            and not self._resets.take(self._clock())
+        ):
+            # "Rapid reset": the peer opens streams and cancels them before we answered, each
+            # one costing us work (a backend connection). Ordinary closes do not count.
+            raise ProtocolError(
+                f"RESET flood: more than {self.settings.max_resets_per_second} streams per "
+                "second opened and cancelled before they were answered (max_resets_per_second)"
+            )
         self._forget(state)
         events.append(StreamReset(frame.stream_id, ResetCode.from_wire(code), reason))
 

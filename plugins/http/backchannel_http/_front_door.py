@@ -339,6 +339,11 @@ class ClientConnection:
             while True:
                 event = self._conn.next_event()
                 if event is h11.NEED_DATA:
+                    if self._conn.they_are_waiting_for_100_continue:
+                        # The client rightly waits for the backend's "100 Continue": its
+                        # body clock has not started (the connector bounds the backend).
+                        self._conn.receive_data(await self._receive())
+                        continue
                     allowed = limits.body_timeout + received / limits.min_body_rate - waited
                     started = trio.current_time()
                     with trio.move_on_after(max(allowed, 0.0)):

@@ -56,6 +56,10 @@ async def splice(
         await trio.aclose_forcefully(other)
 
 
+#: How much of a chunk goes out between two "something moved" marks.
+_SLICE = 16 * 1024
+
+
 class _Watched(trio.abc.HalfCloseableStream):
     """A stream that pushes an idle deadline back whenever a byte moves through it."""
 
@@ -74,8 +78,12 @@ class _Watched(trio.abc.HalfCloseableStream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-        self.moved()
+        # In slices, so that a slow but steady reader keeps the connection alive (one splice
+        # chunk of 256 KiB could take longer than the idle timeout to go out).
+        view = memoryview(data)
+        for start in range(0, len(view), _SLICE):
+            await self._stream.send_all(view[start : start + _SLICE])
+            self.moved()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
