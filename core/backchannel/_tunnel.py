@@ -394,7 +394,11 @@ class Tunnel:
         self._writer_waiters.unpark_all()
 
     def _send_blocked(self, stream: TunnelStream) -> bool:
-        if self._mux.pending_bytes >= self._settings.output_high_water:
+        if self._mux.pending_bytes >= self._settings.output_high_water or (
+            # Others are waiting for room: one send step queued per stream at a time, so the
+            # streams take turns (round robin) instead of the first ones filling the queue.
+            self._output_blocked and self._mux.queued_data(stream.stream_id) >= MAX_SEND_CHUNK
+        ):
             self._output_blocked[stream] = None
             return True
         return self._mux.send_window(stream.stream_id) == 0
