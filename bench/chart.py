@@ -53,6 +53,7 @@ def write_chart(document: dict[str, Any], path: Path) -> str:
             for name, cell in row.items():
                 series.setdefault(name, {})[f"c={concurrency}"] = cell["req_per_s"]
         _grouped(axes[0][1], [f"c={c}" for c in http], series, "HTTP 1 KiB GETs (req/s)")
+        axes[0][1].set_yscale("log")
     streams = (document.get("streams") or {}).get("summary", {})
     if streams:
         series = {}

@@ -234,8 +234,8 @@ def test_minimal_files_get_the_documented_defaults(base: Path) -> None:
     assert TunnelSettings().heartbeat_interval == 10
     assert TunnelSettings().heartbeat_timeout == 30
     assert TunnelSettings().handshake_timeout == 10
-    assert TunnelSettings().max_message_size == 512 * 1024
-    assert TunnelSettings().output_high_water == 1024 * 1024
+    assert TunnelSettings().max_message_size == 1024 * 1024
+    assert TunnelSettings().output_high_water == 2 * 1024 * 1024
     mux = TunnelSettings().mux
     assert (mux.initial_window, mux.max_frame_size, mux.max_concurrent_streams) == (
         1024 * 1024,

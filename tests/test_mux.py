@@ -1092,3 +1092,16 @@ def test_any_byte_split_gives_the_same_events(pair: Pair) -> None:
             events += split.gateway.receive_data(data[start : start + step])
         assert events == expected
         assert split.gateway.at_frame_boundary
+
+
+def test_queued_data_counts_what_data_to_send_has_not_taken(small: Pair) -> None:
+    first, second = open_accepted(small), open_accepted(small)
+    mux = small.connector
+    assert mux.send_data(first, b"a" * 700) == 700  # frames of 300, 300, 100
+    assert mux.send_data(second, b"b" * 50) == 50
+    assert (mux.queued_data(first), mux.queued_data(second)) == (700, 50)
+    taken = mux.data_to_send(max_bytes=2 * (12 + 300))  # the first two frames only
+    assert len(taken) == 2 * (12 + 300)
+    assert (mux.queued_data(first), mux.queued_data(second)) == (100, 50)
+    mux.data_to_send()
+    assert (mux.queued_data(first), mux.queued_data(second)) == (0, 0)

@@ -8,6 +8,7 @@ peer. The mux never blocks, sleeps, or reads a clock; all waiting is the caller'
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from ._frames import (
 from ._streamstate import Action, Phase, Role, StreamState, StreamStateError
 
 PROTOCOL_NAME = "backchannel/1"
+_ID_AND_LENGTH = struct.Struct(">II")
 #: A HELLO is read before the peer is authenticated, so it gets a small ceiling of its own.
 MAX_HELLO_SIZE = 16 * 1024
 MIN_FRAME_SIZE = 16 * 1024
@@ -138,6 +140,9 @@ class Mux:
         self._ordered: list[bytes] = []
         self._urgent: list[bytes] = []
         self._pending_bytes = 0
+        #: DATA payload bytes queued and not yet taken by data_to_send, per stream (lets the
+        #: tunnel give each of many streams its turn instead of the first ones all the room).
+        self._queued_data: dict[int, int] = {}
         self._streams: dict[int, StreamState] = {}
         self._next_local_id = 1 if initiator else 2
         self._highest_remote_id = 0
@@ -203,7 +208,20 @@ class Mux:
             if limit_reached:
                 break
         self._pending_bytes -= size
+        if self._queued_data:
+            for frame in frames:
+                if frame[1] == FrameType.DATA:
+                    stream_id, length = _ID_AND_LENGTH.unpack_from(frame, 4)
+                    left = self._queued_data.get(stream_id, 0) - length
+                    if left > 0:
+                        self._queued_data[stream_id] = left
+                    else:
+                        self._queued_data.pop(stream_id, None)
         return b"".join(frames)
+
+    def queued_data(self, stream_id: int) -> int:
+        """DATA payload bytes of the stream queued and not yet taken by :meth:`data_to_send`."""
+        return self._queued_data.get(stream_id, 0)
 
     def _queue(self, frame: bytes, *, urgent: bool = False) -> None:
         (self._urgent if urgent else self._ordered).append(frame)
@@ -278,6 +296,7 @@ class Mux:
             # header + view: the one copy of the caller's bytes (bytes(chunk) first made two)
             self._queue(encode_header(FrameType.DATA, stream_id, len(chunk)) + chunk)
         state.send_window -= count
+        self._queued_data[stream_id] = self._queued_data.get(stream_id, 0) + count
         return count
 
     def send_fin(self, stream_id: int) -> None:
