@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from ._connector_identity import (
 )
 from ._dial import ProxySettings
 from ._exceptions import TunnelError
+from ._pki import replace_file
 from ._transport import GatewayAddress, exchange_text, verifying_client_context
 
 #: Renew when less than this share of a certificate's lifetime is left (unless configured).
@@ -174,15 +174,7 @@ def store_credential(
         serialization.NoEncryption(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.new")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
-    try:
-        os.fchmod(fd, _FILE_MODE)  # an older leftover file keeps its mode otherwise
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    replace_file(path, data, _FILE_MODE)
 
 
 async def register(

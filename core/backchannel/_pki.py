@@ -88,6 +88,26 @@ def end_entity_key_usage(*, key_encipherment: bool = False) -> x509.KeyUsage:
     )
 
 
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with permission ``mode``, replacing it atomically.
+
+    A reader sees the old content or the new, never a mix; the new file has its final mode
+    from the start. The temporary file beside it is created exclusively (no symlink followed)
+    and synced before the rename.
+    """
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(temporary, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have removed bits from ``mode``
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` exclusively with permission ``mode`` and write ``data`` to it.
 

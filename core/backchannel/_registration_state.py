@@ -24,6 +24,7 @@ from typing import Any
 from cryptography import x509
 
 from ._connector_identity import ConnectorIdentity, identity_of, serial_text
+from ._pki import replace_file
 
 _FILE_MODE = 0o600
 
@@ -222,15 +223,8 @@ class RegistrationState:
             added = [serial for serial in serials if serial not in current]
             for serial in added:
                 current[serial] = {"revoked_at": now.isoformat(), "reason": reason}
-            temporary = path.with_name(".revoked.json.new")
-            temporary.unlink(missing_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-            fd = os.open(temporary, flags, _FILE_MODE)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(current, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+            text = json.dumps(current, indent=1, sort_keys=True)
+            replace_file(path, text.encode("utf-8"), _FILE_MODE)
         return added
 
     # ------------------------------------------------------------------ tokens
@@ -253,12 +247,5 @@ class RegistrationState:
         return True
 
     def _replace(self, name: str, records: list[dict[str, Any]]) -> None:
-        path = self.directory / name
-        temporary = path.with_name(f".{name}.new")
-        temporary.unlink(missing_ok=True)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, _FILE_MODE)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        replace_file(self.directory / name, lines.encode("utf-8"), _FILE_MODE)
