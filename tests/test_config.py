@@ -930,3 +930,18 @@ def test_bracketed_mapping_host_must_be_an_ipv6_address(base: Path) -> None:
 def test_bad_subaccount_name_key(base: Path) -> None:
     text = CONNECTOR.replace("[subaccounts.acme]", '[subaccounts."bad name"]')
     expect_error(write(base, text), "subaccounts.bad name", "must be 1-64 letters")
+
+
+def test_names_and_location_ids_are_matched_whole() -> None:
+    """A trailing newline used to pass (``$`` matches before it): not a valid name."""
+    from backchannel import is_valid_location_id
+    from backchannel._config import LOCATION_ID, check_name
+    from backchannel._configutil import TableReader
+
+    assert is_valid_location_id("plant-2")
+    assert not is_valid_location_id("plant-2\n")
+    assert LOCATION_ID.fullmatch("plant-2\n") is None
+    reader = TableReader("gateway.toml", "subaccounts", {}, Path("."))
+    assert check_name(reader, "", "acme", "subaccount") == "acme"
+    with pytest.raises(ConfigError, match="must be 1-64 letters"):
+        check_name(reader, "", "acme\n", "subaccount")

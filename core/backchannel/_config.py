@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import re
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._configutil import HostPort, Secret, TableReader
+from ._connector_identity import LOCATION, NAME
 from ._dial import ProxySettings
 from ._exceptions import ConfigError
 from ._identity import PrincipalPropagationConfig, read_identity_providers
@@ -22,26 +22,26 @@ from ._registration import RegistrationConfig
 from ._transport import GatewayAddress, verifying_client_context
 from ._tunnel import TunnelSettings
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = NAME
 #: Location ids: up to 64 letters, digits, ".", "_", "-"; "" is the default location.
-LOCATION_ID = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+LOCATION_ID = LOCATION
 
 
 def is_valid_location_id(value: str) -> bool:
     """Whether ``value`` is a valid location id (up to 64 of A-Z a-z 0-9 . _ -; "" = default)."""
-    return LOCATION_ID.match(value) is not None
+    return LOCATION_ID.fullmatch(value) is not None
 
 
 def check_name(reader: TableReader, key: str, value: str, what: str) -> str:
     """Subaccount and app names: 1-64 of letters, digits, '.', '_', '-'."""
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise reader.error(key, f"{what} {value!r} must be 1-64 letters, digits, '.', '_' or '-'")
     return value
 
 
 def check_location(reader: TableReader, key: str, value: str) -> str:
     """Location ids: up to 64 letters, digits, '.', '_', '-' ('' is the default location)."""
-    if not LOCATION_ID.match(value):
+    if not LOCATION_ID.fullmatch(value):
         raise reader.error(
             key, f"location id {value!r} must be up to 64 letters, digits, '.', '_' or '-'"
         )

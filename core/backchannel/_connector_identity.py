@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from cryptography import x509
 
 URI_PREFIX = "urn:backchannel:connector:"
-_SUBACCOUNT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_LOCATION = re.compile(r"[A-Za-z0-9._-]{0,64}")
+#: Subaccount (and app) names: 1-64 letters, digits, ".", "_", "-", not starting with a sign.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Location ids: up to 64 letters, digits, ".", "_", "-"; "" is the default location.
+LOCATION = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +29,9 @@ class ConnectorIdentity:
     location: str
 
     def __post_init__(self) -> None:
-        if not _SUBACCOUNT.fullmatch(self.subaccount):
+        if not NAME.fullmatch(self.subaccount):
             raise ValueError(f"invalid subaccount name {self.subaccount[:80]!r}")
-        if not _LOCATION.fullmatch(self.location):
+        if not LOCATION.fullmatch(self.location):
             raise ValueError(f"invalid location id {self.location[:80]!r}")
 
     @property

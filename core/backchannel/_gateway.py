@@ -284,7 +284,7 @@ class Gateway:
             raise TunnelError(
                 "HELLO must carry subaccount and location as strings", ResetCode.UNAUTHENTICATED
             )
-        if not LOCATION_ID.match(location):
+        if not LOCATION_ID.fullmatch(location):
             raise TunnelError(
                 f"location id {location[:80]!r} is invalid: "
                 "use up to 64 letters, digits, '.', '_' or '-'",
