@@ -148,9 +148,8 @@ async def propagation_setup(tmp_path: Path) -> AsyncIterator[Setup]:
                 resolver = connector.principal_resolver
                 assert resolver is not None
                 with trio.fail_after(10):
-                    await connector.wait_connected()
-                    while not len(resolver.trust_for("acme")):
-                        await trio.sleep(0.01)  # the trust list follows HELLO on the tunnel
+                    # The trust list follows HELLO on the tunnel.
+                    await connector.wait_status(lambda _: len(resolver.trust_for("acme")) > 0)
                 yield Setup(
                     gw.front_door_addresses["tcp.socks5"][0],
                     idp_key,

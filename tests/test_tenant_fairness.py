@@ -22,6 +22,7 @@ async def test_a_flooding_tenant_does_not_starve_another(
 ) -> None:
     async with echo_server() as port, two_tenants(tmp_path, port, monkeypatch) as tenants:
         flooded = [0]
+        under_way = trio.Event()
         stop = trio.Event()
 
         async def flood() -> None:
@@ -36,14 +37,15 @@ async def test_a_flooding_tenant_does_not_starve_another(
                 while not stop.is_set():
                     await stream.send_all(CHUNK)
                     flooded[0] += len(CHUNK)
+                    if flooded[0] >= FLOOD_STREAMS * len(CHUNK):
+                        under_way.set()
                 nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for _ in range(FLOOD_STREAMS):
                 nursery.start_soon(flood)
             with trio.fail_after(30):
-                while flooded[0] < 16 * len(CHUNK):  # the flood is under way
-                    await trio.sleep(0.01)
+                await under_way.wait()
                 before = flooded[0]
                 globex = await socks_connect(
                     tenants.socks,

@@ -5,6 +5,7 @@ ones included; a broken file changes nothing."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,11 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from backchannel import ConnectorConfig, open_connector, open_gateway
+from backchannel import Connector, ConnectorConfig, open_connector, open_gateway
 from backchannel._exceptions import ConfigError
 from backchannel._user_ca import UserCertificateAuthority
 from tests.harness import connector_document, gateway_document, tls_material
-from tests.procs import BACKCHANNEL, running, wait_until, write_toml
+from tests.procs import BACKCHANNEL, running, write_toml
 
 
 def _public_key_file(path: Path) -> Path:
@@ -45,8 +46,10 @@ def _write_gateway(tmp_path: Path, idps: list[dict[str, Any]]) -> Path:
     return write_toml(tmp_path / "gateway.toml", document)
 
 
-async def _wait_for(condition: Any, what: str) -> None:
-    await trio.to_thread.run_sync(lambda: wait_until(condition, what))
+async def _wait_for(connector: Connector, condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds; re-checked whenever the connector takes a CONTROL document."""
+    with trio.fail_after(10):
+        await connector.wait_status(lambda _: condition())
 
 
 async def test_reload_sends_changed_identity_providers(tmp_path: Path) -> None:
@@ -73,18 +76,18 @@ async def test_reload_sends_changed_identity_providers(tmp_path: Path) -> None:
             def names() -> set[str]:
                 return {idp.name for idp in resolver.trust_for("acme")}
 
-            await _wait_for(lambda: names() == {"corp"}, "the first trust list")
+            await _wait_for(connector, lambda: names() == {"corp"})
 
             _write_gateway(tmp_path, [corp, partner])
             assert gateway.reload_identity_providers() == ["acme"]
-            await _wait_for(lambda: names() == {"corp", "partner"}, "partner added")
+            await _wait_for(connector, lambda: names() == {"corp", "partner"})
 
             # Nothing changed: nothing is sent, nothing is reported.
             assert gateway.reload_identity_providers() == []
 
             _write_gateway(tmp_path, [])
             assert gateway.reload_identity_providers() == ["acme"]
-            await _wait_for(lambda: names() == set(), "every IdP withdrawn")
+            await _wait_for(connector, lambda: names() == set())
 
             gateway_toml.write_text("[gateway\nbroken")
             with pytest.raises(ConfigError, match="not valid TOML"):

@@ -306,6 +306,7 @@ class Connector:
             keeper.on_control(payload)
             return
         _on_control_document(self.principal_resolver, sub, payload)
+        self._notify()  # a new trust list: wait_status callers may be waiting for it
 
     async def drain(self, grace: float) -> int:
         """Graceful stop: GO_AWAY on every tunnel (the gateway routes no new streams here),
