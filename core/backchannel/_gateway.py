@@ -472,10 +472,12 @@ class Gateway:
         return stream
 
     def _open_streams_of(self, app: AppIdentity) -> weakref.WeakSet[TunnelStream]:
-        """The app's streams its front door has not closed yet (closed ones dropped now)."""
+        """The app's streams; closed ones are dropped when the count reaches the limit (not on
+        every open: that would make opening n streams cost n squared)."""
         streams = self._app_streams.setdefault((app.subaccount, app.app), weakref.WeakSet())
-        for stream in [s for s in streams if s._closed or s.error is not None]:
-            streams.discard(stream)
+        if len(streams) >= self.config.max_streams_per_app:
+            for stream in [s for s in streams if s._closed or s.error is not None]:
+                streams.discard(stream)
         return streams
 
     async def drain(self, grace: float) -> int:
