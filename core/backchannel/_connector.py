@@ -35,6 +35,7 @@ from ._stream import TunnelStream
 from ._transport import client_ssl_context, closed_reason, dial_gateway
 from ._tunnel import Tunnel
 from ._version import __version__
+from ._wslink import WebSocketClosed
 
 #: How long a handler's ``aclose()`` may take when the connector stops.
 HANDLER_CLOSE_TIMEOUT = 5.0
@@ -224,12 +225,11 @@ class Connector:
                 status.last_error = str(_leaf_exceptions(group)[0])
                 log.error("tunnel %s cannot start: %s", label, status.last_error)
                 delay = self.config.reconnect_max_delay
-            except* ConnectionClosed as group:
+            except* (ConnectionClosed, WebSocketClosed) as group:
                 # The gateway closed the WebSocket while the tunnel was winding down (a GO_AWAY
                 # racing the close handshake): the tunnel is lost, nothing failed here.
                 closed = _leaf_exceptions(group)[0]
-                assert isinstance(closed, ConnectionClosed)
-                status.last_error = f"the gateway closed the WebSocket ({closed.reason})"
+                status.last_error = f"the gateway closed the WebSocket ({closed_reason(closed)})"
                 log.warning("tunnel %s lost: %s", label, status.last_error)
             except* Exception as group:
                 # Whatever broke this attempt (the WebSocket library's reader task included),

@@ -3,6 +3,11 @@
 The connector dials ``wss://host:port/path`` (optionally through an HTTPS proxy), verifies the
 gateway's certificate, and sends HELLO. The gateway terminates TLS, accepts the WebSocket upgrade
 on its tunnel path only, reads HELLO, authenticates it, and answers HELLO or GO_AWAY.
+
+TLS is a :class:`~backchannel._tlschannel.TlsChannel`; trio-websocket performs the WebSocket
+upgrade over it, and the tunnel's messages then go through a
+:class:`~backchannel._wslink.WebSocketLink` (our own framing, the same bytes on the wire).
+Other WebSocket paths of the gateway (registration) stay with trio-websocket.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from ._exceptions import TunnelError
 from ._proto._errors import ProtocolError, ResetCode
 from ._proto._events import GoAwayReceived, HelloReceived
 from ._proto._mux import Mux
-from ._tlsdrain import DrainingReceive
+from ._tlschannel import TlsChannel
 from ._tunnel import TunnelSettings
-from ._wsspeedups import install as _install_wsproto_speedups
+from ._wslink import HandshakeStream, WebSocketClosed, WebSocketLink, close_name
 
 log = logging.getLogger("backchannel.transport")
 
-RECEIVE_BUFFER_SIZE = 256 * 1024
+#: trio-websocket's read size (the upgrade; registration messages).
+RECEIVE_BUFFER_SIZE = 64 * 1024
 #: Accept messages well above what we send (max_message_size) so a peer with other settings
 #: still fits; the mux's own limits bound what each message may hold.
 MAX_RECEIVED_MESSAGE = 16 * 1024 * 1024
@@ -103,46 +109,11 @@ class GatewayAddress:
         return f"wss://{host}:{self.port}{self.path}"
 
 
-class WebSocketTransport:
-    """The tunnel's message transport: a WebSocket and the TLS stream under it.
-
-    trio-websocket leaves its stream open when the peer closed first (client side) or when the
-    stream broke (its ``aclose`` then returns early): the socket would linger until garbage
-    collection and the peer would not see the TCP close, so ``aclose`` closes it here.
-    """
-
-    def __init__(
-        self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.AsyncResource
-    ) -> None:
-        self.ws = ws
-        self._stream = stream
-        _install_wsproto_speedups()  # the handshake's few frames need not wait for it
-        if isinstance(stream, trio.SSLStream) and isinstance(
-            getattr(ws, "_stream", None), trio.SSLStream | _EndWatchingStream
-        ):
-            # trio-websocket's reader reads ws._stream afresh on every pass (a private
-            # attribute: without it, nothing changes); see _tlsdrain. (The connector's
-            # end-watching wrapper is needed during the upgrade only.)
-            ws._stream = DrainingReceive(stream)
-
-    async def send_message(self, message: bytes) -> None:
-        """Send one binary message."""
-        await self.ws.send_message(message)
-
-    async def get_message(self) -> bytes | str:
-        """Receive the next message."""
-        return await self.ws.get_message()
-
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """Close handshake (as far as the peer answers), then the stream, always."""
-        try:
-            await self.ws.aclose(code, reason)
-        finally:
-            await trio.aclose_forcefully(self._stream)
-
-
 def closed_reason(exc: BaseException) -> str | None:
     """Describe a transport failure for logs, or None if ``exc`` is not one."""
+    if isinstance(exc, WebSocketClosed):
+        detail = f": {exc.reason}" if exc.reason else ""
+        return f"WebSocket closed with code {exc.code} ({close_name(exc.code)}){detail}"
     if isinstance(exc, trio_websocket.ConnectionClosed):
         reason = exc.reason
         if reason is None:
@@ -162,7 +133,7 @@ async def dial_gateway(
     proxy: ProxySettings | None,
     hello: dict[str, Any],
     settings: TunnelSettings,
-) -> tuple[WebSocketTransport, Mux, dict[str, Any]]:
+) -> tuple[WebSocketLink, Mux, dict[str, Any]]:
     """Open TCP (maybe via proxy), TLS, WebSocket, and complete the HELLO exchange.
 
     Raises :class:`TunnelError` with a message that says what to check.
@@ -172,14 +143,13 @@ async def dial_gateway(
             tcp = await open_tcp(address.host, address.port, proxy=proxy)
         except DialError as exc:
             raise TunnelError(f"cannot reach gateway {address}: {exc}") from exc
-        tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
+        tls = TlsChannel(tcp, ssl_context, server_hostname=address.host)
         try:
-            ws, mux, peer_info = await _client_handshakes(nursery, tls, address, hello, settings)
+            return await _client_handshakes(nursery, tls, address, hello, settings)
         except BaseException:
             # Every failure, time-out and cancellation included, must close the socket.
             await trio.aclose_forcefully(tls)
             raise
-        return WebSocketTransport(ws, tls), mux, peer_info
     assert scope.cancelled_caught
     raise TunnelError(
         f"gateway {address} did not complete the handshake within {settings.handshake_timeout:g} s"
@@ -188,19 +158,27 @@ async def dial_gateway(
 
 async def _client_handshakes(
     nursery: trio.Nursery,
-    tls: trio.SSLStream[trio.abc.Stream],
+    tls: TlsChannel,
     address: GatewayAddress,
     hello: dict[str, Any],
     settings: TunnelSettings,
-) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]]:
+) -> tuple[WebSocketLink, Mux, dict[str, Any]]:
     """TLS, then the WebSocket upgrade, then HELLO; TunnelError says which one failed."""
-    ws = await _client_upgrade(nursery, tls, address, address.path)
+    handshake = HandshakeStream(tls, client=True)
+    await _client_upgrade(nursery, tls, handshake, address, address.path)
+    ws = WebSocketLink(
+        tls,
+        client=True,
+        max_message_size=MAX_RECEIVED_MESSAGE,
+        buffered=handshake.take_over(),
+        on_close=handshake.release,
+    )
     mux = Mux(initiator=True, settings=settings.mux)
     mux.send_hello(hello)
     try:
         await ws.send_message(mux.data_to_send())
         peer_info = await _await_hello(ws, mux, address)
-    except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+    except (WebSocketClosed, trio.BrokenResourceError, OSError) as exc:
         raise TunnelError(
             f"gateway {address} dropped the connection during the handshake: "
             f"{closed_reason(exc) or exc}"
@@ -214,7 +192,8 @@ async def _client_handshakes(
 
 async def _client_upgrade(
     nursery: trio.Nursery,
-    tls: trio.SSLStream[trio.abc.Stream],
+    tls: TlsChannel,
+    watched: HandshakeStream,
     address: GatewayAddress,
     path: str,
 ) -> trio_websocket.WebSocketConnection:
@@ -226,7 +205,6 @@ async def _client_upgrade(
     # trio-websocket waits for the upgrade answer forever if the stream ends first (the
     # gateway refusing our client certificate just closes it): race the upgrade against the
     # end of the stream.
-    watched = _EndWatchingStream(tls)
     upgraded: list[trio_websocket.WebSocketConnection] = []
     failed: list[BaseException] = []
 
@@ -275,38 +253,6 @@ async def _client_upgrade(
     )
 
 
-class _EndWatchingStream(trio.abc.Stream):
-    """A stream that notes when its peer ended it (EOF or error) before anyone asked."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-        self.ended = trio.Event()
-        self.error: BaseException | None = None
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.error = exc
-            self.ended.set()
-            raise
-        if not data:
-            self.ended.set()
-        return data
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()  # type: ignore[attr-defined]
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-
 def _tls_failure(
     address: GatewayAddress, exc: BaseException, *, during: str = "the TLS handshake"
 ) -> TunnelError:
@@ -350,7 +296,7 @@ async def exchange_text(
             tcp = await open_tcp(address.host, address.port, proxy=proxy)
         except DialError as exc:
             raise TunnelError(f"cannot reach gateway {address}: {exc}") from exc
-        tls = trio.SSLStream(tcp, ssl_context, server_hostname=address.host, https_compatible=True)
+        tls = TlsChannel(tcp, ssl_context, server_hostname=address.host)
         # Errors are collected and raised outside the nursery, as themselves (not in a group):
         # the WebSocket library reports a refused upgrade from its reader task.
         outcome: list[str | TunnelError] = []
@@ -382,12 +328,14 @@ async def exchange_text(
 
 async def _one_exchange(
     nursery: trio.Nursery,
-    tls: trio.SSLStream[trio.abc.Stream],
+    tls: TlsChannel,
     address: GatewayAddress,
     path: str,
     message: str,
 ) -> str:
-    ws = await _client_upgrade(nursery, tls, address, path)
+    handshake = HandshakeStream(tls, client=True)
+    ws = await _client_upgrade(nursery, tls, handshake, address, path)
+    handshake.pass_through()  # trio-websocket keeps this short exchange
     try:
         await ws.send_message(message)
         answer = await ws.get_message()
@@ -402,13 +350,11 @@ async def _one_exchange(
     return answer
 
 
-async def _await_hello(
-    ws: trio_websocket.WebSocketConnection, mux: Mux, address: GatewayAddress
-) -> dict[str, Any]:
+async def _await_hello(ws: WebSocketLink, mux: Mux, address: GatewayAddress) -> dict[str, Any]:
     while True:
         try:
             message = await ws.get_message()
-        except trio_websocket.ConnectionClosed as exc:
+        except WebSocketClosed as exc:
             raise TunnelError(f"gateway {address} closed the tunnel: {closed_reason(exc)}") from exc
         if isinstance(message, str):
             raise TunnelError(
@@ -442,7 +388,7 @@ async def accept_tunnel(
     settings: TunnelSettings,
     authenticate: Authenticator,
     other_paths: Mapping[str, PathHandler] | None = None,
-) -> tuple[WebSocketTransport, Mux, dict[str, Any]] | None:
+) -> tuple[WebSocketLink, Mux, dict[str, Any]] | None:
     """Server side: TLS, WebSocket upgrade on ``path``, HELLO, authentication.
 
     ``authenticate(hello, peer_address, client_certificate_der)`` returns the HELLO to answer
@@ -454,8 +400,8 @@ async def accept_tunnel(
     """
     peer = _peer_name(tcp)
     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    tls = trio.SSLStream(tcp, ssl_context, server_side=True, https_compatible=True)
-    result: tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None = None
+    tls = TlsChannel(tcp, ssl_context, server_side=True)
+    result: tuple[WebSocketLink, Mux, dict[str, Any]] | None = None
     try:
         with trio.move_on_after(settings.handshake_timeout) as scope:
             result = await _server_handshakes(
@@ -471,45 +417,52 @@ async def accept_tunnel(
         # Refused, failed, timed out or cancelled: the socket must not linger.
         if result is None:
             await trio.aclose_forcefully(tls)
-    if result is None:
-        return None
-    ws, mux, hello = result
-    return WebSocketTransport(ws, tls), mux, hello
+    return result
 
 
 async def _server_handshakes(
     nursery: trio.Nursery,
-    tls: trio.SSLStream[trio.SocketStream],
+    tls: TlsChannel,
     peer: str,
     path: str,
     settings: TunnelSettings,
     authenticate: Authenticator,
     other_paths: Mapping[str, PathHandler],
-) -> tuple[trio_websocket.WebSocketConnection, Mux, dict[str, Any]] | None:
+) -> tuple[WebSocketLink, Mux, dict[str, Any]] | None:
     """TLS, upgrade on ``path``, HELLO, authentication; None (logged) when refused or failed."""
-    ws: trio_websocket.WebSocketConnection | None = None
+    ws: WebSocketLink | None = None
     try:
         await tls.do_handshake()
+        handshake = HandshakeStream(tls, client=False)
         request = await trio_websocket.wrap_server_stream(
             nursery,
-            tls,
+            handshake,  # any trio stream works
             message_queue_size=MESSAGE_QUEUE_SIZE,
             max_message_size=MAX_RECEIVED_MESSAGE,
             receive_buffer_size=RECEIVE_BUFFER_SIZE,
         )
         handler = other_paths.get(request.path)
         if handler is not None:
+            handshake.pass_through()
             await handler(request, peer)
             return None
         if request.path != path:
+            handshake.pass_through()
             await request.reject(404, body=b"no backchannel tunnel endpoint here\n")
             log.info("tunnel endpoint: %s asked for %r, not %r: refused", peer, request.path, path)
             return None
-        ws = await request.accept()
+        await request.accept()
+        ws = WebSocketLink(
+            tls,
+            client=False,
+            max_message_size=MAX_RECEIVED_MESSAGE,
+            buffered=handshake.take_over(),
+            on_close=handshake.release,
+        )
         mux = Mux(initiator=False, settings=settings.mux)
         hello = await _receive_hello(ws, mux)
         try:
-            certificate = tls.getpeercert(binary_form=True)
+            certificate = tls.peer_certificate_der()
             answer = await authenticate(hello, peer, certificate)
         except TunnelError as exc:
             mux.go_away(exc.code, str(exc))
@@ -526,7 +479,7 @@ async def _server_handshakes(
             peer,
             exc.__cause__ or exc or type(exc).__name__,
         )
-    except trio_websocket.ConnectionClosed as exc:
+    except (WebSocketClosed, trio_websocket.ConnectionClosed) as exc:
         log.info("tunnel endpoint: %s closed during the handshake: %s", peer, closed_reason(exc))
     except (ProtocolError, TunnelError) as exc:
         log.warning("tunnel endpoint: %s broke the handshake: %s", peer, exc)
@@ -536,7 +489,7 @@ async def _server_handshakes(
     return None
 
 
-async def _receive_hello(ws: trio_websocket.WebSocketConnection, mux: Mux) -> dict[str, Any]:
+async def _receive_hello(ws: WebSocketLink, mux: Mux) -> dict[str, Any]:
     while True:
         message = await ws.get_message()
         if isinstance(message, str):
