@@ -46,14 +46,23 @@ async def _pump(
     scope: trio.CancelScope,
 ) -> None:
     side = destination_name
+    # An idle socket is waited on with wait_readable alone, not under receive_some → recv →
+    # the non-blocking helper: the coroutine frames of that chain are held for as long as the
+    # stream is idle (about 1.5 KiB per stream and side, docs/performance.md). After a full
+    # read more is likely waiting, so the next read goes straight to receive_some.
+    socket = source.socket if isinstance(source, trio.SocketStream) else None
     try:
         if first:
             await destination.send_all(first)
+        full = False
         while True:
             side = source_name
+            if socket is not None and not full:
+                await trio.lowlevel.wait_readable(socket)
             data = await source.receive_some(SPLICE_CHUNK)
             if not data:
                 break
+            full = len(data) == SPLICE_CHUNK
             side = destination_name
             await destination.send_all(data)
         side = destination_name
