@@ -9,6 +9,9 @@ SPLICE_CHUNK = 256 * 1024
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+#: The pump task's name (given, so that trio does not format one per stream).
+_PUMP = "backchannel splice"
+
 
 async def splice_streams(
     a: trio.abc.Stream,
@@ -30,7 +33,7 @@ async def splice_streams(
     broken: list[str] = []
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
-        nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope)
+        nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope, name=_PUMP)
         # The other direction in this task: one task less per stream (idle streams' memory).
         await _pump(b, a, b_first, b_name, a_name, broken, scope)
     return broken[0] if broken else None
