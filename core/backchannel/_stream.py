@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 #: Never appended to: every stream starts with it and gets a deque of its own on first data.
 _NO_CHUNKS: deque[bytes] = deque()
 
+#: Shared by every stream the peer has not (yet) answered with attributes; replaced, never
+#: mutated here.
+_NO_ATTRIBUTES: dict[str, Any] = {}
+
 
 class TunnelStream(trio.abc.HalfCloseableStream):
     """A stream inside a tunnel. Send and receive respect the peer's and our credit windows.
@@ -27,6 +31,30 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     accepts it implicitly.
     """
 
+    # Slots, and one waiting task per direction instead of a ParkingLot each (only one task
+    # may receive and one send at a time anyway): memory per idle stream, docs/performance.md.
+    __slots__ = (
+        "__weakref__",
+        "_accepted",
+        "_accepted_locally",
+        "_buffered",
+        "_chunks",
+        "_closed",
+        "_eof_received",
+        "_error",
+        "_fin_sent",
+        "_peer_accepted",
+        "_receive_waiter",
+        "_receiving",
+        "_send_waiter",
+        "_sending",
+        "_tunnel",
+        "accept_attributes",
+        "metadata",
+        "opened_locally",
+        "stream_id",
+    )
+
     def __init__(
         self, tunnel: Tunnel, stream_id: int, metadata: dict[str, Any], *, opened_locally: bool
     ) -> None:
@@ -34,7 +62,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self.stream_id = stream_id
         self.metadata = metadata
         self.opened_locally = opened_locally
-        self.accept_attributes: dict[str, Any] = {}
+        self.accept_attributes: dict[str, Any] = _NO_ATTRIBUTES
         # Only an opener waits for ACCEPT; the peer's streams skip the Event (memory per idle
         # stream, see docs/performance.md).
         self._accepted: trio.Event | None = trio.Event() if opened_locally else None
@@ -47,8 +75,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._fin_sent = False
         self._closed = False
         self._error: StreamError | None = None
-        self._receive_waiters = trio.lowlevel.ParkingLot()
-        self._send_waiters = trio.lowlevel.ParkingLot()
+        self._receive_waiter: trio.lowlevel.Task | None = None
+        self._send_waiter: trio.lowlevel.Task | None = None
         self._sending = False
         self._receiving = False
 
@@ -123,7 +151,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise trio.BrokenResourceError(str(self._error)) from self._error
                 parked = True
-                await self._receive_waiters.park()
+                await self._park_receiver()
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
@@ -168,7 +196,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             while offset < len(view):
                 if self._tunnel._send_blocked(self):
                     parked = True
-                    await self._send_waiters.park()
+                    await self._park_sender()
                     self._raise_if_cannot_send()
                     continue
                 offset += self._tunnel._mux_send(self.stream_id, view[offset:])
@@ -187,7 +215,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             parked = False
             while not self._closed and self._error is None and self._tunnel._send_blocked(self):
                 parked = True
-                await self._send_waiters.park()
+                await self._park_sender()
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             if not parked:
@@ -247,9 +275,39 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._chunks.clear()
             self._buffered = 0
             self._tunnel._forget_stream(self.stream_id)
-            self._receive_waiters.unpark_all()
-            self._send_waiters.unpark_all()
+            self._wake_receiver()
+            self._wake_sender()
         await trio.lowlevel.checkpoint()
+
+    # ---------------------------------------------------------------- waiting
+
+    async def _park_receiver(self) -> None:
+        self._receive_waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_receiver)
+
+    def _abort_receiver(self, _: Any) -> trio.lowlevel.Abort:
+        self._receive_waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _wake_receiver(self) -> None:
+        task = self._receive_waiter
+        if task is not None:
+            self._receive_waiter = None
+            trio.lowlevel.reschedule(task)
+
+    async def _park_sender(self) -> None:
+        self._send_waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_sender)
+
+    def _abort_sender(self, _: Any) -> trio.lowlevel.Abort:
+        self._send_waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _wake_sender(self) -> None:
+        task = self._send_waiter
+        if task is not None:
+            self._send_waiter = None
+            trio.lowlevel.reschedule(task)
 
     # ---------------------------------------------------------------- called by the tunnel
 
@@ -261,11 +319,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._chunks = deque()
         self._chunks.append(data)
         self._buffered += len(data)
-        self._receive_waiters.unpark_all()
+        self._wake_receiver()
 
     def _on_eof(self) -> None:
         self._eof_received = True
-        self._receive_waiters.unpark_all()
+        self._wake_receiver()
 
     def _on_accepted(self, attributes: dict[str, Any]) -> None:
         self.accept_attributes = attributes
@@ -274,7 +332,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._accepted.set()
 
     def _on_window(self) -> None:
-        self._send_waiters.unpark_all()
+        self._wake_sender()
 
     def _fail(self, error: StreamError) -> None:
         """Reset by the peer, by the mux, or the tunnel died."""
@@ -287,5 +345,5 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._buffered = 0
         if self._accepted is not None:
             self._accepted.set()
-        self._receive_waiters.unpark_all()
-        self._send_waiters.unpark_all()
+        self._wake_receiver()
+        self._wake_sender()

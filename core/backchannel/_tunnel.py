@@ -386,7 +386,8 @@ class Tunnel:
             return
         stream = TunnelStream(self, event.stream_id, event.metadata, opened_locally=False)
         self._streams[event.stream_id] = stream
-        self._nursery.start_soon(self._run_handler, stream)
+        # A fixed name: trio would otherwise format one per stream.
+        self._nursery.start_soon(self._run_handler, stream, name="backchannel stream handler")
 
     def _close_if_drained(self) -> None:
         if self.closed or self._draining_close:

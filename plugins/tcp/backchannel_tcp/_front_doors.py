@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from ._socks5 import (
     SocksError,
     UsernamePassword,
 )
-from ._splice import CLIENT_BROKE, splice
+from ._splice import CLIENT_BROKE, close_forcefully, splice
 
 log = logging.getLogger("backchannel.tcp")
 
@@ -62,10 +61,6 @@ def _bound(listeners: Sequence[trio.SocketListener]) -> list[HostPort]:
         host, port, *_ = listener.socket.getsockname()
         addresses.append(HostPort(host, port))
     return addresses
-
-
-def _nodelay(stream: trio.SocketStream) -> None:
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def split_socks_username(username: str) -> tuple[str, str]:
@@ -116,7 +111,6 @@ class Socks5FrontDoor:
         await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        _nodelay(client)
         peer = _peer(client)
         try:
             negotiated = None
@@ -150,7 +144,7 @@ class Socks5FrontDoor:
         except Exception:
             log.exception("socks5 %s: unexpected failure", peer)
         finally:
-            await trio.aclose_forcefully(client)
+            await close_forcefully(client)
 
     async def _negotiate(
         self, client: trio.SocketStream
@@ -274,7 +268,6 @@ class PortForward:
         await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        _nodelay(client)
         peer = _peer(client)
         try:
             try:
@@ -298,7 +291,7 @@ class PortForward:
         except Exception:
             log.exception("forward %s: unexpected failure", self.name)
         finally:
-            await trio.aclose_forcefully(client)
+            await close_forcefully(client)
 
 
 async def _next_events(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -23,7 +24,7 @@ from backchannel import (
     read_backend_tls,
 )
 
-from ._splice import splice
+from ._splice import close_forcefully, splice
 
 log = logging.getLogger("backchannel.tcp")
 
@@ -80,7 +81,7 @@ class TcpHandler:
         try:
             await stream.accept()
         except BaseException:
-            await trio.aclose_forcefully(backend)
+            await close_forcefully(backend)
             raise
         await splice(stream, backend, label=f"{session.virtual}", idle_timeout=self.idle_timeout)
 
@@ -89,7 +90,7 @@ class TcpHandler:
         where = f"backend of {session.virtual}"
         try:
             with trio.fail_after(self.connect_timeout):
-                tcp = await trio.open_tcp_stream(internal.host, internal.port)
+                tcp = await _open_tcp(internal.host, internal.port)
         except trio.TooSlowError:
             log.warning("%s (%s) did not answer within %g s", where, internal, self.connect_timeout)
             raise StreamError(
@@ -101,7 +102,6 @@ class TcpHandler:
             what = "refused the connection" if is_connection_refused(exc) else "is unreachable"
             # The internal host name stays here: the gateway only learns the virtual one.
             raise StreamError(ResetCode.BACKEND_UNREACHABLE, f"{where} {what}") from None
-        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         options = session.mapping.options
         if not isinstance(options, TcpsOptions):
             return tcp
@@ -145,3 +145,26 @@ class TcpHandler:
             ) from None
         log.info("%s: TLS with the certificate of %s", session.virtual, user.subject)
         return self.user_contexts.get(options.tls, user)
+
+
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """:func:`trio.open_tcp_stream`, without its resolver step and its happy-eyeballs nursery
+    and task when ``host`` is an IP address (most mappings): one connect, as open_tcp_stream
+    makes for a single address, and the same error (CPU per stream open,
+    docs/performance.md). trio.SocketStream sets TCP_NODELAY itself."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        message = f"all attempts to connect to {where} failed"
+        raise OSError(message) from ExceptionGroup(message, [exc])
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
