@@ -86,22 +86,27 @@ class TlsChannel(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """At least one byte of plaintext (or b"" at the end), and every byte that is already
         decryptable, up to ``max_bytes`` (default :data:`SOCKET_READ`)."""
-        limit = max_bytes or SOCKET_READ
+        buffer = bytearray()
+        await self.receive_into(buffer, max_bytes or SOCKET_READ)
+        return buffer
+
+    async def receive_into(self, buffer: bytearray, max_bytes: int = SOCKET_READ) -> int:
+        """:meth:`receive_some`, appending to ``buffer`` (the WebSocket link's: one copy of
+        every byte less); returns how many bytes it appended, 0 at the end."""
         awaited = False
         while True:
-            data = self._decrypt(limit)
-            if data is not None:
+            added = self._decrypt_into(buffer, max_bytes)
+            if added is not None:
                 if not awaited:  # every call is a checkpoint, also when served from memory
                     await trio.lowlevel.checkpoint()
-                return data
+                return added
             if self._outgoing.pending and not self._send_lock.locked():
                 await self._flush()  # e.g. a key update answer (see the module's docstring)
             await self._read_socket()
             awaited = True
 
-    def _decrypt(self, limit: int) -> bytes | None:
-        """What the SSL object can decrypt now (b"" at the end), or None if it needs more."""
-        parts: list[bytes] = []
+    def _decrypt_into(self, buffer: bytearray, limit: int) -> int | None:
+        """Append what the SSL object can decrypt now; None if it needs more (0: the end)."""
         size = 0
         while size < limit:
             try:
@@ -113,17 +118,17 @@ class TlsChannel(trio.abc.Stream):
                 self._eof = True
                 break
             except ssl.SSLError as exc:
-                if parts:  # hand over what came before the error; the next call raises it
+                if size:  # hand over what came before the error; the next call raises it
                     break
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
             if not part:
                 self._eof = True
                 break
-            parts.append(part)
+            buffer += part
             size += len(part)
-        if parts:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        return b"" if self._eof else None
+        if size:
+            return size
+        return 0 if self._eof else None
 
     async def _read_socket(self) -> None:
         if self._closed:

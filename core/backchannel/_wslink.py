@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import trio
 
+from ._tlschannel import TlsChannel
+
 _apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
 try:
     from websockets.speedups import apply_mask as _apply_mask
@@ -290,14 +292,20 @@ class WebSocketLink:
             if self.closed is not None:  # a close frame came (the property: mypy narrows)
                 continue
             try:
-                data = await self.channel.receive_some(RECEIVE_SIZE)
+                received = await self._receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._set_closed(CLOSE_ABNORMAL, f"connection lost: {exc}")
                 raise self._closed_or_abnormal() from exc
-            if not data:
+            if not received:
                 self._set_closed(CLOSE_ABNORMAL, "the connection ended without a close frame")
-                continue
-            self._buffer += data
+
+    async def _receive(self) -> int:
+        """Read more into the buffer; the count (0: the connection ended)."""
+        if isinstance(self.channel, TlsChannel):  # decrypts straight into the buffer
+            return await self.channel.receive_into(self._buffer, RECEIVE_SIZE)
+        data = await self.channel.receive_some(RECEIVE_SIZE)
+        self._buffer += data
+        return len(data)
 
     def _closed_or_abnormal(self) -> WebSocketClosed:
         return self._closed or WebSocketClosed(CLOSE_ABNORMAL, "connection lost")
