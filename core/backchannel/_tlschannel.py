@@ -146,12 +146,17 @@ class TlsChannel(trio.abc.Stream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` and send it; returns when the socket took all of it."""
+        await self.send_parts(data)
+
+    async def send_parts(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``parts`` one after the other, then send (no copy to join them first)."""
         if self._closed:
             raise trio.ClosedResourceError("TLS channel is closed")
         if self._broken:
             raise trio.BrokenResourceError("TLS channel broke during an earlier send")
         try:
-            self._ssl.write(data)
+            for part in parts:
+                self._ssl.write(part)
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
         await self._flush()
@@ -168,12 +173,13 @@ class TlsChannel(trio.abc.Stream):
             while self._outgoing.pending:
                 if self._broken:
                     raise trio.BrokenResourceError("TLS channel broke during an earlier send")
-                self._broken = True  # until the socket took the whole piece
                 try:
                     await self.transport.send_all(self._outgoing.read())
-                except OSError as exc:
-                    raise trio.BrokenResourceError(f"connection broken: {exc}") from exc
-                self._broken = False
+                except BaseException as exc:
+                    self._broken = True  # part of a record may be on the wire
+                    if isinstance(exc, OSError):
+                        raise trio.BrokenResourceError(f"connection broken: {exc}") from exc
+                    raise
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

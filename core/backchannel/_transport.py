@@ -434,13 +434,28 @@ async def _server_handshakes(
     try:
         await tls.do_handshake()
         handshake = HandshakeStream(tls, client=False)
-        request = await trio_websocket.wrap_server_stream(
-            nursery,
-            handshake,  # any trio stream works
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            max_message_size=MAX_RECEIVED_MESSAGE,
-            receive_buffer_size=RECEIVE_BUFFER_SIZE,
-        )
+        requests: list[trio_websocket.WebSocketRequest] = []
+        async with trio.open_nursery() as race:
+            # trio-websocket waits for a request forever once it refused a bad one (400).
+            async def upgrade() -> None:
+                requests.append(
+                    await trio_websocket.wrap_server_stream(
+                        nursery,
+                        handshake,  # any trio stream works
+                        message_queue_size=MESSAGE_QUEUE_SIZE,
+                        max_message_size=MAX_RECEIVED_MESSAGE,
+                        receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                    )
+                )
+                race.cancel_scope.cancel()
+
+            race.start_soon(upgrade)
+            await handshake.ended.wait()
+            race.cancel_scope.cancel()
+        if not requests:
+            log.info("tunnel endpoint: %s ended before a valid upgrade request", peer)
+            return None
+        request = requests[0]
         handler = other_paths.get(request.path)
         if handler is not None:
             handshake.pass_through()

@@ -35,8 +35,14 @@ except ImportError:  # pragma: no cover - depends on the installed build
 
 #: Read size while the link waits for more of a frame.
 RECEIVE_SIZE = 256 * 1024
+#: From this payload size on a frame's header goes to TLS apart from its body (one record
+#: more, one copy less).
+SEPARATE_HEADER = 64 * 1024
 #: How long :meth:`WebSocketLink.aclose` waits for the peer's close frame.
 CLOSE_TIMEOUT = 1.0
+#: Control replies (pongs, the close echo) that wait for a send in progress; beyond this the
+#: reader waits too (a peer that pings without reading gets no more of our attention).
+CONTROL_BACKLOG = 64 * 1024
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -113,8 +119,11 @@ def mask(payload: bytes | bytearray | memoryview, key: bytes) -> bytes:
     return value.to_bytes(length, "little")
 
 
-def build_frame(opcode: int, payload: bytes | bytearray | memoryview, *, client: bool) -> bytes:
-    """One final frame carrying ``payload``, masked with a fresh random key when ``client``."""
+def frame_parts(
+    opcode: int, payload: bytes | bytearray | memoryview, *, client: bool
+) -> tuple[bytes, bytes | bytearray | memoryview]:
+    """One final frame carrying ``payload`` as (header, body): the body is ``payload`` itself,
+    or masked with a fresh random key (then in the header's last four bytes) when ``client``."""
     length = len(payload)
     first = 0x80 | opcode
     mask_bit = 0x80 if client else 0
@@ -126,8 +135,14 @@ def build_frame(opcode: int, payload: bytes | bytearray | memoryview, *, client:
         header = _LONG.pack(first, mask_bit | 127, length)
     if client:
         key = os.urandom(4)
-        return header + key + mask(payload, key)
-    return header + payload
+        return header + key, mask(payload, key)
+    return header, payload
+
+
+def build_frame(opcode: int, payload: bytes | bytearray | memoryview, *, client: bool) -> bytes:
+    """One final frame carrying ``payload``, masked with a fresh random key when ``client``."""
+    header, body = frame_parts(opcode, payload, client=client)
+    return header + body
 
 
 class HandshakeStream(trio.abc.Stream):
@@ -233,6 +248,7 @@ class HandshakeStream(trio.abc.Stream):
         if self._ours:
             await trio.lowlevel.checkpoint()
             return
+        self.ended.set()  # e.g. trio-websocket refused the request: no upgrade will come
         await self.channel.aclose()
 
 
@@ -258,8 +274,9 @@ class WebSocketLink:
         self._max_message_size = max_message_size
         self._buffer = bytearray(buffered)
         self._on_close = on_close
-        #: Fragments of a message that is not complete yet, and its opcode.
-        self._fragments: list[bytes] = []
+        #: Fragments of a message that is not complete yet (one buffer: a list would cost
+        #: ~40 bytes per fragment, however small), and its opcode.
+        self._fragments = bytearray()
         self._fragments_size = 0
         self._fragment_opcode = 0
         self._close_sent = False
@@ -267,6 +284,8 @@ class WebSocketLink:
         self._closed_event = trio.Event()
         self._pending_controls: list[bytes] = []
         self._channel_closed = False
+        self._sending = False
+        self._receiving = False
 
     @property
     def closed(self) -> WebSocketClosed | None:
@@ -277,6 +296,13 @@ class WebSocketLink:
 
     async def get_message(self) -> bytes | str:
         """The next data message; raises :class:`WebSocketClosed` once the WebSocket closed."""
+        self._receiving = True
+        try:
+            return await self._get_message()
+        finally:
+            self._receiving = False
+
+    async def _get_message(self) -> bytes | str:
         while True:
             if self._closed is not None:
                 raise self._closed
@@ -285,7 +311,11 @@ class WebSocketLink:
             except _Violation as violation:
                 await self._fail(violation.code, violation.reason)
                 continue
-            if self._pending_controls:
+            if self._pending_controls and (
+                not self._sending or sum(map(len, self._pending_controls)) > CONTROL_BACKLOG
+            ):
+                # A send in progress sends them when it is done: a reader must not wait for a
+                # writer that waits for the peer (unless the backlog is full).
                 await self._send_controls()
             if message is not None:
                 return message
@@ -320,7 +350,8 @@ class WebSocketLink:
             if opcode in _CONTROL_OPCODES:
                 self._on_control(opcode, payload)
                 continue
-            if opcode == OP_CONTINUATION:
+            continuing = opcode == OP_CONTINUATION
+            if continuing:
                 if not self._fragment_opcode:
                     raise _Violation(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
                 opcode = self._fragment_opcode
@@ -328,12 +359,12 @@ class WebSocketLink:
                 raise _Violation(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
             if not fin:
                 self._fragment_opcode = opcode
-                self._fragments.append(payload)
+                self._fragments += payload
                 continue
-            if self._fragments:
-                self._fragments.append(payload)
-                payload = b"".join(self._fragments)
-                self._fragments = []
+            if continuing:
+                self._fragments += payload
+                payload = bytes(self._fragments)
+                self._fragments = bytearray()
                 self._fragments_size = 0
                 self._fragment_opcode = 0
             if opcode == OP_TEXT:
@@ -439,15 +470,26 @@ class WebSocketLink:
         once the WebSocket is closing or closed."""
         if self._close_sent or self._closed is not None:
             raise self._closed or WebSocketClosed(CLOSE_NORMAL, "closing")
+        payload: bytes | bytearray | memoryview
         if isinstance(message, str):
-            frame = build_frame(OP_TEXT, message.encode("utf-8"), client=self._client)
+            opcode, payload = OP_TEXT, message.encode("utf-8")
         else:
-            frame = build_frame(OP_BINARY, message, client=self._client)
+            opcode, payload = OP_BINARY, message
+        header, body = frame_parts(opcode, payload, client=self._client)
+        self._sending = True
         try:
-            await self.channel.send_all(frame)
+            if len(body) >= SEPARATE_HEADER and isinstance(self.channel, TlsChannel):
+                # TLS takes header and body apart: no copy of a large body to join them.
+                await self.channel.send_parts(header, body)
+            else:
+                await self.channel.send_all(header + body)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._set_closed(CLOSE_ABNORMAL, f"connection lost: {exc}")
             raise self._closed_or_abnormal() from exc
+        finally:
+            self._sending = False
+        if self._pending_controls:  # replies the reader left for us
+            await self._send_controls()
 
     async def _send_close(self, code: int, reason: str) -> None:
         if self._close_sent:
@@ -465,9 +507,16 @@ class WebSocketLink:
         """Close handshake (send close, wait up to :data:`CLOSE_TIMEOUT` for the peer's,
         discarding data that arrives first), then the connection, always."""
         try:
+            if self._pending_controls and not self._sending:  # e.g. a close echo left over
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._send_controls()
             if not self._close_sent:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._send_close(code, reason or "")
+            if self._closed is None and self._receiving:
+                # Another task reads (the tunnel's reader): it sees the peer's close.
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._closed_event.wait()
             if self._closed is None:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     while self._closed is None:
