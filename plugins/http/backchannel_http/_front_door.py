@@ -111,10 +111,12 @@ class _TunnelLeg:
         raises h11.RemoteProtocolError if the response is malformed or cut short."""
         return self.conn.next_event()
 
-    async def receive(self) -> None:
-        """Read once from the stream into h11; raises trio.BrokenResourceError if the stream
-        was reset."""
-        self.conn.receive_data(await self.stream.receive_some(TUNNEL_CHUNK))
+    async def receive(self) -> bool:
+        """Read once from the stream into h11; False at its end. Raises
+        trio.BrokenResourceError if the stream was reset."""
+        data = await self.stream.receive_some(TUNNEL_CHUNK)
+        self.conn.receive_data(data)
+        return bool(data)
 
 
 class ClientConnection:
@@ -389,6 +391,7 @@ class ClientConnection:
         trailers_ok = self._conn.their_http_version == b"1.1" and request.method != b"HEAD"
         chunked = False
         out: list[bytes] = []  # framed for the client, not written yet
+        silent = True  # not a byte from the stream for this request yet
         try:
             while True:
                 event = leg.buffered_event()
@@ -396,7 +399,8 @@ class ClientConnection:
                     if out:
                         await self._write(b"".join(out))
                         out.clear()
-                    await leg.receive()
+                    if await leg.receive():
+                        silent = False
                     continue
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
@@ -446,7 +450,11 @@ class ClientConnection:
                 except _ClientGone as gone:
                     self._failure = gone
                     return _Outcome.FAILED
-            nothing_yet = not self._response_started and leg.conn.their_state is h11.SEND_RESPONSE
+            # A stream the connector ended (FIN, its reset still on the way) before answering
+            # is stale too: h11 is in ERROR then, but it never saw a byte of this response.
+            nothing_yet = not self._response_started and (
+                silent or leg.conn.their_state is h11.SEND_RESPONSE
+            )
             stale = leg.stream.error is None or leg.stream.error.code in _STALE_CODES
             if retry and nothing_yet and stale and self._failure is None:
                 return _Outcome.RETRY

@@ -1,0 +1,153 @@
+"""The HTTP proxy's per-request fast path (gateway side): a small response reaches the client in
+one write, and a kept-alive stream the connector ended before answering is still retried.
+
+The gateway runs against the fake GatewayServices of tests/test_http_front_door.py, whose streams
+cross a real tunnel pair to a connector written here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import h11
+import trio
+import trio.testing
+
+from backchannel import HostPort, TunnelStream
+from backchannel_http._front_door import ClientConnection, HttpProxyFrontDoor
+from backchannel_http._relay import Client, HttpLimits, ProxyRouter
+from tests.test_http_front_door import AUTH, CONNECTED, FakeServices, client
+from tests.tunnel_pair import TunnelPair, tunnel_pair
+
+BODY = b"x" * 1024
+
+
+async def _next(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> object:
+    while (event := conn.next_event()) is h11.NEED_DATA:
+        conn.receive_data(bytes(await stream.receive_some(65536)))
+    return event
+
+
+async def _answer_in_one_piece(conn: h11.Connection, stream: TunnelStream) -> None:
+    head = h11.Response(status_code=200, headers=[("Content-Length", str(len(BODY)))])
+    data = b"".join(conn.send(e) or b"" for e in (head, h11.Data(data=BODY), h11.EndOfMessage()))
+    await stream.send_all(data)
+
+
+async def _connector(pair: TunnelPair, streams: list[int], *, fin_after_first: bool) -> None:
+    """Serves every stream: each request is answered with BODY in one send. With
+    ``fin_after_first``, the first stream ends its sending side (FIN, no reset) after its first
+    answer and reads on, answering nothing more: a kept-alive stream gone stale."""
+    async with trio.open_nursery() as nursery:
+        async for stream in pair.accepted:
+            await stream.accept()
+            streams.append(len(streams))
+            nursery.start_soon(_serve, stream, len(streams) - 1, fin_after_first)
+
+
+async def _serve(stream: TunnelStream, index: int, fin_after_first: bool) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while isinstance(await _next(conn, stream), h11.Request):
+            while not isinstance(await _next(conn, stream), h11.EndOfMessage):
+                pass
+            await _answer_in_one_piece(conn, stream)
+            if fin_after_first and index == 0:
+                await stream.send_eof()
+                while await stream.receive_some(65536):
+                    pass  # the next request, never answered here
+                return
+            conn.start_next_cycle()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+@asynccontextmanager
+async def _running(*, fin_after_first: bool) -> AsyncIterator[tuple[FakeServices, list[int]]]:
+    async with tunnel_pair(accept=False) as pair, trio.open_nursery() as nursery:
+        streams: list[int] = []
+        nursery.start_soon(lambda: _connector(pair, streams, fin_after_first=fin_after_first))
+        yield FakeServices(pair, set(CONNECTED)), streams
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_kept_alive_stream_ended_before_the_answer_is_retried_on_a_new_one() -> None:
+    with trio.fail_after(10):
+        async with (
+            _running(fin_after_first=True) as (services, streams),
+            trio.open_nursery() as nursery,
+        ):
+            listen = HostPort("127.0.0.1", 0)
+            [proxy] = await nursery.start(HttpProxyFrontDoor(services, listen, HttpLimits()).serve)
+            async with client(proxy.port) as c:
+                auth = [("Proxy-Authorization", AUTH)]
+                for path in ("/first", "/second"):
+                    response, body = await c.request("GET", f"http://erp.virtual{path}", auth)
+                    assert response.status_code == 200
+                    assert body == BODY
+            assert streams == [0, 1]  # the second request went on a new stream
+            nursery.cancel_scope.cancel()
+
+
+class _RecordingStream(trio.abc.HalfCloseableStream):
+    """The gateway's end of a client connection, recording each ``send_all``."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_small_response_reaches_the_client_in_one_write() -> None:
+    with trio.fail_after(10):
+        async with _running(fin_after_first=False) as (services, _):
+            ours, theirs = trio.testing.memory_stream_pair()
+            recording = _RecordingStream(ours)
+            connection = ClientConnection(
+                services,
+                recording,
+                Client("127.0.0.1", 1),
+                ProxyRouter(services),
+                HttpLimits(),
+                "t",
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(connection.run)
+                conn = h11.Connection(h11.CLIENT)
+                for _ in range(2):
+                    if conn.our_state is h11.DONE:
+                        conn.start_next_cycle()
+                    headers = [("Host", "erp.virtual"), ("Proxy-Authorization", AUTH)]
+                    request = h11.Request(
+                        method="GET", target="http://erp.virtual/small", headers=headers
+                    )
+                    await theirs.send_all(
+                        (conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+                    )
+                    response = await _next(conn, theirs)
+                    assert isinstance(response, h11.Response)
+                    assert response.status_code == 200
+                    assert await _next(conn, theirs) == h11.Data(data=BODY)
+                    assert isinstance(await _next(conn, theirs), h11.EndOfMessage)
+                    # Head, body and end: one write, not one per h11 event.
+                    assert len(recording.writes) == 1
+                    assert recording.writes[0].endswith(b"\r\n\r\n" + BODY)
+                    recording.writes.clear()
+                await theirs.aclose()
