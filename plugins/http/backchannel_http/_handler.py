@@ -309,14 +309,15 @@ class _StreamServer:
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed: the gateway's client is done
                 self.method = event.method
-                if not has_body(event.headers):
+                fields = list(event.headers)  # h11's Headers iterate slowly: once per request
+                if not has_body(fields):
                     # h11 frames a request without Content-Length or Transfer-Encoding (or
                     # with Content-Length: 0) as empty: its end is already here. Taking it now
                     # spares the upload task (and its nursery) below.
                     end = self.tunnel.buffered_event()
                     if not isinstance(end, h11.EndOfMessage):
                         raise _BadRequest(f"unexpected {end!r} after a request without a body")
-                await self._serve_request(event)
+                await self._serve_request(event, fields)
                 if server.our_state is h11.SWITCHED_PROTOCOL:
                     return  # the WebSocket splice has ended both directions
                 if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
@@ -354,11 +355,12 @@ class _StreamServer:
             "path": raw_target.partition(b"?")[0].decode("latin-1"),
         }
 
-    async def _serve_request(self, request: h11.Request) -> None:
-        """Check, rewrite and forward one request, or answer it ourselves."""
+    async def _serve_request(self, request: h11.Request, fields: list[tuple[bytes, bytes]]) -> None:
+        """Check, rewrite and forward one request (``fields``: its headers), or answer it
+        ourselves."""
         raw = request.target
-        websocket = wants_websocket(request.headers)
-        hosts = [v for k, v in request.headers if k == b"host"]
+        websocket = wants_websocket(fields)
+        hosts = [v for k, v in fields if k == b"host"]
         if len(hosts) > 1:
             raise _BadRequest("more than one Host header")
         if hosts and not host_matches(hosts[0], self.virtual):
@@ -400,7 +402,7 @@ class _StreamServer:
         query = raw.partition(b"?")[2]
         target = path.encode("ascii") + (b"?" + query if b"?" in raw else b"")
         headers = request_headers(
-            request.headers,
+            fields,
             host_mode=self.options.host_header,
             internal=self.internal,
             virtual=self.virtual,
@@ -598,7 +600,10 @@ class _StreamServer:
     def _mapped(self, head: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
         """The head's headers as the tunnel side may see them."""
         return response_headers(
-            head.headers, status=head.status_code, backend=self.internal, virtual=self.virtual
+            list(head.headers),  # iterated twice: h11's Headers iterate slowly
+            status=head.status_code,
+            backend=self.internal,
+            virtual=self.virtual,
         )
 
     def _tunnel_is_chunked(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
