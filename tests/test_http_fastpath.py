@@ -1,22 +1,29 @@
-"""The HTTP proxy's per-request fast path (gateway side): a small response reaches the client in
-one write, and a kept-alive stream the connector ended before answering is still retried.
+"""The HTTP relay's per-request fast path: a small response crosses each hop in one write (the
+gateway to its client, the connector into the tunnel stream), and a kept-alive stream the
+connector ended before answering is still retried.
 
 The gateway runs against the fake GatewayServices of tests/test_http_front_door.py, whose streams
-cross a real tunnel pair to a connector written here."""
+cross a real tunnel pair to a connector written here; the connector's handler runs as in
+tests/test_http_handler.py, against a backend written here."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import h11
+import pytest
 import trio
 import trio.testing
 
-from backchannel import HostPort, TunnelStream
+from backchannel import HostPort, Session, SystemMapping, TunnelStream
 from backchannel_http._front_door import ClientConnection, HttpProxyFrontDoor
+from backchannel_http._handler import HttpHandler
 from backchannel_http._relay import Client, HttpLimits, ProxyRouter
 from tests.test_http_front_door import AUTH, CONNECTED, FakeServices, client
+from tests.test_http_handler import RULES, VHOST, VPORT, RecordingAudit, parse_options
+from tests.test_http_handler import Client as HandlerClient
 from tests.tunnel_pair import TunnelPair, tunnel_pair
 
 BODY = b"x" * 1024
@@ -151,3 +158,69 @@ async def test_a_small_response_reaches_the_client_in_one_write() -> None:
                     assert recording.writes[0].endswith(b"\r\n\r\n" + BODY)
                     recording.writes.clear()
                 await theirs.aclose()
+
+
+# --------------------------------------------------------------------------- connector side
+
+
+async def _one_piece_backend(stream: trio.SocketStream) -> None:
+    """Answers every request with BODY, head and body in one send."""
+    conn = h11.Connection(h11.SERVER)
+    async with stream:
+        while isinstance(await _next(conn, stream), h11.Request):
+            while not isinstance(await _next(conn, stream), h11.EndOfMessage):
+                pass
+            head = h11.Response(status_code=200, headers=[("Content-Length", str(len(BODY)))])
+            events = (head, h11.Data(data=BODY), h11.EndOfMessage())
+            await stream.send_all(b"".join(conn.send(e) or b"" for e in events))
+            conn.start_next_cycle()
+
+
+async def test_the_connector_writes_an_answer_into_the_stream_in_one_piece(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        serve = partial(trio.serve_tcp, _one_piece_backend, 0, host="127.0.0.1")
+        [listener] = await nursery.start(serve)
+        port = listener.socket.getsockname()[1]
+        options = parse_options({"resources": RULES})
+        mapping = SystemMapping(
+            "acme", "http", VHOST, range(VPORT, VPORT + 1), "127.0.0.1", port, options=options
+        )
+        session = Session(
+            protocol="http",
+            subaccount="acme",
+            location="",
+            app="app1",
+            virtual=HostPort(VHOST, VPORT),
+            internal=HostPort("127.0.0.1", port),
+            mapping=mapping,
+            audit=RecordingAudit(),
+            attributes={"client_ip": "203.0.113.7", "scheme": "http"},
+        )
+        metadata = {"protocol": "http", "host": VHOST, "port": VPORT}
+        async with tunnel_pair(accept=False) as pair, trio.open_nursery() as handler:
+            opener, acceptor = await pair.open_pair(metadata, wait_accepted=False)
+            writes: list[bytes] = []
+            send_all = acceptor.send_all
+
+            async def recording(data: bytes | bytearray | memoryview) -> None:
+                writes.append(bytes(data))
+                await send_all(data)
+
+            monkeypatch.setattr(acceptor, "send_all", recording)
+            handler.start_soon(HttpHandler(connect_timeout=5).handle, session, acceptor)
+            gateway = HandlerClient(opener)
+            with trio.fail_after(10):
+                # Relayed from the backend: head, body and end in one write, not one per event.
+                reply = await gateway.request("GET", "/public/a")
+                assert (reply.status, reply.body) == (200, BODY)
+                assert len(writes) == 1
+                # Made up by the connector (403): one write as well.
+                writes.clear()
+                reply = await gateway.request("GET", "/private")
+                assert reply.status == 403
+                assert len(writes) == 1
+                assert writes[0].endswith(reply.body)
+            handler.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
