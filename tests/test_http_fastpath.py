@@ -8,7 +8,7 @@ tests/test_http_handler.py, against a backend written here."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -16,11 +16,14 @@ import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backchannel import HostPort, Session, SystemMapping, TunnelStream
 from backchannel_http._front_door import ClientConnection, HttpProxyFrontDoor
 from backchannel_http._handler import HttpHandler
 from backchannel_http._relay import Client, HttpLimits, ProxyRouter
+from backchannel_http._resources import AmbiguousPath, _normalise_slowly, normalise_request_target
 from tests.test_http_front_door import AUTH, CONNECTED, FakeServices, client
 from tests.test_http_handler import RULES, VHOST, VPORT, RecordingAudit, parse_options
 from tests.test_http_handler import Client as HandlerClient
@@ -224,3 +227,35 @@ async def test_the_connector_writes_an_answer_into_the_stream_in_one_piece(
                 assert writes[0].endswith(reply.body)
             handler.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- resource paths
+
+
+def _outcome(normalise: Callable[[str], str], target: str) -> str:
+    try:
+        return "ok " + normalise(target)
+    except AmbiguousPath as exc:
+        return "refused " + exc.reason
+
+
+#: Characters each rule of the canonical-path check is about, plus ordinary ones.
+_TARGET_ALPHABET = st.sampled_from(
+    [*"/?#%;.\\ \t\x00\x7f\x1f\x80é~-_!$&'()*+,=:@\"<>[]{}|^`aZ09", "%2f", "%2e", "%41", ".."]
+)
+
+
+@settings(max_examples=2000)
+@given(st.lists(_TARGET_ALPHABET, max_size=24).map("".join))
+def test_the_plain_target_shortcut_decides_exactly_as_the_full_check(target: str) -> None:
+    assert _outcome(normalise_request_target, target) == _outcome(_normalise_slowly, target)
+    assert _outcome(normalise_request_target, "/" + target) == _outcome(
+        _normalise_slowly, "/" + target
+    )
+
+
+def test_plain_targets_keep_their_path_and_bad_ones_are_still_refused() -> None:
+    assert _outcome(normalise_request_target, "/small?x=1&y=/a#").startswith("refused")
+    assert normalise_request_target("/a/b.c/~d?q=%zz") == "/a/b.c/~d"
+    assert _outcome(normalise_request_target, "/a/../b").startswith("refused")
+    assert _outcome(normalise_request_target, "/a//b").startswith("refused")
