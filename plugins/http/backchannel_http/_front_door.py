@@ -100,21 +100,23 @@ class _TunnelLeg:
             and self.conn.their_state is h11.IDLE
         )
 
-    async def send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
+    async def send(self, *events: h11.Event) -> None:
+        """Frame ``events`` and write them in one piece (nothing at all if that is empty)."""
+        data = b"".join(self.conn.send(event) or b"" for event in events)
         if data:
             await self.stream.send_all(data)
 
-    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
-        """The connector's next event; raises trio.BrokenResourceError if the stream was reset
-        and h11.RemoteProtocolError if the response is malformed or cut short."""
-        while True:
-            event = self.conn.next_event()
-            if isinstance(event, h11.Event):
-                return event
-            if event is h11.PAUSED:
-                return h11.PAUSED
-            self.conn.receive_data(await self.stream.receive_some(TUNNEL_CHUNK))
+    def buffered_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The connector's next event if h11 can make it from what it holds, else NEED_DATA;
+        raises h11.RemoteProtocolError if the response is malformed or cut short."""
+        return self.conn.next_event()
+
+    async def receive(self) -> bool:
+        """Read once from the stream into h11; False at its end. Raises
+        trio.BrokenResourceError if the stream was reset."""
+        data = await self.stream.receive_some(TUNNEL_CHUNK)
+        self.conn.receive_data(data)
+        return bool(data)
 
 
 class ClientConnection:
@@ -163,7 +165,9 @@ class ClientConnection:
             raise _ClientGone() from exc
 
     async def _send(self, *events: h11.Event) -> None:
-        data = b"".join(self._conn.send(event) or b"" for event in events)
+        await self._write(b"".join(self._conn.send(event) or b"" for event in events))
+
+    async def _write(self, data: bytes) -> None:
         try:
             await self._client.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -310,17 +314,16 @@ class ClientConnection:
         self._response_started = False
         head = h11.Request(method=request.method, target=route.path, headers=route.headers)
         try:
-            await leg.send(head)
-            for event in early:
-                await leg.send(event)
+            await leg.send(head, *early)  # one write: the head and what came with it
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if retry:
                 return _Outcome.RETRY
             self._failure = exc
             return _Outcome.FAILED
+        if self._request_complete():  # nothing left to pump: no task, no nursery
+            return await self._relay_response(leg, request, retry=retry)
         async with trio.open_nursery() as nursery:
-            if not self._request_complete():
-                nursery.start_soon(self._pump_request, leg)
+            nursery.start_soon(self._pump_request, leg)
             outcome = await self._relay_response(leg, request, retry=retry)
             nursery.cancel_scope.cancel()
         return outcome
@@ -382,11 +385,23 @@ class ClientConnection:
     async def _relay_response(
         self, leg: _TunnelLeg, request: h11.Request, *, retry: bool
     ) -> _Outcome:
+        """Relay the connector's answer. What one read from the stream carries goes to the
+        client in one write (head, body and end of a small response together), written before
+        every wait for the stream, so nothing is held back."""
         trailers_ok = self._conn.their_http_version == b"1.1" and request.method != b"HEAD"
         chunked = False
+        out: list[bytes] = []  # framed for the client, not written yet
+        silent = True  # not a byte from the stream for this request yet
         try:
             while True:
-                event = await leg.next_event()
+                event = leg.buffered_event()
+                if event is h11.NEED_DATA:
+                    if out:
+                        await self._write(b"".join(out))
+                        out.clear()
+                    if await leg.receive():
+                        silent = False
+                    continue
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
                         if self._conn.their_state is not MIGHT_SWITCH_PROTOCOL:
@@ -397,10 +412,11 @@ class ClientConnection:
                         switch = h11.InformationalResponse(
                             status_code=101, headers=headers, reason=event.reason
                         )
-                        await self._send(switch)
+                        out.append(self._conn.send(switch) or b"")
+                        await self._write(b"".join(out))
                         return _Outcome.UPGRADED
                     if self._conn.their_http_version == b"1.1":
-                        await self._send(event)
+                        out.append(self._conn.send(event) or b"")
                 elif isinstance(event, h11.Response):
                     headers = forward_response_headers(event.headers.raw_items())
                     if not self._request_complete():
@@ -413,12 +429,14 @@ class ClientConnection:
                     response = h11.Response(
                         status_code=event.status_code, headers=headers, reason=event.reason
                     )
-                    await self._send(response)
+                    out.append(self._conn.send(response) or b"")
                     self._response_started = True
                 elif isinstance(event, h11.Data):
-                    await self._send(event)
+                    out.append(self._conn.send(event) or b"")
                 elif isinstance(event, h11.EndOfMessage):
-                    await self._send(h11.EndOfMessage(headers=event.headers if chunked else []))
+                    end = h11.EndOfMessage(headers=event.headers if chunked else [])
+                    out.append(self._conn.send(end) or b"")
+                    await self._write(b"".join(out))
                     return _Outcome.DONE
                 else:  # ConnectionClosed or PAUSED before the response was complete
                     raise h11.RemoteProtocolError(f"the stream ended early ({event!r})")
@@ -426,7 +444,17 @@ class ClientConnection:
             self._failure = exc  # caught here: raised out of the nursery it would be a group
             return _Outcome.FAILED
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
-            nothing_yet = not self._response_started and leg.conn.their_state is h11.SEND_RESPONSE
+            if out:  # what was relayed before the failure still reaches the client
+                try:
+                    await self._write(b"".join(out))
+                except _ClientGone as gone:
+                    self._failure = gone
+                    return _Outcome.FAILED
+            # A stream the connector ended (FIN, its reset still on the way) before answering
+            # is stale too: h11 is in ERROR then, but it never saw a byte of this response.
+            nothing_yet = not self._response_started and (
+                silent or leg.conn.their_state is h11.SEND_RESPONSE
+            )
             stale = leg.stream.error is None or leg.stream.error.code in _STALE_CODES
             if retry and nothing_yet and stale and self._failure is None:
                 return _Outcome.RETRY

@@ -228,27 +228,38 @@ class _Leg:
 
     async def send(self, event: h11.Event) -> None:
         """Frame ``event`` and write it out."""
-        data = self.conn.send(event)
+        await self.write(self.conn.send(event) or b"")
+
+    async def write(self, data: bytes) -> None:
+        """Write bytes h11 framed (nothing at all for b"": no scheduler pass either)."""
         if data:
             try:
                 await self.stream.send_all(data)
             except _IO_ERRORS as exc:
                 raise self._failure(f"sending failed: {exc}") from exc
 
+    def buffered_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next event if h11 can make it from what it holds, else NEED_DATA (no I/O)."""
+        try:
+            return self.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise self._malformed(str(exc)) from exc
+
+    async def receive(self) -> None:
+        """Read once from the stream into h11."""
+        try:
+            data = await self.stream.receive_some(CHUNK)
+        except _IO_ERRORS as exc:
+            raise self._failure(f"receiving failed: {exc}") from exc
+        self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
+
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event, reading as much as h11 needs for it."""
         while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise self._malformed(str(exc)) from exc
+            event = self.buffered_event()
             if event is not h11.NEED_DATA:
                 return cast("h11.Event | type[h11.PAUSED]", event)
-            try:
-                data = await self.stream.receive_some(CHUNK)
-            except _IO_ERRORS as exc:
-                raise self._failure(f"receiving failed: {exc}") from exc
-            self.conn.receive_data(data if isinstance(data, bytes) else bytes(data))
+            await self.receive()
 
 
 # --------------------------------------------------------------------------- one stream
@@ -298,7 +309,15 @@ class _StreamServer:
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed: the gateway's client is done
                 self.method = event.method
-                await self._serve_request(event)
+                fields = list(event.headers)  # h11's Headers iterate slowly: once per request
+                if not has_body(fields):
+                    # h11 frames a request without Content-Length or Transfer-Encoding (or
+                    # with Content-Length: 0) as empty: its end is already here. Taking it now
+                    # spares the upload task (and its nursery) below.
+                    end = self.tunnel.buffered_event()
+                    if not isinstance(end, h11.EndOfMessage):
+                        raise _BadRequest(f"unexpected {end!r} after a request without a body")
+                await self._serve_request(event, fields)
                 if server.our_state is h11.SWITCHED_PROTOCOL:
                     return  # the WebSocket splice has ended both directions
                 if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
@@ -336,11 +355,12 @@ class _StreamServer:
             "path": raw_target.partition(b"?")[0].decode("latin-1"),
         }
 
-    async def _serve_request(self, request: h11.Request) -> None:
-        """Check, rewrite and forward one request, or answer it ourselves."""
+    async def _serve_request(self, request: h11.Request, fields: list[tuple[bytes, bytes]]) -> None:
+        """Check, rewrite and forward one request (``fields``: its headers), or answer it
+        ourselves."""
         raw = request.target
-        websocket = wants_websocket(request.headers)
-        hosts = [v for k, v in request.headers if k == b"host"]
+        websocket = wants_websocket(fields)
+        hosts = [v for k, v in fields if k == b"host"]
         if len(hosts) > 1:
             raise _BadRequest("more than one Host header")
         if hosts and not host_matches(hosts[0], self.virtual):
@@ -382,7 +402,7 @@ class _StreamServer:
         query = raw.partition(b"?")[2]
         target = path.encode("ascii") + (b"?" + query if b"?" in raw else b"")
         headers = request_headers(
-            request.headers,
+            fields,
             host_mode=self.options.host_header,
             internal=self.internal,
             virtual=self.virtual,
@@ -488,23 +508,24 @@ class _StreamServer:
         def progress() -> None:  # a backend still reading the body is not late yet
             waiting.deadline = trio.current_time() + timeout
 
-        upload = _Upload(self.tunnel, backend, progress)
-        uploading = self.tunnel.conn.their_state is h11.SEND_BODY
-        if not uploading:  # a repeated request: its (empty) body was read the first time
+        if self.tunnel.conn.their_state is not h11.SEND_BODY:
+            # No body to copy (or a repeated request: its body was read the first time).
             await backend.send(h11.EndOfMessage())
-        failure: _Failure | None = None
-        async with trio.open_nursery() as nursery:
-            if uploading:
+            await self._download(backend, waiting)
+        else:
+            upload = _Upload(self.tunnel, backend, progress)
+            failure: _Failure | None = None
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(upload.run, nursery.cancel_scope)
-            try:
-                await self._download(backend, waiting)
-            except _Failure as exc:
-                failure = exc
-            nursery.cancel_scope.cancel()
-        if upload.failure is not None:
-            raise upload.failure
-        if failure is not None:
-            raise failure
+                try:
+                    await self._download(backend, waiting)
+                except _Failure as exc:
+                    failure = exc
+                nursery.cancel_scope.cancel()
+            if upload.failure is not None:
+                raise upload.failure
+            if failure is not None:
+                raise failure
         conn = backend.conn
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
@@ -546,12 +567,22 @@ class _StreamServer:
             await self.tunnel.send(switching)
             await self._splice(backend)
             return
-        await self._send_head(head.status_code, headers, head.reason)
+        # What the backend sent in one read goes through the tunnel in one write (head, body
+        # and end together for a small response: one frame, one WebSocket message); it is
+        # written before every wait for the backend, so nothing is held back.
+        tunnel = self.tunnel
+        out = [tunnel.conn.send(self._final_head(head.status_code, headers, head.reason)) or b""]
         trailers_allowed = self._tunnel_is_chunked(head.status_code, headers)
         while True:
             try:
-                event = await backend.next_event()
+                event = backend.buffered_event()
+                if event is h11.NEED_DATA:
+                    await tunnel.write(b"".join(out))
+                    out.clear()
+                    await backend.receive()
+                    continue
             except _BackendGone as exc:
+                await tunnel.write(b"".join(out))  # the client sees the response cut, not missing
                 log.info("backend of %s broke off a response: %s", self.system, exc)
                 await self.stream.reset(
                     ResetCode.BACKEND_UNREACHABLE,
@@ -559,16 +590,20 @@ class _StreamServer:
                 )
                 raise _TunnelGone("reset") from exc
             if isinstance(event, h11.Data):
-                await self.tunnel.send(event)
+                out.append(tunnel.conn.send(event) or b"")
             elif isinstance(event, h11.EndOfMessage):
                 trailers = list(event.headers) if trailers_allowed else []
-                await self.tunnel.send(h11.EndOfMessage(headers=trailers))
+                out.append(tunnel.conn.send(h11.EndOfMessage(headers=trailers)) or b"")
+                await tunnel.write(b"".join(out))
                 return
 
     def _mapped(self, head: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
         """The head's headers as the tunnel side may see them."""
         return response_headers(
-            head.headers, status=head.status_code, backend=self.internal, virtual=self.virtual
+            list(head.headers),  # iterated twice: h11's Headers iterate slowly
+            status=head.status_code,
+            backend=self.internal,
+            virtual=self.virtual,
         )
 
     def _tunnel_is_chunked(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
@@ -580,10 +615,10 @@ class _StreamServer:
         names = {k for k, _ in headers}
         return b"transfer-encoding" in names or b"content-length" not in names
 
-    async def _send_head(
+    def _final_head(
         self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes = b""
-    ) -> None:
-        """Send a final response head towards the tunnel."""
+    ) -> h11.Response:
+        """A final response head for the tunnel."""
         server = self.tunnel.conn
         if server.their_state is h11.SEND_BODY and server.they_are_waiting_for_100_continue:
             # The client holds its body back for a 100 that will not come: it may send it or
@@ -591,10 +626,10 @@ class _StreamServer:
             headers = [*headers, (b"connection", b"close")]
         if not reason:
             reason = _reason_phrase(status)
-        await self.tunnel.send(h11.Response(status_code=status, headers=headers, reason=reason))
+        return h11.Response(status_code=status, headers=headers, reason=reason)
 
     async def _answer(self, status: int, text: str, *, close: bool = False) -> None:
-        """Answer the request ourselves, then skip the rest of its body."""
+        """Answer the request ourselves (in one write), then skip the rest of its body."""
         body = (text + "\n").encode("utf-8")
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
@@ -602,9 +637,9 @@ class _StreamServer:
         ]
         if close:
             headers.append((b"connection", b"close"))
-        await self._send_head(status, headers)
-        await self.tunnel.send(h11.Data(data=body))
-        await self.tunnel.send(h11.EndOfMessage())
+        server = self.tunnel.conn
+        events = (self._final_head(status, headers), h11.Data(data=body), h11.EndOfMessage())
+        await self.tunnel.write(b"".join(server.send(event) or b"" for event in events))
         await self._skip_request_body()
 
     async def _skip_request_body(self) -> None:

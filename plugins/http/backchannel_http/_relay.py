@@ -245,7 +245,7 @@ def comma_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[byt
 
 def is_websocket_upgrade(request: h11.Request) -> bool:
     """An HTTP/1.1 GET asking to switch to WebSocket."""
-    headers = list(request.headers)
+    headers = request.headers.raw_items()  # comma_tokens compares names lower-cased
     return (
         request.method == b"GET"
         and b"websocket" in comma_tokens(headers, b"upgrade")
