@@ -20,7 +20,8 @@ from tests.tunnel_pair import tunnel_pair
 
 WINDOW = 64 * 1024
 CHUNK = 16 * 1024
-SETTINGS = TunnelSettings(mux=MuxSettings(initial_window=WINDOW))
+#: A fixed window (no growth): the bound the tests check is WINDOW itself.
+SETTINGS = TunnelSettings(mux=MuxSettings(initial_window=WINDOW, max_window=WINDOW))
 
 
 def seeded_chunks(seed: int, total: int, size: int = CHUNK) -> Iterator[bytes]:

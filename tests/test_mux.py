@@ -51,7 +51,9 @@ CONNECTOR_HELLO = {
     "token": "t0ken",
     "software": "backchannel 0.1.0",
 }
-SMALL = MuxSettings(initial_window=1000, max_frame_size=16 * 1024, data_chunk_size=300)
+SMALL = MuxSettings(
+    initial_window=1000, max_window=1000, max_frame_size=16 * 1024, data_chunk_size=300
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -1105,3 +1107,67 @@ def test_queued_data_counts_what_data_to_send_has_not_taken(small: Pair) -> None
     assert (mux.queued_data(first), mux.queued_data(second)) == (100, 50)
     mux.data_to_send()
     assert (mux.queued_data(first), mux.queued_data(second)) == (0, 0)
+
+
+# --------------------------------------------------------------------------- window growth
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _growing_pair(clock: _Clock) -> Pair:
+    """The gateway receives with a 1000-byte window that may grow to 4000."""
+    p = Pair(SMALL, SMALL)
+    grow = MuxSettings(
+        initial_window=1000, max_window=4000, max_frame_size=16 * 1024, data_chunk_size=300
+    )
+    p.gateway = Mux(initiator=False, settings=grow, clock=clock)
+    p.handshake()
+    return p
+
+
+def _credit_after_consuming(pair: Pair, stream_id: int, count: int) -> int:
+    """The connector sends ``count`` bytes, the gateway's application consumes them all;
+    returns the increment of the one WINDOW_UPDATE that follows."""
+    assert pair.connector.send_data(stream_id, b"x" * count) == count
+    pair.to_gateway()
+    pair.gateway.acknowledge(stream_id, count)
+    (frame,) = frames_of(pair.gateway.data_to_send())
+    assert frame.type == FrameType.WINDOW_UPDATE
+    increment = decode_window_increment(frame.payload)
+    pair.connector.receive_data(encode_window_update(stream_id, increment))
+    return increment
+
+
+def test_a_fast_reader_grows_the_window_up_to_max_window() -> None:
+    clock = _Clock()
+    pair = _growing_pair(clock)
+    stream_id = open_accepted(pair)
+    # Half of 1000 read at once: credit for it plus 1000 more (window 2000).
+    assert _credit_after_consuming(pair, stream_id, 500) == 1500
+    assert pair.connector.send_window(stream_id) == 2000
+    # Half of 2000: window 4000, the maximum.
+    assert _credit_after_consuming(pair, stream_id, 2000) == 4000
+    assert pair.connector.send_window(stream_id) == 4000
+    # At the maximum, only what was consumed comes back.
+    assert _credit_after_consuming(pair, stream_id, 4000) == 4000
+    assert pair.connector.send_window(stream_id) == 4000
+    # The grown window is enforced: one byte more than the credit tears the tunnel down.
+    pair.gateway.receive_data(encode_frame(FrameType.DATA, stream_id, b"y" * 4000))
+    with pytest.raises(ProtocolError, match="window"):
+        pair.gateway.receive_data(encode_frame(FrameType.DATA, stream_id, b"y"))
+
+
+def test_a_slow_reader_keeps_the_initial_window() -> None:
+    clock = _Clock()
+    pair = _growing_pair(clock)
+    stream_id = open_accepted(pair)
+    for _ in range(3):
+        clock.now += 0.2  # half a window takes longer than the growth interval
+        assert _credit_after_consuming(pair, stream_id, 500) == 500
+    assert pair.connector.send_window(stream_id) == 1000

@@ -38,8 +38,12 @@ from backchannel._proto._streamstate import StreamStateError
 SIDES = ("connector", "gateway")
 #: What each side promises the other; small windows and chunks so credit runs out often.
 SETTINGS = {
-    "connector": MuxSettings(initial_window=256, max_frame_size=16 * 1024, data_chunk_size=100),
-    "gateway": MuxSettings(initial_window=300, max_frame_size=16 * 1024, data_chunk_size=120),
+    "connector": MuxSettings(
+        initial_window=256, max_window=1024, max_frame_size=16 * 1024, data_chunk_size=100
+    ),
+    "gateway": MuxSettings(
+        initial_window=300, max_window=1200, max_frame_size=16 * 1024, data_chunk_size=120
+    ),
 }
 MAX_STREAMS = 10
 
@@ -139,7 +143,8 @@ class MuxPair(RuleBasedStateMachine):
         )
 
     def window(self, receiver: str) -> int:
-        return SETTINGS[receiver].initial_window
+        """The most a receiver's window may grow to (it starts at initial_window)."""
+        return max(SETTINGS[receiver].max_window, SETTINGS[receiver].initial_window)
 
     def flush(self, side: str, max_bytes: int | None) -> None:
         mux = self.mux[side]

@@ -81,6 +81,9 @@ def read_tunnel_settings(reader: TableReader) -> TunnelSettings:
             initial_window=reader.integer(
                 "initial_window", mux_defaults.initial_window, minimum=16 * 1024, maximum=2**31 - 1
             ),
+            max_window=reader.integer(
+                "max_window", mux_defaults.max_window, minimum=16 * 1024, maximum=2**31 - 1
+            ),
             max_frame_size=reader.integer(
                 "max_frame_size",
                 mux_defaults.max_frame_size,

@@ -77,6 +77,11 @@ class StreamState:
     local_open: bool = True
     remote_open: bool = True
     unacknowledged: int = 0
+    #: The credit this side grants the peer in all (receive_window + unread + unacknowledged):
+    #: the initial window, grown while the application reads fast (Mux.acknowledge).
+    window_size: int = 0
+    #: When credit was last returned (or the stream was created), by the mux's clock.
+    credited_at: float = 0.0
 
     def apply(self, action: Action) -> None:
         """Check that ``action`` is legal now and move to the next state."""
