@@ -32,12 +32,14 @@ LIMIT = 1
 DRAIN_SETTINGS = {
     "connector": MuxSettings(
         initial_window=256,
+        max_window=1024,
         max_frame_size=16 * 1024,
         data_chunk_size=100,
         max_concurrent_streams=LIMIT,
     ),
     "gateway": MuxSettings(
         initial_window=300,
+        max_window=1200,
         max_frame_size=16 * 1024,
         data_chunk_size=120,
         max_concurrent_streams=LIMIT,
@@ -64,7 +66,9 @@ class DrainingMuxPair(MuxPair):
         self.told: dict[str, int] = {}  # side -> last stream id in the GO_AWAY it received
 
     def window(self, receiver: str) -> int:
-        return DRAIN_SETTINGS[receiver].initial_window
+        """The most a receiver's window may grow to (it starts at initial_window)."""
+        settings = DRAIN_SETTINGS[receiver]
+        return max(settings.max_window, settings.initial_window)
 
     def local_opens(self, side: str) -> int:
         """Streams ``side`` opened that its mux still holds (what the limit counts)."""
