@@ -166,13 +166,7 @@ async def _client_handshakes(
     """TLS, then the WebSocket upgrade, then HELLO; TunnelError says which one failed."""
     handshake = HandshakeStream(tls, client=True)
     await _client_upgrade(nursery, tls, handshake, address, address.path)
-    ws = WebSocketLink(
-        tls,
-        client=True,
-        max_message_size=MAX_RECEIVED_MESSAGE,
-        buffered=handshake.take_over(),
-        on_close=handshake.release,
-    )
+    ws = _take_over(tls, handshake, client=True)
     mux = Mux(initiator=True, settings=settings.mux)
     mux.send_hello(hello)
     try:
@@ -188,6 +182,18 @@ async def _client_handshakes(
             await ws.aclose()
         raise
     return ws, mux, peer_info
+
+
+def _take_over(tls: TlsChannel, handshake: HandshakeStream, *, client: bool) -> WebSocketLink:
+    """After the upgrade: the tunnel's own WebSocket link takes the connection from
+    trio-websocket, with the bytes that followed the upgrade's HTTP head."""
+    return WebSocketLink(
+        tls,
+        client=client,
+        max_message_size=MAX_RECEIVED_MESSAGE,
+        buffered=handshake.take_over(),
+        on_close=handshake.release,
+    )
 
 
 async def _client_upgrade(
@@ -467,13 +473,7 @@ async def _server_handshakes(
             log.info("tunnel endpoint: %s asked for %r, not %r: refused", peer, request.path, path)
             return None
         await request.accept()
-        ws = WebSocketLink(
-            tls,
-            client=False,
-            max_message_size=MAX_RECEIVED_MESSAGE,
-            buffered=handshake.take_over(),
-            on_close=handshake.release,
-        )
+        ws = _take_over(tls, handshake, client=False)
         mux = Mux(initiator=False, settings=settings.mux)
         hello = await _receive_hello(ws, mux)
         try:
