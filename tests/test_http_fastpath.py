@@ -19,14 +19,12 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backchannel import HostPort, Session, SystemMapping, TunnelStream
+from backchannel import HostPort, TunnelStream
 from backchannel_http._front_door import ClientConnection, HttpProxyFrontDoor
-from backchannel_http._handler import HttpHandler
 from backchannel_http._relay import Client, HttpLimits, ProxyRouter
 from backchannel_http._resources import AmbiguousPath, _normalise_slowly, normalise_request_target
 from tests.test_http_front_door import AUTH, CONNECTED, FakeServices, client
-from tests.test_http_handler import RULES, VHOST, VPORT, RecordingAudit, parse_options
-from tests.test_http_handler import Client as HandlerClient
+from tests.test_http_handler import http_stream
 from tests.tunnel_pair import TunnelPair, tunnel_pair
 
 BODY = b"x" * 1024
@@ -182,51 +180,33 @@ async def _one_piece_backend(stream: trio.SocketStream) -> None:
 async def test_the_connector_writes_an_answer_into_the_stream_in_one_piece(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    writes: list[tuple[TunnelStream, bytes]] = []
+    send_all = TunnelStream.send_all
+
+    async def recording(stream: TunnelStream, data: bytes | bytearray | memoryview) -> None:
+        writes.append((stream, bytes(data)))  # the class: TunnelStream has __slots__
+        await send_all(stream, data)
+
+    monkeypatch.setattr(TunnelStream, "send_all", recording)
     async with trio.open_nursery() as nursery:
         serve = partial(trio.serve_tcp, _one_piece_backend, 0, host="127.0.0.1")
         [listener] = await nursery.start(serve)
-        port = listener.socket.getsockname()[1]
-        options = parse_options({"resources": RULES})
-        mapping = SystemMapping(
-            "acme", "http", VHOST, range(VPORT, VPORT + 1), "127.0.0.1", port, options=options
-        )
-        session = Session(
-            protocol="http",
-            subaccount="acme",
-            location="",
-            app="app1",
-            virtual=HostPort(VHOST, VPORT),
-            internal=HostPort("127.0.0.1", port),
-            mapping=mapping,
-            audit=RecordingAudit(),
-            attributes={"client_ip": "203.0.113.7", "scheme": "http"},
-        )
-        metadata = {"protocol": "http", "host": VHOST, "port": VPORT}
-        async with tunnel_pair(accept=False) as pair, trio.open_nursery() as handler:
-            opener, acceptor = await pair.open_pair(metadata, wait_accepted=False)
-            writes: list[bytes] = []
-            send_all = TunnelStream.send_all
+        async with http_stream(listener.socket.getsockname()[1]) as h:
 
-            async def recording(stream: TunnelStream, data: bytes | bytearray | memoryview) -> None:
-                if stream is acceptor:  # the connector's side (TunnelStream has __slots__)
-                    writes.append(bytes(data))
-                await send_all(stream, data)
+            def connector_writes() -> list[bytes]:
+                return [data for stream, data in writes if stream is not h.stream]
 
-            monkeypatch.setattr(TunnelStream, "send_all", recording)
-            handler.start_soon(HttpHandler(connect_timeout=5).handle, session, acceptor)
-            gateway = HandlerClient(opener)
             with trio.fail_after(10):
                 # Relayed from the backend: head, body and end in one write, not one per event.
-                reply = await gateway.request("GET", "/public/a")
+                reply = await h.client.request("GET", "/public/a")
                 assert (reply.status, reply.body) == (200, BODY)
-                assert len(writes) == 1
+                assert len(connector_writes()) == 1
                 # Made up by the connector (403): one write as well.
                 writes.clear()
-                reply = await gateway.request("GET", "/private")
+                reply = await h.client.request("GET", "/private")
                 assert reply.status == 403
-                assert len(writes) == 1
-                assert writes[0].endswith(reply.body)
-            handler.cancel_scope.cancel()
+                (answer,) = connector_writes()
+                assert answer.endswith(reply.body)
         nursery.cancel_scope.cancel()
 
 

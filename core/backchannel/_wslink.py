@@ -277,7 +277,6 @@ class WebSocketLink:
         #: Fragments of a message that is not complete yet (one buffer: a list would cost
         #: ~40 bytes per fragment, however small), and its opcode.
         self._fragments = bytearray()
-        self._fragments_size = 0
         self._fragment_opcode = 0
         self._close_sent = False
         self._closed: WebSocketClosed | None = None
@@ -365,7 +364,6 @@ class WebSocketLink:
                 self._fragments += payload
                 payload = bytes(self._fragments)
                 self._fragments = bytearray()
-                self._fragments_size = 0
                 self._fragment_opcode = 0
             if opcode == OP_TEXT:
                 try:
@@ -415,7 +413,7 @@ class WebSocketLink:
                 raise _Violation(CLOSE_PROTOCOL_ERROR, "control frame longer than 125 bytes")
             if not fin:
                 raise _Violation(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
-        elif self._fragments_size + length > self._max_message_size:
+        elif len(self._fragments) + length > self._max_message_size:
             raise _Violation(CLOSE_TOO_BIG, f"message larger than {self._max_message_size} bytes")
         key = b""
         if masked:
@@ -429,10 +427,6 @@ class WebSocketLink:
         with memoryview(buffer) as view:
             payload = mask(view[position:end], key) if masked else bytes(view[position:end])
         del buffer[:end]
-        if opcode not in _CONTROL_OPCODES:
-            self._fragments_size += length
-            if fin:
-                self._fragments_size = 0
         return opcode, fin, payload
 
     def _on_control(self, opcode: int, payload: bytes) -> None:
