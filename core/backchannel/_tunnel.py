@@ -3,6 +3,12 @@
 One reader task always drains the transport into the mux (so the WebSocket library's own queue
 never becomes the back-pressure), one writer task batches queued frames into messages, and a
 heartbeat task pings the peer and declares it dead when nothing arrives for too long.
+
+While the writer is idle, a task that queues frames sends them itself, at once, when the
+transport can take them without waiting (:class:`EagerTransport`). Waking the writer instead
+would send them only after every other runnable task ran: with many streams busy, each side
+then did a whole round of work before the other could start on it, and the two sides took
+turns instead of working at the same time (docs/performance.md, "Eager sends").
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
@@ -44,6 +50,22 @@ class MessageTransport(Protocol):
     async def get_message(self) -> bytes | str: ...
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+@runtime_checkable
+class EagerTransport(Protocol):
+    """A transport that can also send a message at once, from whichever task queued it
+    (:class:`~backchannel._wslink.WebSocketLink`)."""
+
+    @property
+    def can_send_now(self) -> bool: ...
+
+    @property
+    def send_pending(self) -> bool: ...
+
+    def send_message_now(self, message: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 class TransportClosed(Exception):
@@ -105,6 +127,7 @@ class Tunnel:
         self._control_handler = control_handler
         self._streams: dict[int, TunnelStream] = {}
         self._writer_waiters = trio.lowlevel.ParkingLot()
+        self._eager = transport if isinstance(transport, EagerTransport) else None
         #: Streams waiting for the output queue to drain, in the order they blocked (a dict
         #: as an ordered set): woken first come, first served, as many as the room allows.
         self._output_blocked: dict[TunnelStream, None] = {}
@@ -279,13 +302,19 @@ class Tunnel:
     async def _writer(self) -> None:
         while True:
             while not self._mux.pending_bytes:
+                if self._eager is not None and self._eager.send_pending:
+                    break  # the rest of a message a stream sent at once
                 # Nothing queued: whoever still waits for room gets it (a stream woken below
                 # may have been closed instead of queueing, and nobody else would wake them).
                 self._wake_blocked(everyone=True)
                 await self._writer_waiters.park()
-            data = self._mux.data_to_send(self._settings.max_message_size)
             try:
-                await self._transport.send_message(data)
+                if self._mux.pending_bytes:
+                    data = self._mux.data_to_send(self._settings.max_message_size)
+                    await self._transport.send_message(data)
+                else:
+                    assert self._eager is not None
+                    await self._eager.flush()
             except Exception as exc:
                 reason = self._translate_closed(exc)
                 if reason is None:
@@ -401,6 +430,19 @@ class Tunnel:
     # ---------------------------------------------------------------- used by TunnelStream
 
     def _wake_writer(self) -> None:
+        eager = self._eager
+        if eager is not None and len(self._writer_waiters):
+            # The writer is idle: send now if the transport takes it without waiting.
+            if not eager.can_send_now:
+                self._writer_waiters.unpark_all()
+                return
+            try:
+                eager.send_message_now(self._mux.data_to_send(self._settings.max_message_size))
+            except Exception as exc:
+                self.abort(self._translate_closed(exc) or f"sending failed: {exc!r}")
+                return
+            if not self._mux.pending_bytes and not eager.send_pending:
+                return
         self._writer_waiters.unpark_all()
 
     def _send_blocked(self, stream: TunnelStream) -> bool:

@@ -485,6 +485,56 @@ class WebSocketLink:
         if self._pending_controls:  # replies the reader left for us
             await self._send_controls()
 
+    @property
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_message_now` would take a message: open, no send in progress,
+        no control replies waiting, and a :class:`TlsChannel` that can write at once."""
+        return (
+            not self._sending
+            and not self._pending_controls
+            and not self._close_sent
+            and self._closed is None
+            and isinstance(self.channel, TlsChannel)
+            and self.channel.can_send_now
+        )
+
+    @property
+    def send_pending(self) -> bool:
+        """Part of a :meth:`send_message_now` waits for :meth:`flush`."""
+        return isinstance(self.channel, TlsChannel) and self.channel.send_pending
+
+    def send_message_now(self, message: bytes | bytearray | memoryview) -> None:
+        """Send one binary message without a scheduler pass (only when :attr:`can_send_now`);
+        what the socket does not take at once waits for :meth:`flush`. Raises
+        :class:`WebSocketClosed` if the connection broke."""
+        assert isinstance(self.channel, TlsChannel)
+        assert self.can_send_now
+        header, body = frame_parts(OP_BINARY, message, client=self._client)
+        try:
+            if len(body) >= SEPARATE_HEADER:
+                self.channel.send_parts_now(header, body)
+            else:  # one TLS record for a small message
+                self.channel.send_parts_now(header + body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._set_closed(CLOSE_ABNORMAL, f"connection lost: {exc}")
+            raise self._closed_or_abnormal() from exc
+
+    async def flush(self) -> None:
+        """Send what :meth:`send_message_now` left, then control replies the reader left."""
+        if isinstance(self.channel, TlsChannel) and self.channel.send_pending:
+            self._sending = True
+            try:
+                await self.channel.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._set_closed(CLOSE_ABNORMAL, f"connection lost: {exc}")
+                raise self._closed_or_abnormal() from exc
+            finally:
+                self._sending = False
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._pending_controls:
+            await self._send_controls()
+
     async def _send_close(self, code: int, reason: str) -> None:
         if self._close_sent:
             return
