@@ -1,8 +1,21 @@
-"""Copying bytes both ways between two streams: the last step of most protocol plugins."""
+"""Copying bytes both ways between two streams: the last step of most protocol plugins.
+
+Between a plain socket and a tunnel stream (the TCP forward, SOCKS, the TCP plugin), the pump
+reads and writes the socket with one ``os.read`` / ``os.write`` on its descriptor once trio
+said it is ready, and hands the tunnel stream what its credit takes without waiting: trio's
+``receive_some`` / ``send_all`` add a scheduler pass to every call (their checkpoint), three
+per request and side of a small request/response exchange (docs/performance.md, "Splice").
+A socket that is not ready, or a stream without credit, falls back to trio's calls.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import trio
+
+from ._stream import TunnelStream
 
 #: Large reads keep the per-byte Python overhead low on bulk transfers; the mux cuts frames.
 SPLICE_CHUNK = 256 * 1024
@@ -52,25 +65,65 @@ async def _pump(
     # An idle socket is waited on with wait_readable alone, not under receive_some → recv →
     # the non-blocking helper: the coroutine frames of that chain are held for as long as the
     # stream is idle (about 1.5 KiB per stream and side, docs/performance.md). After a full
-    # read more is likely waiting, so the next read goes straight to receive_some.
+    # read more is likely waiting: a checkpoint (other tasks run), then straight to the read.
     socket = source.socket if isinstance(source, trio.SocketStream) else None
+    source_fd = _descriptor(source)
+    destination_fd = _descriptor(destination)
+    tunnel_destination = destination if isinstance(destination, TunnelStream) else None
     try:
         if first:
             await destination.send_all(first)
         full = False
+        data: bytes | bytearray
         while True:
             side = source_name
-            if socket is not None and not full:
-                await trio.lowlevel.wait_readable(socket)
-            data = await source.receive_some(SPLICE_CHUNK)
+            if source_fd is not None:
+                assert socket is not None
+                if full:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    await trio.lowlevel.wait_readable(socket)
+                try:
+                    data = os.read(source_fd, SPLICE_CHUNK)
+                except BlockingIOError:  # readiness without data (it happens): wait again
+                    full = False
+                    continue
+            else:
+                if socket is not None and not full:
+                    await trio.lowlevel.wait_readable(socket)
+                data = await source.receive_some(SPLICE_CHUNK)
             if not data:
                 break
             full = len(data) == SPLICE_CHUNK
             side = destination_name
-            await destination.send_all(data)
+            # Every pass through the loop has a checkpoint above (the read): what the
+            # destination takes without waiting is handed over without another one.
+            if destination_fd is not None:
+                sent = _write_now(destination_fd, data)
+            elif tunnel_destination is not None:
+                sent = tunnel_destination._send_now(data)
+            else:
+                sent = 0
+            if sent < len(data):
+                await destination.send_all(memoryview(data)[sent:] if sent else data)
         side = destination_name
         if isinstance(destination, trio.abc.HalfCloseableStream):
             await destination.send_eof()
     except _BROKEN:
         broken.append(side)
         scope.cancel()
+
+
+def _descriptor(stream: object) -> int | None:
+    """The socket descriptor of a plain trio TCP/Unix socket stream (POSIX), else None."""
+    if isinstance(stream, trio.SocketStream) and sys.platform != "win32":
+        return stream.socket.fileno()
+    return None
+
+
+def _write_now(fd: int, data: bytes | bytearray) -> int:
+    """Write what the socket takes without waiting; how much that was."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0

@@ -205,6 +205,20 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
+    def _send_now(self, data: bytes | bytearray) -> int:
+        """Queue as much of ``data`` as credit and the output queue take now, without waiting
+        or a checkpoint; how much that was (0 also when sending is not possible: ``send_all``
+        with the rest then waits, or raises what there is to raise). For the splice, whose
+        loop checkpoints when it reads."""
+        if self._sending or self._closed or self._fin_sent or self._error is not None:
+            return 0
+        self._accept_now()
+        tunnel = self._tunnel
+        offset = 0
+        while offset < len(data) and not tunnel._send_blocked(self):
+            offset += tunnel._mux_send(self.stream_id, memoryview(data)[offset:])
+        return offset
+
     async def wait_send_all_might_not_block(self) -> None:
         """Return once there is credit to send (or the stream is unusable)."""
         if self._sending:

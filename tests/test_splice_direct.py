@@ -1,0 +1,130 @@
+"""The splice's direct socket path: one ``os.read``/``os.write`` per ready socket, the tunnel
+stream's credit taken without waiting, trio's calls only when something must wait.
+
+Real sockets on 127.0.0.1 (port 0) and the in-memory tunnel pair.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from backchannel import splice_streams
+from backchannel._proto._mux import MuxSettings
+from backchannel._tunnel import TunnelSettings
+
+from .tunnel_pair import tunnel_pair
+
+GUARD = 20  # seconds: a guard against hangs, never a synchronisation
+
+
+@asynccontextmanager
+async def socket_pair() -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream]]:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    try:
+        port = listener.socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listener.accept()
+        assert isinstance(server, trio.SocketStream)
+    finally:
+        await listener.aclose()
+    async with client, server:
+        yield client, server
+
+
+async def read_all(stream: trio.abc.ReceiveStream, chunk: int = 1 << 16) -> bytes:
+    parts = []
+    while data := await stream.receive_some(chunk):
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        more = await stream.receive_some(size - len(data))
+        assert more, "the stream ended early"
+        data += more
+    return data
+
+
+async def test_a_small_exchange_between_sockets_uses_no_trio_socket_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spliced sockets are read and written directly (no trio call, no checkpoint)."""
+    spliced: set[int] = set()
+    calls: list[str] = []
+    for name in ("receive_some", "send_all"):
+        original = getattr(trio.SocketStream, name)
+
+        def counting(
+            self: trio.SocketStream, *args: Any, _original: Any = original, _name: str = name
+        ) -> Any:
+            if id(self) in spliced:
+                calls.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(trio.SocketStream, name, counting)
+    with trio.fail_after(GUARD):
+        async with socket_pair() as (client, a), socket_pair() as (b, backend):
+            spliced.update((id(a), id(b)))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(splice_streams, a, b)
+                for _ in range(3):
+                    await client.send_all(b"ping")
+                    assert await receive_exactly(backend, 4) == b"ping"
+                    await backend.send_all(b"pong")
+                    assert await receive_exactly(client, 4) == b"pong"
+                await client.send_eof()
+                assert await backend.receive_some(10) == b""
+                await backend.send_eof()
+                assert await client.receive_some(10) == b""
+    assert calls == []
+
+
+async def test_socket_to_socket_keeps_every_byte_in_order_behind_a_slow_reader() -> None:
+    payload = os.urandom(12 << 20)  # more than the loopback buffers hold: writes fall back
+    with trio.fail_after(GUARD):
+        async with socket_pair() as (client, a), socket_pair() as (b, backend):
+            received: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(splice_streams, a, b)
+
+                async def send() -> None:
+                    await client.send_all(payload)
+                    await client.send_eof()
+
+                nursery.start_soon(send)
+                await trio.testing.wait_all_tasks_blocked()  # the far end has not read yet
+                received.append(await read_all(backend, 4096))
+                await backend.send_eof()
+                assert await read_all(client) == b""
+            assert received[0] == payload
+
+
+async def test_socket_to_tunnel_stream_without_credit_waits_and_loses_nothing() -> None:
+    window = 64 * 1024
+    settings = TunnelSettings(mux=MuxSettings(initial_window=window, max_window=window))
+    payload = os.urandom(1 << 20)  # sixteen windows
+    with trio.fail_after(GUARD):
+        async with tunnel_pair(settings, settings) as pair, socket_pair() as (client, a):
+            opener, acceptor = await pair.open_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(splice_streams, a, opener)
+
+                async def send() -> None:
+                    await client.send_all(payload)
+                    await client.send_eof()
+
+                nursery.start_soon(send)
+                await trio.testing.wait_all_tasks_blocked()  # the window is used up
+                assert acceptor.buffered == window
+                assert await read_all(acceptor, 1000) == payload
+                await acceptor.send_eof()
+                assert await read_all(client) == b""
