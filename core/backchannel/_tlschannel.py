@@ -115,8 +115,10 @@ class TlsChannel(trio.abc.Stream):
                 if not awaited:  # every call is a checkpoint, also when served from memory
                     await trio.lowlevel.checkpoint()
                 return added
-            if self._outgoing.pending and not self._send_lock.locked():
-                await self._flush()  # e.g. a key update answer (see the module's docstring)
+            if self._outgoing.pending and self._unsent is None and not self._send_lock.locked():
+                # E.g. a key update answer (see the module's docstring); behind the rest of an
+                # eager send it waits for the writer's flush (which sends both, in order).
+                await self._flush()
             await self._read_socket()
             awaited = True
 

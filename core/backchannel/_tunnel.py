@@ -136,6 +136,9 @@ class Tunnel:
         self._close_reason = ""
         self._aborted_here = False
         self._draining_close = False
+        #: Set by _flush_then_abort: the writer reports through _drained when all is sent.
+        self._abort_when_drained = False
+        self._drained = trio.Event()
         self._peer_silent = False
         self._last_received = trio.current_time()
         self.peer_going_away = False
@@ -293,10 +296,13 @@ class Tunnel:
         self._nursery.start_soon(self._flush_then_abort)
 
     async def _flush_then_abort(self) -> None:
-        # Bounded by the heartbeat timeout: a live peer takes queued data within it.
+        # The writer sends what is queued, finishing a send in flight and the rest of an eager
+        # send first, then reports the drain. Bounded by the heartbeat timeout: a live peer
+        # takes queued data within it.
+        self._abort_when_drained = True
+        self._writer_waiters.unpark_all()
         with trio.move_on_after(self._settings.heartbeat_timeout):
-            while self._mux.pending_bytes:
-                await self._transport.send_message(self._mux.data_to_send())
+            await self._drained.wait()
         self.abort(self._close_reason)
 
     async def _writer(self) -> None:
@@ -304,6 +310,8 @@ class Tunnel:
             while not self._mux.pending_bytes:
                 if self._eager is not None and self._eager.send_pending:
                     break  # the rest of a message a stream sent at once
+                if self._abort_when_drained:
+                    self._drained.set()
                 # Nothing queued: whoever still waits for room gets it (a stream woken below
                 # may have been closed instead of queueing, and nobody else would wake them).
                 self._wake_blocked(everyone=True)
@@ -432,7 +440,11 @@ class Tunnel:
     def _wake_writer(self) -> None:
         eager = self._eager
         if eager is not None and len(self._writer_waiters):
-            # The writer is idle: send now if the transport takes it without waiting.
+            # The writer is idle: send now if the transport takes it without waiting. (Nothing
+            # queued, e.g. a second GO_AWAY: nothing to send, and nobody waits for room while
+            # the writer is idle.)
+            if not self._mux.pending_bytes:
+                return
             if not eager.can_send_now:
                 self._writer_waiters.unpark_all()
                 return

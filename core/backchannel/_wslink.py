@@ -311,10 +311,12 @@ class WebSocketLink:
                 await self._fail(violation.code, violation.reason)
                 continue
             if self._pending_controls and (
-                not self._sending or sum(map(len, self._pending_controls)) > CONTROL_BACKLOG
+                (not self._sending and not self.send_pending)
+                or sum(map(len, self._pending_controls)) > CONTROL_BACKLOG
             ):
-                # A send in progress sends them when it is done: a reader must not wait for a
-                # writer that waits for the peer (unless the backlog is full).
+                # A send in progress (or the rest of an eager send, which the woken writer
+                # flushes) sends them when it is done: a reader must not wait for a writer
+                # that waits for the peer (unless the backlog is full).
                 await self._send_controls()
             if message is not None:
                 return message
