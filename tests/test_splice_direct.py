@@ -7,6 +7,8 @@ Real sockets on 127.0.0.1 (port 0) and the in-memory tunnel pair.
 from __future__ import annotations
 
 import os
+import socket as socket_module
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -128,3 +130,92 @@ async def test_socket_to_tunnel_stream_without_credit_waits_and_loses_nothing() 
                 assert await read_all(acceptor, 1000) == payload
                 await acceptor.send_eof()
                 assert await read_all(client) == b""
+
+
+# --------------------------------------------------------------------------- the stream's sink
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the scheduler steps of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it() -> None:
+    """The tunnel's reader writes to the splice's socket itself: the splice task (which pumps
+    tunnel → socket in its own task) takes no step for data the socket takes at once."""
+    with trio.fail_after(GUARD):
+        async with tunnel_pair() as pair, socket_pair() as (client, a):
+            opener, acceptor = await pair.open_pair()
+            async with trio.open_nursery() as nursery:
+                splicer: list[trio.lowlevel.Task] = []
+
+                async def run_splice() -> None:
+                    splicer.append(trio.lowlevel.current_task())
+                    await splice_streams(a, acceptor)  # acceptor → a in this task
+
+                nursery.start_soon(run_splice)
+                await trio.testing.wait_all_tasks_blocked()
+                counter = StepCounter(splicer[0])
+                trio.lowlevel.add_instrument(counter)
+                try:
+                    for n in range(5):
+                        message = b"answer %d" % n
+                        await opener.send_all(message)
+                        assert await receive_exactly(client, len(message)) == message
+                finally:
+                    trio.lowlevel.remove_instrument(counter)
+                assert counter.steps == 0
+                assert acceptor.buffered == 0
+                await opener.send_eof()  # the end still wakes it: the socket is half-closed
+                assert await client.receive_some(10) == b""
+                nursery.cancel_scope.cancel()
+
+
+async def test_tunnel_to_socket_keeps_every_byte_in_order_behind_a_slow_reader() -> None:
+    payload = os.urandom(12 << 20)  # more than the socket takes: the splice writes the rest
+    with trio.fail_after(GUARD):
+        async with tunnel_pair() as pair, socket_pair() as (client, a):
+            opener, acceptor = await pair.open_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(splice_streams, a, acceptor)
+
+                async def send() -> None:
+                    await opener.send_all(payload)
+                    await opener.send_eof()
+
+                nursery.start_soon(send)
+                await trio.testing.wait_all_tasks_blocked()  # socket and window are full
+                assert await read_all(client, 4096) == payload
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_broken_socket_under_the_sink_ends_the_splice_naming_it() -> None:
+    with trio.fail_after(GUARD):
+        async with tunnel_pair() as pair, socket_pair() as (client, a):
+            opener, acceptor = await pair.open_pair()
+            outcome: list[str | None] = []
+
+            async def run_splice() -> None:
+                outcome.append(await splice_streams(a, acceptor, a_name="client", b_name="tunnel"))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_splice)
+                await trio.testing.wait_all_tasks_blocked()
+                client.socket.setsockopt(
+                    socket_module.SOL_SOCKET, socket_module.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                client.socket.close()  # RST: the next write to `a` fails
+                await trio.testing.wait_all_tasks_blocked()
+                for _ in range(3):  # the first write may still be taken
+                    if outcome:
+                        break
+                    await opener.send_all(b"x" * 1000)
+                    await trio.testing.wait_all_tasks_blocked()
+            assert outcome == ["client"]

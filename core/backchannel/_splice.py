@@ -11,10 +11,10 @@ A socket that is not ready, or a stream without credit, falls back to trio's cal
 from __future__ import annotations
 
 import os
-import sys
 
 import trio
 
+from ._sockio import socket_descriptor, write_now
 from ._stream import TunnelStream
 
 #: Large reads keep the per-byte Python overhead low on bulk transfers; the mux cuts frames.
@@ -67,9 +67,10 @@ async def _pump(
     # stream is idle (about 1.5 KiB per stream and side, docs/performance.md). After a full
     # read more is likely waiting: a checkpoint (other tasks run), then straight to the read.
     socket = source.socket if isinstance(source, trio.SocketStream) else None
-    source_fd = _descriptor(source)
-    destination_fd = _descriptor(destination)
+    source_fd = socket_descriptor(source)
+    destination_fd = socket_descriptor(destination)
     tunnel_destination = destination if isinstance(destination, TunnelStream) else None
+    tunnel_source = source if isinstance(source, TunnelStream) else None
     try:
         if first:
             await destination.send_all(first)
@@ -88,6 +89,10 @@ async def _pump(
                 except BlockingIOError:  # readiness without data (it happens): wait again
                     full = False
                     continue
+            elif tunnel_source is not None and destination_fd is not None:
+                # What arrives while we wait goes to the socket from the tunnel's reader
+                # (no wake-up of this task); we get only what the socket did not take.
+                data = await tunnel_source._receive_or_deliver(destination_fd, SPLICE_CHUNK)
             else:
                 if socket is not None and not full:
                     await trio.lowlevel.wait_readable(socket)
@@ -99,7 +104,7 @@ async def _pump(
             # Every pass through the loop has a checkpoint above (the read): what the
             # destination takes without waiting is handed over without another one.
             if destination_fd is not None:
-                sent = _write_now(destination_fd, data)
+                sent = write_now(destination_fd, data)
             elif tunnel_destination is not None:
                 sent = tunnel_destination._send_now(data)
             else:
@@ -112,18 +117,3 @@ async def _pump(
     except _BROKEN:
         broken.append(side)
         scope.cancel()
-
-
-def _descriptor(stream: object) -> int | None:
-    """The socket descriptor of a plain trio TCP/Unix socket stream (POSIX), else None."""
-    if isinstance(stream, trio.SocketStream) and sys.platform != "win32":
-        return stream.socket.fileno()
-    return None
-
-
-def _write_now(fd: int, data: bytes | bytearray) -> int:
-    """Write what the socket takes without waiting; how much that was."""
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0

@@ -10,6 +10,7 @@ import trio
 
 from ._exceptions import StreamError
 from ._proto._errors import ProtocolError, ResetCode
+from ._sockio import write_now
 
 if TYPE_CHECKING:
     from ._tunnel import Tunnel
@@ -48,6 +49,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_receiving",
         "_send_waiter",
         "_sending",
+        "_sink",
         "_tunnel",
         "accept_attributes",
         "metadata",
@@ -79,6 +81,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_waiter: trio.lowlevel.Task | None = None
         self._sending = False
         self._receiving = False
+        #: A plain socket's descriptor while a splice waits in _receive_or_deliver.
+        self._sink: int | None = None
 
     # ---------------------------------------------------------------- state queries
 
@@ -157,6 +161,17 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return data
         finally:
             self._receiving = False
+
+    async def _receive_or_deliver(self, fd: int, max_bytes: int) -> bytes:
+        """:meth:`receive_some` for a splice into the plain socket ``fd``: data that arrives
+        while this waits with nothing buffered is written to ``fd`` by the tunnel's reader at
+        once, without waking this task; it returns only what the socket did not take (to be
+        written by the caller), b"" at the end, or raises as receive_some does."""
+        self._sink = fd
+        try:
+            return await self.receive_some(max_bytes)
+        finally:
+            self._sink = None
 
     def _take(self, max_bytes: int | None) -> bytes:
         chunk = self._chunks.popleft()
@@ -329,6 +344,18 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             self._tunnel._mux_acknowledge(self.stream_id, len(data))
             return
+        if self._sink is not None and self._receive_waiter is not None and not self._chunks:
+            # A splice waits in _receive_or_deliver with nothing buffered: straight to its
+            # socket, in order, without waking it (a write error is its to meet).
+            try:
+                sent = write_now(self._sink, data)
+            except OSError:
+                sent = 0
+            if sent:
+                self._tunnel._mux_acknowledge(self.stream_id, sent)
+                if sent == len(data):
+                    return
+                data = data[sent:]
         if self._chunks is _NO_CHUNKS:
             self._chunks = deque()
         self._chunks.append(data)
