@@ -231,7 +231,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         tunnel = self._tunnel
         offset = 0
         while offset < len(data) and not tunnel._send_blocked(self):
-            offset += tunnel._mux_send(self.stream_id, memoryview(data)[offset:])
+            offset += tunnel._mux_queue(self.stream_id, memoryview(data)[offset:])
+        if offset:
+            tunnel._wake_writer()  # one message for the whole read
         return offset
 
     async def wait_send_all_might_not_block(self) -> None:

@@ -472,6 +472,11 @@ class Tunnel:
         self._wake_writer()
         return sent
 
+    def _mux_queue(self, stream_id: int, data: memoryview) -> int:
+        """:meth:`_mux_send` without waking the writer (the caller does, once, after queueing
+        several steps: one message for all of them)."""
+        return self._mux.send_data(stream_id, data[:MAX_SEND_CHUNK])
+
     def _mux_accept(self, stream_id: int, attributes: dict[str, Any] | None) -> None:
         self._mux.accept_stream(stream_id, attributes)
         self._wake_writer()
