@@ -10,11 +10,9 @@ A socket that is not ready, or a stream without credit, falls back to trio's cal
 
 from __future__ import annotations
 
-import os
-
 import trio
 
-from ._sockio import socket_descriptor, write_now
+from ._sockio import plain_socket, read_now, write_now
 from ._stream import TunnelStream
 
 #: Large reads keep the per-byte Python overhead low on bulk transfers; the mux cuts frames.
@@ -67,8 +65,8 @@ async def _pump(
     # stream is idle (about 1.5 KiB per stream and side, docs/performance.md). After a full
     # read more is likely waiting: a checkpoint (other tasks run), then straight to the read.
     socket = source.socket if isinstance(source, trio.SocketStream) else None
-    source_fd = socket_descriptor(source)
-    destination_fd = socket_descriptor(destination)
+    source_socket = plain_socket(source)
+    destination_socket = plain_socket(destination)
     tunnel_destination = destination if isinstance(destination, TunnelStream) else None
     tunnel_source = source if isinstance(source, TunnelStream) else None
     try:
@@ -78,21 +76,22 @@ async def _pump(
         data: bytes | bytearray
         while True:
             side = source_name
-            if source_fd is not None:
-                assert socket is not None
+            if source_socket is not None:
                 if full:
                     await trio.lowlevel.checkpoint()
+                elif source_socket.fileno() < 0:
+                    raise trio.ClosedResourceError("the socket was closed")
                 else:
-                    await trio.lowlevel.wait_readable(socket)
+                    await trio.lowlevel.wait_readable(source_socket)
                 try:
-                    data = os.read(source_fd, SPLICE_CHUNK)
+                    data = read_now(source_socket, SPLICE_CHUNK)
                 except BlockingIOError:  # readiness without data (it happens): wait again
                     full = False
                     continue
-            elif tunnel_source is not None and destination_fd is not None:
+            elif tunnel_source is not None and destination_socket is not None:
                 # What arrives while we wait goes to the socket from the tunnel's reader
                 # (no wake-up of this task); we get only what the socket did not take.
-                data = await tunnel_source._receive_or_deliver(destination_fd, SPLICE_CHUNK)
+                data = await tunnel_source._receive_or_deliver(destination_socket, SPLICE_CHUNK)
             else:
                 if socket is not None and not full:
                     await trio.lowlevel.wait_readable(socket)
@@ -103,8 +102,8 @@ async def _pump(
             side = destination_name
             # Every pass through the loop has a checkpoint above (the read): what the
             # destination takes without waiting is handed over without another one.
-            if destination_fd is not None:
-                sent = write_now(destination_fd, data)
+            if destination_socket is not None:
+                sent = write_now(destination_socket, data)
             elif tunnel_destination is not None:
                 sent = tunnel_destination._send_now(data)
             else:

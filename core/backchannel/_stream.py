@@ -81,8 +81,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_waiter: trio.lowlevel.Task | None = None
         self._sending = False
         self._receiving = False
-        #: A plain socket's descriptor while a splice waits in _receive_or_deliver.
-        self._sink: int | None = None
+        #: A plain socket while a splice waits in _receive_or_deliver.
+        self._sink: trio.socket.SocketType | None = None
 
     # ---------------------------------------------------------------- state queries
 
@@ -162,12 +162,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
-    async def _receive_or_deliver(self, fd: int, max_bytes: int) -> bytes:
-        """:meth:`receive_some` for a splice into the plain socket ``fd``: data that arrives
-        while this waits with nothing buffered is written to ``fd`` by the tunnel's reader at
-        once, without waking this task; it returns only what the socket did not take (to be
-        written by the caller), b"" at the end, or raises as receive_some does."""
-        self._sink = fd
+    async def _receive_or_deliver(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
+        """:meth:`receive_some` for a splice into the plain socket ``sock``: data that arrives
+        while this waits with nothing buffered is written to ``sock`` by the tunnel's reader
+        at once, without waking this task; it returns only what the socket did not take (to
+        be written by the caller; also everything once the socket was closed), b"" at the
+        end, or raises as receive_some does."""
+        self._sink = sock
         try:
             return await self.receive_some(max_bytes)
         finally:
@@ -351,7 +352,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             # socket, in order, without waking it (a write error is its to meet).
             try:
                 sent = write_now(self._sink, data)
-            except OSError:
+            except (OSError, trio.ClosedResourceError):
                 sent = 0
             if sent:
                 self._tunnel._mux_acknowledge(self.stream_id, sent)
