@@ -64,7 +64,6 @@ async def _pump(
     # the non-blocking helper: the coroutine frames of that chain are held for as long as the
     # stream is idle (about 1.5 KiB per stream and side, docs/performance.md). After a full
     # read more is likely waiting: a checkpoint (other tasks run), then straight to the read.
-    socket = source.socket if isinstance(source, trio.SocketStream) else None
     source_socket = plain_socket(source)
     destination_socket = plain_socket(destination)
     tunnel_destination = destination if isinstance(destination, TunnelStream) else None
@@ -89,12 +88,16 @@ async def _pump(
                     full = False
                     continue
             elif tunnel_source is not None and destination_socket is not None:
-                # What arrives while we wait goes to the socket from the tunnel's reader
-                # (no wake-up of this task); we get only what the socket did not take.
-                data = await tunnel_source._receive_or_deliver(destination_socket, SPLICE_CHUNK)
+                # What arrives while we wait with nothing buffered goes to the socket from the
+                # tunnel's reader (no wake-up of this task); we get only what the socket did
+                # not take (everything once it was closed), the end, or an error. Set here,
+                # not in a helper coroutine: an idle stream would hold that frame too.
+                tunnel_source._sink = destination_socket
+                try:
+                    data = await tunnel_source.receive_some(SPLICE_CHUNK)
+                finally:
+                    tunnel_source._sink = None
             else:
-                if socket is not None and not full:
-                    await trio.lowlevel.wait_readable(socket)
                 data = await source.receive_some(SPLICE_CHUNK)
             if not data:
                 break

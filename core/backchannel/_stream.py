@@ -81,7 +81,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._send_waiter: trio.lowlevel.Task | None = None
         self._sending = False
         self._receiving = False
-        #: A plain socket while a splice waits in _receive_or_deliver.
+        #: Set by a splice (into a plain socket) around its receive_some: data that arrives
+        #: while it waits with nothing buffered is written to this socket by the tunnel's
+        #: reader at once, without waking it; only what the socket does not take is buffered.
         self._sink: trio.socket.SocketType | None = None
 
     # ---------------------------------------------------------------- state queries
@@ -161,18 +163,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return data
         finally:
             self._receiving = False
-
-    async def _receive_or_deliver(self, sock: trio.socket.SocketType, max_bytes: int) -> bytes:
-        """:meth:`receive_some` for a splice into the plain socket ``sock``: data that arrives
-        while this waits with nothing buffered is written to ``sock`` by the tunnel's reader
-        at once, without waking this task; it returns only what the socket did not take (to
-        be written by the caller; also everything once the socket was closed), b"" at the
-        end, or raises as receive_some does."""
-        self._sink = sock
-        try:
-            return await self.receive_some(max_bytes)
-        finally:
-            self._sink = None
 
     def _take(self, max_bytes: int | None) -> bytes:
         chunk = self._chunks.popleft()
@@ -348,8 +338,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._tunnel._mux_acknowledge(self.stream_id, len(data))
             return
         if self._sink is not None and self._receive_waiter is not None and not self._chunks:
-            # A splice waits in _receive_or_deliver with nothing buffered: straight to its
-            # socket, in order, without waking it (a write error is its to meet).
+            # A splice waits in receive_some with nothing buffered: straight to its socket,
+            # in order, without waking it (a write error is its to meet).
             try:
                 sent = write_now(self._sink, data)
             except (OSError, trio.ClosedResourceError):
