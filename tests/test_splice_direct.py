@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from backchannel import splice_streams
+from backchannel import close_forcefully, splice_streams
 from backchannel._proto._mux import MuxSettings
 from backchannel._tunnel import TunnelSettings
 
@@ -219,3 +219,25 @@ async def test_a_broken_socket_under_the_sink_ends_the_splice_naming_it() -> Non
                     await opener.send_all(b"x" * 1000)
                     await trio.testing.wait_all_tasks_blocked()
             assert outcome == ["client"]
+
+
+async def test_close_forcefully_closes_a_plain_socket_without_a_scheduler_pass() -> None:
+    with trio.fail_after(GUARD):
+        async with socket_pair() as (client, a):
+            counter = StepCounter(trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(counter)
+            try:
+                await close_forcefully(a)
+            finally:
+                trio.lowlevel.remove_instrument(counter)
+            assert counter.steps == 0  # trio.aclose_forcefully takes one (its cancelled scope)
+            assert a.socket.fileno() == -1
+            assert await client.receive_some(10) == b""
+
+
+async def test_close_forcefully_closes_other_streams_as_trio_does() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    await close_forcefully(left)
+    with pytest.raises(trio.ClosedResourceError):
+        await left.send_all(b"x")
+    assert await right.receive_some(10) == b""

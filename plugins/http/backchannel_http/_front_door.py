@@ -40,6 +40,7 @@ from backchannel import (
     StreamError,
     TableReader,
     TunnelStream,
+    close_forcefully,
     splice_streams,
 )
 
@@ -154,7 +155,7 @@ class ClientConnection:
             log.debug("%s: client went away: %s", self._label, exc.__cause__ or exc)
         finally:
             await self._drop_leg()
-            await trio.aclose_forcefully(self._client)
+            await close_forcefully(self._client)
 
     # ------------------------------------------------------------------ client leg
 

@@ -34,6 +34,7 @@ from backchannel import (
     TableReader,
     TunnelStream,
     UserTlsContexts,
+    close_forcefully,
     is_connection_refused,
     read_backend_tls,
     splice_streams,
@@ -341,7 +342,7 @@ class _StreamServer:
     async def close_backend(self) -> None:
         """Drop the backend connection (the next request opens a new one)."""
         if self.backend is not None:
-            await trio.aclose_forcefully(self.backend.stream)
+            await close_forcefully(self.backend.stream)
             self.backend = None
 
     def _audit_fields(self, raw_target: bytes) -> dict[str, str]:

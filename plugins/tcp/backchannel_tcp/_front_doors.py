@@ -19,6 +19,7 @@ from backchannel import (
     ResetCode,
     StreamError,
     TunnelStream,
+    close_forcefully,
 )
 
 from ._socks5 import (
@@ -33,7 +34,7 @@ from ._socks5 import (
     SocksError,
     UsernamePassword,
 )
-from ._splice import CLIENT_BROKE, close_forcefully, splice
+from ._splice import CLIENT_BROKE, splice
 
 log = logging.getLogger("backchannel.tcp")
 

@@ -20,11 +20,12 @@ from backchannel import (
     TableReader,
     TunnelStream,
     UserTlsContexts,
+    close_forcefully,
     is_connection_refused,
     read_backend_tls,
 )
 
-from ._splice import close_forcefully, splice
+from ._splice import splice
 
 log = logging.getLogger("backchannel.tcp")
 

@@ -6,7 +6,7 @@ import logging
 
 import trio
 
-from backchannel import ResetCode, TunnelStream, splice_streams
+from backchannel import ResetCode, TunnelStream, close_forcefully, splice_streams
 
 log = logging.getLogger("backchannel.tcp")
 
@@ -53,16 +53,7 @@ async def splice(
             log.debug("splice %s ended: the %s side broke", label, broken)
             if broken == "other":
                 tunnel.reset_nowait(*other_broke)
-        await trio.aclose_forcefully(other)
-
-
-async def close_forcefully(stream: trio.abc.AsyncResource) -> None:
-    """:func:`trio.aclose_forcefully`; a plain socket is closed at once, without the cancelled
-    scope (a Cancelled raised and caught, one more scheduler pass per connection)."""
-    if isinstance(stream, trio.SocketStream):
-        stream.socket.close()
-    else:
-        await trio.aclose_forcefully(stream)
+        await close_forcefully(other)
 
 
 #: How much of a chunk goes out between two "something moved" marks.
