@@ -218,10 +218,10 @@ def render_table(document: dict[str, Any]) -> str:
         lines.append(f"Layers, {label}: ms CPU per MB, in one process (lowest of the rounds)")
         for name, value in section["layers"].items():
             lines.append(f"  {value:7.3f}  {name}")
-        lines.append(f"  {section['layers_sum']:7.3f}  sum (the comparison line excluded)")
-        for variant, numbers in section["trio_websocket_tls_tcp"].items():
+        lines.append(f"  {section['layers_sum']:7.3f}  sum of the layers (both ends)")
+        for variant, numbers in section["end_to_end"].items():
             lines.append(
-                f"  trio-websocket/TLS/TCP both ends, {variant}: "
+                f"  over TLS over loopback TCP, both ends, {variant}: "
                 f"{numbers['cpu_ms_per_mb_both_ends']:.3f} ms/MB"
             )
         lines.append("")
