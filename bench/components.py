@@ -202,30 +202,36 @@ async def _tunnel_link_ends(
 ) -> Ends:
     """The tunnel's own link on both ends of a loopback TCP connection."""
     server_ctx, client_ctx = tls
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    accepted: list[trio.SocketStream] = []
-    try:
-        async with trio.open_nursery() as connecting:
-            connecting.start_soon(_accept_one, listeners[0], accepted)
-            tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    finally:
-        await listeners[0].aclose()
+    tcp, accepted = await _tcp_pair()
     client = TlsChannel(tcp, client_ctx, server_hostname="127.0.0.1")
-    server = TlsChannel(accepted[0], server_ctx, server_side=True)
+    server = TlsChannel(accepted, server_ctx, server_side=True)
     async with trio.open_nursery() as handshakes:
         handshakes.start_soon(client.do_handshake)
         handshakes.start_soon(server.do_handshake)
     client_link = WebSocketLink(client, client=True, max_message_size=16 * MIB)
     server_link = WebSocketLink(server, client=False, max_message_size=16 * MIB)
     sending, receiving = (client_link, server_link) if client_sends else (server_link, client_link)
-    return sending.send_message, receiving.get_message, [client, server, tcp, accepted[0]]
+    return sending.send_message, receiving.get_message, [client, server, tcp, accepted]
 
 
-async def _accept_one(listener: trio.SocketListener, into: list[trio.SocketStream]) -> None:
-    stream = await listener.accept()
-    assert isinstance(stream, trio.SocketStream)
-    into.append(stream)
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A loopback TCP connection: (connecting side, accepted side)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: list[trio.SocketStream] = []
+
+    async def accept_one() -> None:
+        stream = await listeners[0].accept()
+        assert isinstance(stream, trio.SocketStream)
+        accepted.append(stream)
+
+    try:
+        async with trio.open_nursery() as connecting:
+            connecting.start_soon(accept_one)
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    finally:
+        await listeners[0].aclose()
+    return tcp, accepted[0]
 
 
 async def _trio_websocket_ends(
@@ -235,42 +241,32 @@ async def _trio_websocket_ends(
 ) -> Ends:
     """Reference: trio-websocket over trio's SSLStream on both ends."""
     server_ctx, client_ctx = tls
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
+    tcp, accepted = await _tcp_pair()
+    client = trio.SSLStream(tcp, client_ctx, server_hostname="127.0.0.1", https_compatible=True)
+    server = trio.SSLStream(accepted, server_ctx, server_side=True, https_compatible=True)
     server_ws: list[trio_websocket.WebSocketConnection] = []
-    streams: list[trio.abc.AsyncResource] = []
 
     async def serve() -> None:
-        try:
-            tcp = await listeners[0].accept()
-        finally:
-            await listeners[0].aclose()
-        streams.append(tcp)
-        stream = trio.SSLStream(tcp, server_ctx, server_side=True, https_compatible=True)
-        streams.append(stream)
-        await stream.do_handshake()
         request = await trio_websocket.wrap_server_stream(
-            nursery, stream, receive_buffer_size=SOCKET_READ, max_message_size=16 * MIB
+            nursery, server, receive_buffer_size=SOCKET_READ, max_message_size=16 * MIB
         )
         server_ws.append(await request.accept())
 
     async with trio.open_nursery() as connecting:
-        connecting.start_soon(serve)
-        tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        streams.append(tcp)
-        stream = trio.SSLStream(tcp, client_ctx, server_hostname="127.0.0.1", https_compatible=True)
-        streams.append(stream)
-        await stream.do_handshake()
+        connecting.start_soon(server.do_handshake)
+        await client.do_handshake()
+    async with trio.open_nursery() as upgrading:
+        upgrading.start_soon(serve)
         client_ws = await trio_websocket.wrap_client_stream(
             nursery,
-            stream,
+            client,
             "127.0.0.1",
             "/",
             receive_buffer_size=SOCKET_READ,
             max_message_size=16 * MIB,
         )
     sending, receiving = (client_ws, server_ws[0]) if client_sends else (server_ws[0], client_ws)
-    return sending.send_message, receiving.get_message, streams
+    return sending.send_message, receiving.get_message, [client, server, tcp, accepted]
 
 
 async def _transfer(

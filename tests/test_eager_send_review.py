@@ -35,10 +35,8 @@ from .test_wslink_review import (
     GUARD,
     FrameReader,
     Pki,
-    client_context,
     frame,
     pki,
-    server_context,
     tls_pair,
     upgrade_both,
 )
@@ -116,22 +114,6 @@ async def small_buffer_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]
     return trio.SocketStream(client), trio.SocketStream(server)
 
 
-@asynccontextmanager
-async def small_buffer_tls_pair(pki: Pki) -> AsyncIterator[tuple[TlsChannel, TlsChannel]]:
-    """tls_pair (test_wslink_review) over sockets with small buffers."""
-    client_tcp, server_tcp = await small_buffer_tcp_pair()
-    client = TlsChannel(client_tcp, client_context(pki), server_hostname="localhost")
-    server = TlsChannel(server_tcp, server_context(pki), server_side=True)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            nursery.start_soon(server.do_handshake)
-        yield client, server
-    finally:
-        await trio.aclose_forcefully(client)
-        await trio.aclose_forcefully(server)
-
-
 async def _hello(link: WebSocketLink, mux: Mux) -> dict[str, Any]:
     while True:
         message = await link.get_message()
@@ -145,7 +127,7 @@ async def _hello(link: WebSocketLink, mux: Mux) -> dict[str, Any]:
 async def tls_tunnels(pki: Pki, *, small_buffers: bool = True) -> AsyncIterator[TlsTunnels]:
     """A gateway and a connector Tunnel over our own TLS and WebSocket link on 127.0.0.1, as
     _transport builds them; the connector's socket reads can be paused."""
-    pair = small_buffer_tls_pair(pki) if small_buffers else tls_pair(pki)
+    pair = tls_pair(pki, tcp=await small_buffer_tcp_pair() if small_buffers else None)
     async with pair as (client_tls, server_tls), trio.open_nursery() as ws_nursery:
         client_link, server_link = await upgrade_both(ws_nursery, client_tls, server_tls)
         gateway_tcp = server_tls.transport

@@ -40,6 +40,11 @@ async def socket_pair() -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStr
         yield client, server
 
 
+async def send_then_end(stream: trio.abc.HalfCloseableStream, payload: bytes) -> None:
+    await stream.send_all(payload)
+    await stream.send_eof()
+
+
 async def read_all(stream: trio.abc.ReceiveStream, chunk: int = 1 << 16) -> bytes:
     parts = []
     while data := await stream.receive_some(chunk):
@@ -97,12 +102,7 @@ async def test_socket_to_socket_keeps_every_byte_in_order_behind_a_slow_reader()
             received: list[bytes] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(splice_streams, a, b)
-
-                async def send() -> None:
-                    await client.send_all(payload)
-                    await client.send_eof()
-
-                nursery.start_soon(send)
+                nursery.start_soon(send_then_end, client, payload)
                 await trio.testing.wait_all_tasks_blocked()  # the far end has not read yet
                 received.append(await read_all(backend, 4096))
                 await backend.send_eof()
@@ -119,12 +119,7 @@ async def test_socket_to_tunnel_stream_without_credit_waits_and_loses_nothing() 
             opener, acceptor = await pair.open_pair()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(splice_streams, a, opener)
-
-                async def send() -> None:
-                    await client.send_all(payload)
-                    await client.send_eof()
-
-                nursery.start_soon(send)
+                nursery.start_soon(send_then_end, client, payload)
                 await trio.testing.wait_all_tasks_blocked()  # the window is used up
                 assert acceptor.buffered == window
                 assert await read_all(acceptor, 1000) == payload
@@ -185,12 +180,7 @@ async def test_tunnel_to_socket_keeps_every_byte_in_order_behind_a_slow_reader()
             opener, acceptor = await pair.open_pair()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(splice_streams, a, acceptor)
-
-                async def send() -> None:
-                    await opener.send_all(payload)
-                    await opener.send_eof()
-
-                nursery.start_soon(send)
+                nursery.start_soon(send_then_end, opener, payload)
                 await trio.testing.wait_all_tasks_blocked()  # socket and window are full
                 assert await read_all(client, 4096) == payload
                 nursery.cancel_scope.cancel()

@@ -66,6 +66,17 @@ def sink_of(stream: TunnelStream) -> trio.socket.SocketType | None:
 # --------------------------------------------------------------------------- stale descriptors
 
 
+async def close_and_reuse(a: trio.SocketStream, listener: trio.SocketListener) -> trio.abc.Stream:
+    """Close ``a`` (as a plugin's own timeout might) and accept a new connection that gets its
+    descriptor number (the lowest free one)."""
+    number = a.socket.fileno()
+    await a.aclose()
+    stranger = await listener.accept()
+    assert isinstance(stranger, trio.SocketStream)
+    assert stranger.socket.fileno() == number
+    return stranger
+
+
 async def test_a_socket_closed_during_the_splice_never_gets_data_through_its_old_number() -> None:
     """trio's contract: closing a stream that another task uses makes that task's call raise
     ClosedResourceError. The splice must end (naming the closed side) and nothing meant for
@@ -88,11 +99,7 @@ async def test_a_socket_closed_during_the_splice_never_gets_data_through_its_old
                 await client.send_eof()
                 assert await read_all(opener) == b""
                 await trio.testing.wait_all_tasks_blocked()
-                number = a.socket.fileno()
-                await a.aclose()  # e.g. a plugin's own timeout closing the client
-                stranger = await listener.accept()
-                async with stranger:
-                    assert stranger.socket.fileno() == number  # the lowest free descriptor
+                async with await close_and_reuse(a, listener):
                     await opener.send_all(b"meant for the closed socket")
                     await trio.testing.wait_all_tasks_blocked()
                     leaked = nothing_readable(stranger_client)
@@ -137,11 +144,7 @@ async def test_a_socket_closed_during_the_splice_is_never_read_through_its_old_n
                 await trio.testing.wait_all_tasks_blocked()
                 # One window went out; the splice holds a full read and waits for credit.
                 assert acceptor.buffered == window
-                number = a.socket.fileno()
-                await a.aclose()  # e.g. a plugin's own timeout closing the client
-                stranger = await listener.accept()
-                async with stranger:
-                    assert stranger.socket.fileno() == number  # the lowest free descriptor
+                async with await close_and_reuse(a, listener):
                     await stranger_client.send_all(b"SECRET of another connection")
 
                     async def drain() -> None:

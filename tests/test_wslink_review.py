@@ -123,10 +123,14 @@ async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
 
 @asynccontextmanager
 async def tls_pair(
-    pki: Pki, version: ssl.TLSVersion | None = None
+    pki: Pki,
+    version: ssl.TLSVersion | None = None,
+    *,
+    tcp: tuple[trio.SocketStream, trio.SocketStream] | None = None,
 ) -> AsyncIterator[tuple[TlsChannel, TlsChannel]]:
-    """Two TLS channels over one real TCP connection, handshakes done."""
-    client_tcp, server_tcp = await tcp_pair()
+    """Two TLS channels over one real TCP connection (``tcp``, else a new one), handshakes
+    done."""
+    client_tcp, server_tcp = tcp or await tcp_pair()
     client = TlsChannel(client_tcp, client_context(pki, version), server_hostname="localhost")
     server = TlsChannel(server_tcp, server_context(pki, version), server_side=True)
     try:
