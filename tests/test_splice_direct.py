@@ -11,6 +11,7 @@ import socket as socket_module
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ import trio.testing
 
 from backchannel import close_forcefully, splice_streams
 from backchannel._proto._mux import MuxSettings
+from backchannel._splice import MOVED_SLICE
 from backchannel._tunnel import TunnelSettings
 
 from .tunnel_pair import tunnel_pair
@@ -231,3 +233,56 @@ async def test_close_forcefully_closes_other_streams_as_trio_does() -> None:
     with pytest.raises(trio.ClosedResourceError):
         await left.send_all(b"x")
     assert await right.receive_some(10) == b""
+
+
+async def test_with_a_moved_callback_the_sink_still_writes_and_reports_each_write() -> None:
+    """An idle timer's ``moved`` does not cost the direct path: the tunnel's reader writes
+    to the waiting splice's socket and calls it (the splice task takes no step)."""
+    calls: list[None] = []
+    with trio.fail_after(GUARD):
+        async with tunnel_pair() as pair, socket_pair() as (client, a):
+            opener, acceptor = await pair.open_pair()
+            async with trio.open_nursery() as nursery:
+                splicer: list[trio.lowlevel.Task] = []
+
+                async def run_splice() -> None:
+                    splicer.append(trio.lowlevel.current_task())
+                    await splice_streams(a, acceptor, moved=lambda: calls.append(None))
+
+                nursery.start_soon(run_splice)
+                await trio.testing.wait_all_tasks_blocked()
+                counter = StepCounter(splicer[0])
+                trio.lowlevel.add_instrument(counter)
+                try:
+                    for n in range(5):
+                        message = b"answer %d" % n
+                        await opener.send_all(message)
+                        assert await receive_exactly(client, len(message)) == message
+                finally:
+                    trio.lowlevel.remove_instrument(counter)
+                assert counter.steps == 0
+                assert len(calls) == 5
+                await client.send_all(b"the other way")  # read by the splice: moved too
+                assert await receive_exactly(opener, 13) == b"the other way"
+                assert len(calls) == 6
+                nursery.cancel_scope.cancel()
+
+
+async def test_with_a_moved_callback_a_slow_reader_gets_it_called_while_it_drains() -> None:
+    """What the socket does not take goes out in MOVED_SLICE pieces, ``moved`` after each:
+    a slow but steady reader is traffic, not idleness."""
+    calls: list[None] = []
+    payload = os.urandom(12 << 20)
+    with trio.fail_after(GUARD):
+        async with tunnel_pair() as pair, socket_pair() as (client, a):
+            opener, acceptor = await pair.open_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    partial(splice_streams, a, acceptor, moved=lambda: calls.append(None))
+                )
+                nursery.start_soon(send_then_end, opener, payload)
+                await trio.testing.wait_all_tasks_blocked()
+                assert await read_all(client, 4096) == payload
+                nursery.cancel_scope.cancel()
+    # At least one call per slice of what had to wait for the reader.
+    assert len(calls) > len(payload) // (4 * MOVED_SLICE)

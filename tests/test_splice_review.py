@@ -60,7 +60,8 @@ def readable_bytes(stream: trio.SocketStream) -> int:
 
 def sink_of(stream: TunnelStream) -> trio.socket.SocketType | None:
     """The socket the tunnel's reader writes to for ``stream`` now (None: none)."""
-    return stream._sink
+    sink = stream._sink
+    return sink[0] if isinstance(sink, tuple) else sink
 
 
 # --------------------------------------------------------------------------- stale descriptors

@@ -10,6 +10,8 @@ A socket that is not ready, or a stream without credit, falls back to trio's cal
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from ._sockio import plain_socket, read_now, write_now
@@ -22,6 +24,9 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 #: The pump task's name (given, so that trio does not format one per stream).
 _PUMP = "backchannel splice"
+#: With a ``moved`` callback, writes that must wait go out in pieces of this size, calling it
+#: after each: one 256 KiB read could take longer than an idle timeout to drain to a slow reader.
+MOVED_SLICE = 16 * 1024
 
 
 async def splice_streams(
@@ -32,6 +37,7 @@ async def splice_streams(
     b_name: str = "b",
     a_first: bytes = b"",
     b_first: bytes = b"",
+    moved: Callable[[], None] | None = None,
 ) -> str | None:
     """Copy ``a`` to ``b`` and ``b`` to ``a`` until both directions have ended.
 
@@ -40,13 +46,18 @@ async def splice_streams(
     half-close where the destination supports it (TLS cannot: that direction then stays open
     until the other ends). If one side breaks, the other direction is cancelled and the broken
     side's name is returned; None means both directions ended cleanly. Neither stream is closed.
+
+    ``moved``, if given, is called whenever bytes move either way: after every read and after
+    every :data:`MOVED_SLICE` bytes written (so that a slow but steady reader counts as
+    traffic), also when the tunnel's reader writes straight into a waiting splice's socket. An
+    idle timer pushes its deadline back there.
     """
     broken: list[str] = []
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
-        nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope, name=_PUMP)
+        nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope, moved, name=_PUMP)
         # The other direction in this task: one task less per stream (idle streams' memory).
-        await _pump(b, a, b_first, b_name, a_name, broken, scope)
+        await _pump(b, a, b_first, b_name, a_name, broken, scope, moved)
     return broken[0] if broken else None
 
 
@@ -58,6 +69,7 @@ async def _pump(
     destination_name: str,
     broken: list[str],
     scope: trio.CancelScope,
+    moved: Callable[[], None] | None,
 ) -> None:
     side = destination_name
     # An idle socket is waited on with wait_readable alone, not under receive_some → recv →
@@ -70,7 +82,7 @@ async def _pump(
     tunnel_source = source if isinstance(source, TunnelStream) else None
     try:
         if first:
-            await destination.send_all(first)
+            await _send_rest(destination, first, moved)
         full = False
         data: bytes | bytearray
         while True:
@@ -92,7 +104,11 @@ async def _pump(
                 # tunnel's reader (no wake-up of this task); we get only what the socket did
                 # not take (everything once it was closed), the end, or an error. Set here,
                 # not in a helper coroutine: an idle stream would hold that frame too.
-                tunnel_source._sink = destination_socket
+                # With `moved`, the reader calls it too: (socket, moved); else the socket alone
+                # (an idle stream holds no tuple).
+                tunnel_source._sink = (
+                    destination_socket if moved is None else (destination_socket, moved)
+                )
                 try:
                     data = await tunnel_source.receive_some(SPLICE_CHUNK)
                 finally:
@@ -101,6 +117,8 @@ async def _pump(
                 data = await source.receive_some(SPLICE_CHUNK)
             if not data:
                 break
+            if moved is not None:
+                moved()
             full = len(data) == SPLICE_CHUNK
             side = destination_name
             # Every pass through the loop has a checkpoint above (the read): what the
@@ -111,11 +129,26 @@ async def _pump(
                 sent = tunnel_destination._send_now(data)
             else:
                 sent = 0
-            if sent < len(data):
-                await destination.send_all(memoryview(data)[sent:] if sent else data)
+            if sent < len(data):  # (all of it taken at once: the read's `moved` stands)
+                await _send_rest(destination, memoryview(data)[sent:] if sent else data, moved)
         side = destination_name
         if isinstance(destination, trio.abc.HalfCloseableStream):
             await destination.send_eof()
     except _BROKEN:
         broken.append(side)
         scope.cancel()
+
+
+async def _send_rest(
+    destination: trio.abc.SendStream,
+    data: bytes | bytearray | memoryview,
+    moved: Callable[[], None] | None,
+) -> None:
+    """``send_all``; with ``moved``, in :data:`MOVED_SLICE` pieces, calling it after each."""
+    if moved is None:
+        await destination.send_all(data)
+        return
+    view = memoryview(data)
+    for start in range(0, len(view), MOVED_SLICE):
+        await destination.send_all(view[start : start + MOVED_SLICE])
+        moved()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -84,7 +85,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         #: Set by a splice (into a plain socket) around its receive_some: data that arrives
         #: while it waits with nothing buffered is written to this socket by the tunnel's
         #: reader at once, without waking it; only what the socket does not take is buffered.
-        self._sink: trio.socket.SocketType | None = None
+        #: With the splice's ``moved`` callback: (socket, moved), called after each write.
+        self._sink: (
+            trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]] | None
+        ) = None
 
     # ---------------------------------------------------------------- state queries
 
@@ -337,15 +341,22 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             self._tunnel._mux_acknowledge(self.stream_id, len(data))
             return
-        if self._sink is not None and self._receive_waiter is not None and not self._chunks:
+        sink = self._sink
+        if sink is not None and self._receive_waiter is not None and not self._chunks:
             # A splice waits in receive_some with nothing buffered: straight to its socket,
             # in order, without waking it (a write error is its to meet).
+            if isinstance(sink, tuple):
+                sock, moved = sink
+            else:
+                sock, moved = sink, None
             try:
-                sent = write_now(self._sink, data)
+                sent = write_now(sock, data)
             except (OSError, trio.ClosedResourceError):
                 sent = 0
             if sent:
                 self._tunnel._mux_acknowledge(self.stream_id, sent)
+                if moved is not None:
+                    moved()
                 if sent == len(data):
                     return
                 data = data[sent:]

@@ -36,11 +36,14 @@ async def splice(
             broken = await splice_streams(tunnel, other, a_name="tunnel", b_name="other")
             return
         with trio.CancelScope() as idle:
-            watched_tunnel = _Watched(tunnel, idle, idle_timeout)
-            watched_other = _Watched(other, idle, idle_timeout)
-            watched_tunnel.moved()
+
+            def moved() -> None:
+                """Something moved: not idle for another ``idle_timeout`` seconds."""
+                idle.deadline = trio.current_time() + idle_timeout
+
+            moved()
             broken = await splice_streams(
-                watched_tunnel, watched_other, a_name="tunnel", b_name="other"
+                tunnel, other, a_name="tunnel", b_name="other", moved=moved
             )
         if idle.cancelled_caught:
             log.info("%s: nothing moved for %g s (idle_timeout): closed", label, idle_timeout)
@@ -54,44 +57,3 @@ async def splice(
             if broken == "other":
                 tunnel.reset_nowait(*other_broke)
         await close_forcefully(other)
-
-
-#: How much of a chunk goes out between two "something moved" marks.
-_SLICE = 16 * 1024
-
-
-class _Watched(trio.abc.HalfCloseableStream):
-    """A stream that pushes an idle deadline back whenever a byte moves through it."""
-
-    def __init__(self, stream: trio.abc.Stream, idle: trio.CancelScope, timeout: float) -> None:
-        self._stream = stream
-        self._idle = idle
-        self._timeout = timeout
-
-    def moved(self) -> None:
-        """Something moved: the connection is not idle for another ``timeout`` seconds."""
-        self._idle.deadline = trio.current_time() + self._timeout
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self._stream.receive_some(max_bytes)
-        self.moved()
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        # In slices, so that a slow but steady reader keeps the connection alive (one splice
-        # chunk of 256 KiB could take longer than the idle timeout to go out).
-        view = memoryview(data)
-        for start in range(0, len(view), _SLICE):
-            await self._stream.send_all(view[start : start + _SLICE])
-            self.moved()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        # Only half-closeable streams get an EOF (TLS cannot send one: nothing to do).
-        if isinstance(self._stream, trio.abc.HalfCloseableStream):
-            await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
