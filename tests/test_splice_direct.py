@@ -286,3 +286,16 @@ async def test_with_a_moved_callback_a_slow_reader_gets_it_called_while_it_drain
                 nursery.cancel_scope.cancel()
     # At least one call per slice of what had to wait for the reader.
     assert len(calls) > len(payload) // (4 * MOVED_SLICE)
+
+
+async def test_the_forward_formats_its_log_label_only_when_a_line_is_written() -> None:
+    """The port forward holds no strings per connection for its log lines (memory per idle
+    stream): the label names client and target when formatted."""
+    from backchannel import HostPort
+    from backchannel_tcp._front_doors import _ForwardLabel
+
+    async with socket_pair() as (client, a):
+        label = _ForwardLabel(a, HostPort("db.virtual", 5432))
+        host, port = client.socket.getsockname()[:2]
+        assert str(label) == f"forward {host}:{port} → db.virtual:5432"
+        assert not any(isinstance(value, str) for value in (label._client, label._target))

@@ -269,7 +269,8 @@ class PortForward:
         await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        peer = _peer(client)
+        # The client's address is formatted only for a log line: an idle connection holds no
+        # strings for it (memory per idle stream, docs/performance.md).
         try:
             try:
                 stream = await self._services.open_stream(
@@ -277,18 +278,18 @@ class PortForward:
                 )
             except StreamError as exc:
                 # A raw TCP client has no error channel: say it in the log, close the socket.
-                log.warning("forward %s from %s: %s", self.name, peer, exc)
+                log.warning("forward %s from %s: %s", self.name, _peer(client), exc)
                 return
             async with stream:
                 await splice(
                     stream,
                     client,
-                    label=f"forward {peer} → {self._target}",
+                    label=_ForwardLabel(client, self._target),
                     other_broke=CLIENT_BROKE,
                     idle_timeout=self._idle_timeout,
                 )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("forward %s: %s went away: %s", self.name, peer, exc)
+            log.debug("forward %s: %s went away: %s", self.name, _peer(client), exc)
         except Exception:
             log.exception("forward %s: unexpected failure", self.name)
         finally:
@@ -310,6 +311,20 @@ async def _next_events(
 async def _send_quietly(client: trio.SocketStream, data: bytes) -> None:
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await client.send_all(data)
+
+
+class _ForwardLabel:
+    """``forward <client> → <target>`` for the splice's log lines, formatted when one is
+    written."""
+
+    __slots__ = ("_client", "_target")
+
+    def __init__(self, client: trio.SocketStream, target: HostPort) -> None:
+        self._client = client
+        self._target = target
+
+    def __str__(self) -> str:
+        return f"forward {_peer(self._client)} → {self._target}"
 
 
 def _peer(stream: trio.SocketStream) -> str:

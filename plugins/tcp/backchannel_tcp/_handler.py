@@ -84,7 +84,7 @@ class TcpHandler:
         except BaseException:
             await close_forcefully(backend)
             raise
-        await splice(stream, backend, label=f"{session.virtual}", idle_timeout=self.idle_timeout)
+        await splice(stream, backend, label=session.virtual, idle_timeout=self.idle_timeout)
 
     async def _connect(self, session: Session) -> trio.abc.Stream:
         internal = session.internal

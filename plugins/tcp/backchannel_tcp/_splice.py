@@ -19,11 +19,12 @@ async def splice(
     tunnel: TunnelStream,
     other: trio.abc.Stream,
     *,
-    label: str,
+    label: object,
     other_broke: tuple[ResetCode, str] = BACKEND_BROKE,
     idle_timeout: float = 0.0,
 ) -> None:
     """Pump until both directions ended; a failure on one side aborts the other side.
+    ``label`` names the connection in log lines (formatted with ``str`` only then).
 
     Each direction forwards EOF as a half-close where the destination supports it (TLS
     streams cannot half-close: their direction then stays open until the other ends). With
