@@ -144,9 +144,15 @@ class StepCounter(trio.abc.Instrument):
             self.steps += 1
 
 
-async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it() -> None:
+@pytest.mark.parametrize("with_moved", [False, True], ids=["plain", "moved"])
+async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it(
+    with_moved: bool,
+) -> None:
     """The tunnel's reader writes to the splice's socket itself: the splice task (which pumps
-    tunnel → socket in its own task) takes no step for data the socket takes at once."""
+    tunnel → socket in its own task) takes no step for data the socket takes at once. An idle
+    timer's ``moved`` does not cost that path: the reader calls it for each write."""
+    calls: list[None] = []
+    moved = (lambda: calls.append(None)) if with_moved else None
     with trio.fail_after(GUARD):
         async with tunnel_pair() as pair, socket_pair() as (client, a):
             opener, acceptor = await pair.open_pair()
@@ -155,7 +161,7 @@ async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it() 
 
                 async def run_splice() -> None:
                     splicer.append(trio.lowlevel.current_task())
-                    await splice_streams(a, acceptor)  # acceptor → a in this task
+                    await splice_streams(a, acceptor, moved=moved)  # acceptor → a in this task
 
                 nursery.start_soon(run_splice)
                 await trio.testing.wait_all_tasks_blocked()
@@ -170,6 +176,10 @@ async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it() 
                     trio.lowlevel.remove_instrument(counter)
                 assert counter.steps == 0
                 assert acceptor.buffered == 0
+                assert len(calls) == (5 if with_moved else 0)
+                await client.send_all(b"the other way")  # read by the splice: moved too
+                assert await receive_exactly(opener, 13) == b"the other way"
+                assert len(calls) == (6 if with_moved else 0)
                 await opener.send_eof()  # the end still wakes it: the socket is half-closed
                 assert await client.receive_some(10) == b""
                 nursery.cancel_scope.cancel()
@@ -233,39 +243,6 @@ async def test_close_forcefully_closes_other_streams_as_trio_does() -> None:
     with pytest.raises(trio.ClosedResourceError):
         await left.send_all(b"x")
     assert await right.receive_some(10) == b""
-
-
-async def test_with_a_moved_callback_the_sink_still_writes_and_reports_each_write() -> None:
-    """An idle timer's ``moved`` does not cost the direct path: the tunnel's reader writes
-    to the waiting splice's socket and calls it (the splice task takes no step)."""
-    calls: list[None] = []
-    with trio.fail_after(GUARD):
-        async with tunnel_pair() as pair, socket_pair() as (client, a):
-            opener, acceptor = await pair.open_pair()
-            async with trio.open_nursery() as nursery:
-                splicer: list[trio.lowlevel.Task] = []
-
-                async def run_splice() -> None:
-                    splicer.append(trio.lowlevel.current_task())
-                    await splice_streams(a, acceptor, moved=lambda: calls.append(None))
-
-                nursery.start_soon(run_splice)
-                await trio.testing.wait_all_tasks_blocked()
-                counter = StepCounter(splicer[0])
-                trio.lowlevel.add_instrument(counter)
-                try:
-                    for n in range(5):
-                        message = b"answer %d" % n
-                        await opener.send_all(message)
-                        assert await receive_exactly(client, len(message)) == message
-                finally:
-                    trio.lowlevel.remove_instrument(counter)
-                assert counter.steps == 0
-                assert len(calls) == 5
-                await client.send_all(b"the other way")  # read by the splice: moved too
-                assert await receive_exactly(opener, 13) == b"the other way"
-                assert len(calls) == 6
-                nursery.cancel_scope.cancel()
 
 
 async def test_with_a_moved_callback_a_slow_reader_gets_it_called_while_it_drains() -> None:
