@@ -3,7 +3,8 @@
 Three TCP servers on 127.0.0.1 (ephemeral ports, announced as one JSON line on stdout):
 
 - ``sink``: reads until EOF, counting bytes, then answers the count as 8 bytes big-endian.
-- ``source``: reads an 8-byte big-endian count N, sends N bytes, then half-closes.
+- ``source``: reads an 8-byte big-endian count N, sends N bytes, then half-closes. N = 0 asks
+  whether the path is open end to end: the answer is one byte ``R``, then the next count is read.
 - ``hold``: sends one byte ``R`` on accept (so the client knows the path is established end to
   end), then holds the connection until the peer closes it.
 
@@ -57,6 +58,9 @@ async def _source(stream: trio.SocketStream) -> None:
     view = memoryview(PAYLOAD)
     try:
         (remaining,) = struct.unpack(">Q", await _receive_exactly(stream, 8))
+        while not remaining:  # a readiness probe
+            await stream.send_all(HOLD_BYTE)
+            (remaining,) = struct.unpack(">Q", await _receive_exactly(stream, 8))
         while remaining:
             size = min(remaining, CHUNK)
             await stream.send_all(view[:size])

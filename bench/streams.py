@@ -1,7 +1,11 @@
 """Many concurrent streams: aggregate throughput and fairness, tunnel vs direct vs peers.
 
 For each count (1, 10, 100, 1000 by default) the bench opens that many connections to the
-``source`` server through each path, then asks every one of them for the same number of bytes
+``source`` server through each path and waits until each is open end to end (a readiness probe
+answered by the server: a TCP connect returns once the front door's kernel accepted it, before
+a tunnel has opened its stream and the far end has connected to the server; without the probe
+the rates below would include how long the path takes to open 1,000 streams, which the
+new-stream scenario measures on its own). Then it asks every stream for the same number of bytes
 (``total / count``, at least :data:`MIN_PER_STREAM`) and reads them all at once in one ``epoll``
 loop. Aggregate MB/s = all bytes / (last stream done - first request); fairness = the slowest
 stream's rate / the fastest stream's rate, each stream's rate being its bytes / (its last byte -
@@ -24,6 +28,9 @@ from .scenarios import MIB, RssSampler
 MIN_PER_STREAM = 64 * 1024
 RECV_SIZE = 256 * 1024
 CONNECT_TIMEOUT = 30.0
+#: A count of 0 asks the source server whether the path is open; it answers one byte.
+READY_PROBE = struct.pack(">Q", 0)
+READY_ANSWER = b"R"
 
 
 def _open(port: int, count: int) -> list[socket.socket]:
@@ -40,9 +47,42 @@ def _open(port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def _wait_open(socks: Sequence[socket.socket], deadline: float) -> None:
+    """Send each (blocking) socket the source's readiness probe; wait for every answer."""
+    epoll = select.epoll()
+    try:
+        waiting = {}
+        for sock in socks:
+            sock.sendall(READY_PROBE)
+            sock.setblocking(False)
+            waiting[sock.fileno()] = sock
+            epoll.register(sock.fileno(), select.EPOLLIN)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{len(waiting)} of {len(socks)} streams not open end to end")
+            for fd, _ in epoll.poll(min(left, 1.0)):
+                try:
+                    answer = waiting[fd].recv(1)
+                except BlockingIOError:
+                    continue
+                if answer != READY_ANSWER:
+                    raise BenchError(f"readiness probe answered {answer!r}, not {READY_ANSWER!r}")
+                epoll.unregister(fd)
+                del waiting[fd]
+    finally:
+        epoll.close()
+
+
 def download_many(port: int, count: int, per_stream: int, deadline: float) -> dict[str, Any]:
     """``count`` concurrent downloads of ``per_stream`` bytes; rates and fairness."""
     socks = _open(port, count)
+    try:
+        _wait_open(socks, deadline)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     buffer = bytearray(RECV_SIZE)
     received = dict.fromkeys(range(count), 0)
     started: dict[int, float] = {}
@@ -52,7 +92,6 @@ def download_many(port: int, count: int, per_stream: int, deadline: float) -> di
         by_fd = {}
         request = struct.pack(">Q", per_stream)
         for index, sock in enumerate(socks):
-            sock.setblocking(False)
             by_fd[sock.fileno()] = index
             epoll.register(sock.fileno(), select.EPOLLIN)
         for index, sock in enumerate(socks):
