@@ -50,6 +50,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_receiving",
         "_send_waiter",
         "_sending",
+        "_sent",
         "_sink",
         "_tunnel",
         "accept_attributes",
@@ -76,6 +77,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._buffered = 0
         self._eof_received = False
         self._fin_sent = False
+        #: Payload bytes handed to the mux so far: the tunnel wakes the least served first.
+        self._sent = 0
         self._closed = False
         self._error: StreamError | None = None
         self._receive_waiter: trio.lowlevel.Task | None = None
@@ -209,7 +212,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await self._park_sender()
                     self._raise_if_cannot_send()
                     continue
-                offset += self._tunnel._mux_send(self.stream_id, view[offset:])
+                taken = self._tunnel._mux_send(self.stream_id, view[offset:])
+                offset += taken
+                self._sent += taken
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
@@ -228,6 +233,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         while offset < len(data) and not tunnel._send_blocked(self):
             offset += tunnel._mux_queue(self.stream_id, memoryview(data)[offset:])
         if offset:
+            self._sent += offset
             tunnel._wake_writer()  # one message for the whole read
         return offset
 

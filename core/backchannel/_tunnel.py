@@ -37,6 +37,7 @@ from ._proto._events import (
     WindowUpdated,
 )
 from ._proto._mux import Mux, MuxSettings
+from ._room_waiters import RoomWaiters
 from ._stream import TunnelStream
 
 log = logging.getLogger("backchannel.tunnel")
@@ -128,9 +129,9 @@ class Tunnel:
         self._streams: dict[int, TunnelStream] = {}
         self._writer_waiters = trio.lowlevel.ParkingLot()
         self._eager = transport if isinstance(transport, EagerTransport) else None
-        #: Streams waiting for the output queue to drain, in the order they blocked (a dict
-        #: as an ordered set): woken first come, first served, as many as the room allows.
-        self._output_blocked: dict[TunnelStream, None] = {}
+        #: Streams waiting for the output queue to drain: woken least served first (then in
+        #: the order they blocked), as many as the room allows.
+        self._output_blocked: RoomWaiters[TunnelStream] = RoomWaiters()
         self._nursery: trio.Nursery | None = None
         self._closed = trio.Event()
         self._close_reason = ""
@@ -332,14 +333,15 @@ class Tunnel:
             self._wake_blocked()
 
     def _wake_blocked(self, *, everyone: bool = False) -> None:
-        """Wake streams waiting for room, oldest first, about as many as the room below the
-        high-water mark takes (one send step each). Waking all of them would let whichever
+        """Wake streams waiting for room, least served first, about as many as the room below
+        the high-water mark takes (one send step each). Waking all of them would let whichever
         runs first take the room each time (1,000 streams: the same few, and 1,000 wake-ups
-        per message); a woken stream that finds no room queues itself again at the end."""
+        per message); a woken stream that finds no room queues itself again."""
         room = self._settings.output_high_water - self._mux.pending_bytes
-        while self._output_blocked and (everyone or room > 0):
-            stream = next(iter(self._output_blocked))
-            del self._output_blocked[stream]
+        while everyone or room > 0:
+            stream = self._output_blocked.pop()
+            if stream is None:
+                return
             stream._on_window()
             room -= MAX_SEND_CHUNK
 
@@ -460,10 +462,15 @@ class Tunnel:
     def _send_blocked(self, stream: TunnelStream) -> bool:
         if self._mux.pending_bytes >= self._settings.output_high_water or (
             # Others are waiting for room: one send step queued per stream at a time, so the
-            # streams take turns (round robin) instead of the first ones filling the queue.
-            self._output_blocked and self._mux.queued_data(stream.stream_id) >= MAX_SEND_CHUNK
+            # streams take turns instead of the first ones filling the queue, and none queues
+            # ahead of a waiting stream that has been served less (_room_waiters.py).
+            self._output_blocked
+            and (
+                self._mux.queued_data(stream.stream_id) >= MAX_SEND_CHUNK
+                or self._output_blocked.any_served_less_than(stream._sent)
+            )
         ):
-            self._output_blocked[stream] = None
+            self._output_blocked.add(stream, stream._sent)
             return True
         return self._mux.send_window(stream.stream_id) == 0
 
@@ -497,5 +504,5 @@ class Tunnel:
     def _forget_stream(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
-            self._output_blocked.pop(stream, None)
+            self._output_blocked.discard(stream)
         self._close_if_drained()

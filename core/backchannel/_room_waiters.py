@@ -1,0 +1,78 @@
+"""The streams waiting for room in a tunnel's output queue, and the order they get it in.
+
+Least served first: a stream that has sent less gets room before one that has sent more, up to
+:data:`SERVED_LIMIT` bytes; beyond it streams count as equal and take turns in the order they
+started waiting. Without it, the streams that started first (or whose backend answered first)
+go through their whole answer in the short turns of a lightly loaded tunnel while requests for
+the others are still on their way, and a new stream's first bytes wait a whole round behind
+every bulk transfer (1,000 streams: 1,000 send steps). docs/performance.md, "Least served
+first", has the measurements.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Generic, TypeVar
+
+#: Below this many bytes sent, streams get room least served first; at or above it, in turn.
+#: 256 KiB (four send steps): the answer to most requests, and the first reads of a bulk
+#: transfer. A bulk transfer gives way to newer streams only until they have sent this much.
+SERVED_LIMIT = 256 * 1024
+
+Waiter = TypeVar("Waiter")
+
+
+class RoomWaiters(Generic[Waiter]):
+    """A priority queue of waiters by bytes served (capped at :data:`SERVED_LIMIT`), first come
+    first served among equals; each waiter is in it at most once."""
+
+    __slots__ = ("_heap", "_members", "_sequence")
+
+    def __init__(self) -> None:
+        #: (served, sequence, waiter); entries of waiters discarded since are skipped lazily.
+        self._heap: list[tuple[int, int, Waiter]] = []
+        self._members: dict[Waiter, int] = {}
+        self._sequence = 0
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, waiter: Waiter) -> bool:
+        return waiter in self._members
+
+    def add(self, waiter: Waiter, served: int) -> None:
+        """Queue ``waiter``, which has been served ``served`` bytes; no-op if it is queued."""
+        if waiter in self._members:
+            return
+        self._sequence += 1
+        self._members[waiter] = self._sequence
+        heapq.heappush(self._heap, (min(served, SERVED_LIMIT), self._sequence, waiter))
+
+    def discard(self, waiter: Waiter) -> None:
+        """Forget ``waiter`` if it is queued (its heap entry goes when it reaches the top)."""
+        self._members.pop(waiter, None)
+
+    def least_served(self) -> int | None:
+        """The (capped) bytes served of the waiter that would be woken next; None if empty."""
+        self._drop_stale()
+        return self._heap[0][0] if self._heap else None
+
+    def pop(self) -> Waiter | None:
+        """Remove and return the waiter to wake next; None if there is none."""
+        self._drop_stale()
+        if not self._heap:
+            return None
+        _, _, waiter = heapq.heappop(self._heap)
+        del self._members[waiter]
+        return waiter
+
+    def any_served_less_than(self, served: int) -> bool:
+        """True if a waiter has been served less than ``served`` bytes (capped): a stream that
+        has sent that much gives way to it."""
+        least = self.least_served()
+        return least is not None and least < min(served, SERVED_LIMIT)
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap and self._members.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
