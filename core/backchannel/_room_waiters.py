@@ -12,6 +12,7 @@ first", has the measurements.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 #: Below this many bytes sent, streams get room least served first; at or above it, in turn.
@@ -19,7 +20,11 @@ from typing import Generic, TypeVar
 #: transfer. A bulk transfer gives way to newer streams only until they have sent this much.
 SERVED_LIMIT = 256 * 1024
 
-Waiter = TypeVar("Waiter")
+#: Stale heap entries tolerated beyond the live ones before :meth:`RoomWaiters.discard`
+#: rebuilds the heap.
+STALE_MARGIN = 64
+
+Waiter = TypeVar("Waiter", bound=Hashable)
 
 
 class RoomWaiters(Generic[Waiter]):
@@ -49,8 +54,15 @@ class RoomWaiters(Generic[Waiter]):
         heapq.heappush(self._heap, (min(served, SERVED_LIMIT), self._sequence, waiter))
 
     def discard(self, waiter: Waiter) -> None:
-        """Forget ``waiter`` if it is queued (its heap entry goes when it reaches the top)."""
-        self._members.pop(waiter, None)
+        """Forget ``waiter`` if it is queued. Its heap entry goes when it reaches the top, or
+        when stale entries outnumber live ones (plus a margin): then the heap is rebuilt, so
+        it stays within about twice the waiters however many were discarded."""
+        if self._members.pop(waiter, None) is None:
+            return
+        if len(self._heap) > 2 * len(self._members) + STALE_MARGIN:
+            members = self._members
+            self._heap = [entry for entry in self._heap if members.get(entry[2]) == entry[1]]
+            heapq.heapify(self._heap)
 
     def least_served(self) -> int | None:
         """The (capped) bytes served of the waiter that would be woken next; None if empty."""

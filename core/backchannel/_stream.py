@@ -231,9 +231,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         tunnel = self._tunnel
         offset = 0
         while offset < len(data) and not tunnel._send_blocked(self):
-            offset += tunnel._mux_queue(self.stream_id, memoryview(data)[offset:])
+            taken = tunnel._mux_queue(self.stream_id, memoryview(data)[offset:])
+            offset += taken
+            self._sent += taken
         if offset:
-            self._sent += offset
             tunnel._wake_writer()  # one message for the whole read
         return offset
 
@@ -390,6 +391,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._error is not None:
             return
         self._error = error
+        self._tunnel._output_blocked.discard(self)  # it sends nothing more: others need not wait
         if not self._eof_received:
             # Without the FIN the data received so far is a fragment: do not hand it out.
             self._chunks.clear()

@@ -456,6 +456,7 @@ class Tunnel:
                 self.abort(self._translate_closed(exc) or f"sending failed: {exc!r}")
                 return
             if not self._mux.pending_bytes and not eager.send_pending:
+                self._wake_blocked(everyone=True)  # as the writer would before parking
                 return
         self._writer_waiters.unpark_all()
 
@@ -472,6 +473,7 @@ class Tunnel:
         ):
             self._output_blocked.add(stream, stream._sent)
             return True
+        self._output_blocked.discard(stream)  # it may send: it waits no longer (if it did)
         return self._mux.send_window(stream.stream_id) == 0
 
     def _mux_send(self, stream_id: int, data: memoryview) -> int:
