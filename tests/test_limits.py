@@ -18,7 +18,14 @@ import trio
 import trio.testing
 from python_socks import ProxyError
 
-from backchannel import ConnectorConfig, Gateway, GatewayConfig, open_connector, open_gateway
+from backchannel import (
+    ConnectionLimit,
+    ConnectorConfig,
+    Gateway,
+    GatewayConfig,
+    open_connector,
+    open_gateway,
+)
 from tests.harness import (
     APP_SECRET,
     audit_lines,
@@ -83,6 +90,51 @@ async def test_socks5_front_door_serves_at_most_max_connections(tmp_path: Path) 
             assert await stream.receive_some(4) == b"ping"
         await second.aclose()
         await third.aclose()
+
+
+async def test_a_port_forward_serves_at_most_max_connections(tmp_path: Path) -> None:
+    forward = {"listen": "127.0.0.1:0", "subaccount": "acme", "target": f"{ECHO}:7"}
+    plugins = {"tcp": {"max_connections": 2, "forwards": [forward]}}
+    async with limited_pair(tmp_path, gateway={}, plugins=plugins) as gateway:
+        (door,) = [k for k in gateway.front_door_addresses if k.startswith("tcp.forward")]
+        address = gateway.front_door_addresses[door][0]
+        first = await trio.open_tcp_stream(address.host, address.port)
+        second = await trio.open_tcp_stream(address.host, address.port)
+        for stream in (first, second):  # both served end to end
+            await stream.send_all(b"ping")
+            with trio.fail_after(10):
+                assert await stream.receive_some(4) == b"ping"
+        third = await trio.open_tcp_stream(address.host, address.port)
+        with trio.fail_after(5):
+            assert await third.receive_some(1) == b""  # closed at once, nothing read
+        await first.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        fourth = await trio.open_tcp_stream(address.host, address.port)  # a place is free
+        await fourth.send_all(b"pong")
+        with trio.fail_after(10):
+            assert await fourth.receive_some(4) == b"pong"
+        await second.send_all(b"more")  # the one served all along carries on
+        with trio.fail_after(10):
+            assert await second.receive_some(4) == b"more"
+        for stream in (second, third, fourth):
+            await stream.aclose()
+
+
+async def test_try_admit_counts_refuses_and_reports_above_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limit = ConnectionLimit(2, "test door")
+    assert limit.try_admit()
+    assert limit.try_admit()
+    assert limit.active == 2
+    assert not limit.try_admit()
+    assert limit.active == 2
+    assert limit.refused == 1
+    assert "test door: 2 connections open (max_connections)" in caplog.text
+    limit.release()
+    assert limit.active == 1
+    assert limit.try_admit()
+    assert limit.active == 2
 
 
 async def test_http_proxy_serves_at_most_max_connections(tmp_path: Path) -> None:

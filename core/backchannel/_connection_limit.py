@@ -23,7 +23,8 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 class ConnectionLimit:
     """Count a listener's connections; refuse those above ``limit``.
 
-    Use ``trio.serve_listeners(limit.wrap(handler), listeners)``.
+    Use ``trio.serve_listeners(limit.wrap(handler), listeners)``, or call :meth:`try_admit`
+    and :meth:`release` in the handler.
     """
 
     #: The default of every front door's ``max_connections``.
@@ -43,18 +44,31 @@ class ConnectionLimit:
         """``handler`` behind the cap."""
 
         async def limited(stream: trio.SocketStream) -> None:
-            if self.active >= self.limit:
-                self.refused += 1
-                self._report()
+            if not self.try_admit():
                 await trio.aclose_forcefully(stream)
                 return
-            self.active += 1
             try:
                 await handler(stream)
             finally:
-                self.active -= 1
+                self.release()
 
         return limited
+
+    def try_admit(self) -> bool:
+        """Count a new connection in; above the cap, count and report it as refused and return
+        False (the caller closes it). Call :meth:`release` once an admitted connection has
+        been served. For a handler that checks the cap itself instead of being wrapped:
+        :meth:`wrap`'s coroutine frame lives as long as the connection (about 0.3 KiB)."""
+        if self.active >= self.limit:
+            self.refused += 1
+            self._report()
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        """An admitted connection has been served."""
+        self.active -= 1
 
     def _report(self) -> None:
         now = trio.current_time()

@@ -164,7 +164,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if self._error is not None:
                     raise trio.BrokenResourceError(str(self._error)) from self._error
                 parked = True
-                await self._park_receiver()
+                # Parked here, not in a helper coroutine: an idle stream's waiting receiver
+                # would hold that coroutine's frame too (about 0.2 KiB per idle stream).
+                self._receive_waiter = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_receiver)
             if not parked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
@@ -313,10 +316,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     # ---------------------------------------------------------------- waiting
-
-    async def _park_receiver(self) -> None:
-        self._receive_waiter = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_receiver)
 
     def _abort_receiver(self, _: Any) -> trio.lowlevel.Abort:
         self._receive_waiter = None

@@ -109,9 +109,12 @@ class Socks5FrontDoor:
         """Listen and serve SOCKS5 clients until cancelled."""
         listeners = await _bind(self._listen)
         task_status.started(_bound(listeners))
-        await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
+        await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
+        if not self.connections.try_admit():  # not wrap(): one coroutine frame less per stream
+            await close_forcefully(client)
+            return
         peer = _peer(client)
         try:
             negotiated = None
@@ -145,6 +148,7 @@ class Socks5FrontDoor:
         except Exception:
             log.exception("socks5 %s: unexpected failure", peer)
         finally:
+            self.connections.release()
             await close_forcefully(client)
 
     async def _negotiate(
@@ -266,11 +270,14 @@ class PortForward:
         """Listen and forward until cancelled."""
         listeners = await _bind(self._listen)
         task_status.started(_bound(listeners))
-        await trio.serve_listeners(self.connections.wrap(self._handle), listeners)
+        await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         # The client's address is formatted only for a log line: an idle connection holds no
         # strings for it (memory per idle stream, docs/performance.md).
+        if not self.connections.try_admit():  # not wrap(): one coroutine frame less per stream
+            await close_forcefully(client)
+            return
         try:
             try:
                 stream = await self._services.open_stream(
@@ -293,6 +300,7 @@ class PortForward:
         except Exception:
             log.exception("forward %s: unexpected failure", self.name)
         finally:
+            self.connections.release()
             await close_forcefully(client)
 
 
