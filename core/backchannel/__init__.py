@@ -49,6 +49,7 @@ from ._plugin_api import SystemMapping as SystemMapping
 from ._principal_errors import PrincipalError as PrincipalError
 from ._principal_errors import PrincipalReason as PrincipalReason
 from ._proto._errors import ResetCode as ResetCode
+from ._serve import serve_connections as serve_connections
 from ._sockio import close_forcefully as close_forcefully
 from ._splice import splice_streams as splice_streams
 from ._stream import TunnelStream as TunnelStream

@@ -20,6 +20,7 @@ from backchannel import (
     StreamError,
     TunnelStream,
     close_forcefully,
+    serve_connections,
 )
 
 from ._socks5 import (
@@ -109,14 +110,16 @@ class Socks5FrontDoor:
         """Listen and serve SOCKS5 clients until cancelled."""
         listeners = await _bind(self._listen)
         task_status.started(_bound(listeners))
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_connections(self._handle, listeners, task_name=self.name)
 
     async def _handle(self, client: trio.SocketStream) -> None:
+        # The connection is ours to close on every path (serve_connections, no wrapper).
         if not self.connections.try_admit():  # not wrap(): one coroutine frame less per stream
             await close_forcefully(client)
             return
-        peer = _peer(client)
+        peer = "?"
         try:
+            peer = _peer(client)
             negotiated = None
             with trio.move_on_after(self._handshake_timeout):
                 negotiated, connection = await self._negotiate(client)
@@ -270,11 +273,12 @@ class PortForward:
         """Listen and forward until cancelled."""
         listeners = await _bind(self._listen)
         task_status.started(_bound(listeners))
-        await trio.serve_listeners(self._handle, listeners)
+        await serve_connections(self._handle, listeners, task_name=self.name)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         # The client's address is formatted only for a log line: an idle connection holds no
-        # strings for it (memory per idle stream, docs/performance.md).
+        # strings for it (memory per idle stream, docs/performance.md). The connection is ours
+        # to close on every path (serve_connections, no wrapper).
         if not self.connections.try_admit():  # not wrap(): one coroutine frame less per stream
             await close_forcefully(client)
             return
