@@ -14,8 +14,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
 
 import trio
 
@@ -25,8 +25,14 @@ log = logging.getLogger("backchannel.serve")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: Seconds to wait before accepting again after such a failure.
 RETRY_AFTER = 0.1
+_FILES_ADVICE = "raise the open-files limit (ulimit -n / LimitNOFILE) or lower max_connections"
+_MEMORY_ADVICE = (
+    "the system is short of memory (or socket buffers): free some or lower max_connections"
+)
+_ADVICE = {errno.EMFILE: _FILES_ADVICE, errno.ENFILE: _FILES_ADVICE}
 
-OwningHandler = Callable[[trio.SocketStream], Awaitable[object]]
+#: An async function (a coroutine function) taking the accepted stream.
+OwningHandler = Callable[[trio.SocketStream], Coroutine[Any, Any, object]]
 
 
 async def serve_connections(
@@ -40,8 +46,10 @@ async def serve_connections(
     runs ``handler(stream)``, named ``task_name`` (a keyword of its own: ``name`` is
     ``nursery.start``'s).
 
-    The handler owns the stream: it must close it on every path, the first thing it does
-    inside a ``try`` / ``finally`` (:func:`backchannel.close_forcefully` closes a socket at once).
+    The handler, an async function, owns the stream: it must close it on every path, the first
+    thing it does inside a ``try`` / ``finally`` (:func:`backchannel.close_forcefully` closes a
+    socket at once). A handler that cannot even be started (it raises when called) has its
+    stream closed here, and the error ends the serving.
     When the process runs out of descriptors or memory, ``accept`` is retried every
     :data:`RETRY_AFTER` seconds and an error is logged each time; other errors end the serving.
     The listeners are closed when it ends.
@@ -64,13 +72,19 @@ async def _accept_forever(
                 if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                     raise
                 log.error(
-                    "%s: accept failed with %s (%s), retrying in %g s: raise the open-files "
-                    "limit (ulimit -n / LimitNOFILE) or lower max_connections",
+                    "%s: accept failed with %s (%s), retrying in %g s: %s",
                     name,
                     errno.errorcode[exc.errno],
                     os.strerror(exc.errno),
                     RETRY_AFTER,
+                    _ADVICE.get(exc.errno, _MEMORY_ADVICE),
                 )
                 await trio.sleep(RETRY_AFTER)
             else:
-                nursery.start_soon(handler, stream, name=name)
+                try:
+                    nursery.start_soon(handler, stream, name=name)
+                except BaseException:
+                    # The handler could not even start (not an async function, or it failed
+                    # when called): nobody owns the connection, so close it here.
+                    stream.socket.close()
+                    raise
