@@ -183,19 +183,25 @@ class Served:
         assert self.door.connections.active == 0
 
 
+async def start_serving(nursery: trio.Nursery, door: Door) -> RecordingListener:
+    """Start ``door`` in ``nursery`` as its ``serve`` does, on a new recording listener."""
+    listener = await recording_listener()
+    await nursery.start(
+        partial(
+            serve_connections,
+            door._handle,
+            [listener.as_socket_listener()],
+            task_name=door.name,
+        )
+    )
+    return listener
+
+
 @asynccontextmanager
 async def serving(door: Door) -> AsyncIterator[Served]:
     """``door`` served as its ``serve`` does, on a recording listener."""
-    listener = await recording_listener()
     async with trio.open_nursery() as nursery:
-        await nursery.start(
-            partial(
-                serve_connections,
-                door._handle,
-                [listener.as_socket_listener()],
-                task_name=door.name,
-            )
-        )
+        listener = await start_serving(nursery, door)
         yield Served(door, listener)
         nursery.cancel_scope.cancel()
     assert listener.socket.fileno() == -1
@@ -427,16 +433,7 @@ async def test_shutdown_closes_every_client_wherever_its_handler_waits() -> None
             listeners: list[RecordingListener] = []
             async with trio.open_nursery() as nursery:
                 for door in (socks_door, hang_door, echo_door):
-                    listener = await recording_listener()
-                    listeners.append(listener)
-                    await nursery.start(
-                        partial(
-                            serve_connections,
-                            door._handle,
-                            [listener.as_socket_listener()],
-                            task_name=door.name,
-                        )
-                    )
+                    listeners.append(await start_serving(nursery, door))
 
                 async def connect(listener: RecordingListener) -> trio.SocketStream:
                     client = await trio.open_tcp_stream("127.0.0.1", listener.port)

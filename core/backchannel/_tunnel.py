@@ -456,7 +456,8 @@ class Tunnel:
                 self.abort(self._translate_closed(exc) or f"sending failed: {exc!r}")
                 return
             if not self._mux.pending_bytes and not eager.send_pending:
-                self._wake_blocked(everyone=True)  # as the writer would before parking
+                if self._output_blocked:  # (every small send passes here: skip the call)
+                    self._wake_blocked(everyone=True)  # as the writer would before parking
                 return
         self._writer_waiters.unpark_all()
 
