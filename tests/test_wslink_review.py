@@ -259,7 +259,7 @@ async def test_tiny_fragments_do_not_cost_more_memory_than_their_payload(pki: Pk
             wire = frame(Opcode.BINARY, b"a", masked=True, fin=False) + b"".join(
                 frame(Opcode.CONTINUATION, b"b", masked=True, fin=False) for _ in range(count)
             )
-            received: list[bytes | str] = []
+            received: list[bytes | bytearray | str] = []
             with traced() as held:
                 async with trio.open_nursery() as nursery:
 

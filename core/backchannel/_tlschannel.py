@@ -35,6 +35,9 @@ import contextlib
 import os
 import ssl
 import sys
+from collections.abc import Callable
+from functools import partial
+from typing import cast
 
 import trio
 
@@ -106,11 +109,18 @@ class TlsChannel(trio.abc.Stream):
         return buffer
 
     async def receive_into(self, buffer: bytearray, max_bytes: int = SOCKET_READ) -> int:
-        """:meth:`receive_some`, appending to ``buffer`` (the WebSocket link's: one copy of
-        every byte less); returns how many bytes it appended, 0 at the end."""
+        """:meth:`receive_some`, appending to ``buffer``; returns how many bytes it appended,
+        0 at the end."""
+        return await self.receive_with(partial(self.decrypt, buffer, max_bytes))
+
+    async def receive_with(self, step: Callable[[], int | None]) -> int:
+        """Call ``step`` (which decrypts with :meth:`decrypt`, wherever it likes) until it
+        returns a count, reading the socket whenever it returns None; returns that count (0:
+        the end). A checkpoint, also when served from memory. The WebSocket link decrypts a
+        frame's header into its read buffer and a large payload into a buffer of its own."""
         awaited = False
         while True:
-            added = self._decrypt_into(buffer, max_bytes)
+            added = step()
             if added is not None:
                 if not awaited:  # every call is a checkpoint, also when served from memory
                     await trio.lowlevel.checkpoint()
@@ -122,12 +132,20 @@ class TlsChannel(trio.abc.Stream):
             await self._read_socket()
             awaited = True
 
-    def _decrypt_into(self, buffer: bytearray, limit: int) -> int | None:
-        """Append what the SSL object can decrypt now; None if it needs more (0: the end)."""
+    def decrypt(self, target: bytearray | memoryview, limit: int) -> int | None:
+        """Decrypt what is decryptable now, up to ``limit`` bytes, without I/O: appended to a
+        bytearray, or written into a memoryview from its start (``limit`` at most its length).
+        The count; None if nothing is decryptable before more is read (0: the end)."""
         size = 0
         while size < limit:
             try:
-                part = self._ssl.read(limit - size)
+                if isinstance(target, memoryview):
+                    # typeshed says bytes; with a buffer the SSL object returns the count.
+                    count = cast("int", self._ssl.read(limit - size, target[size:]))
+                else:
+                    part = self._ssl.read(limit - size)
+                    target += part
+                    count = len(part)
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -138,11 +156,10 @@ class TlsChannel(trio.abc.Stream):
                 if size:  # hand over what came before the error; the next call raises it
                     break
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
-            if not part:
+            if not count:
                 self._eof = True
                 break
-            buffer += part
-            size += len(part)
+            size += count
         if size:
             return size
         return 0 if self._eof else None

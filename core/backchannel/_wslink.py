@@ -38,6 +38,9 @@ RECEIVE_SIZE = 256 * 1024
 #: From this payload size on a frame's header goes to TLS apart from its body (one record
 #: more, one copy less).
 SEPARATE_HEADER = 64 * 1024
+#: From this payload size on, the rest of a frame that has not all arrived is decrypted straight
+#: into a buffer of its own (no copy into the read buffer and out again).
+DIRECT_PAYLOAD = 64 * 1024
 #: How long :meth:`WebSocketLink.aclose` waits for the peer's close frame.
 CLOSE_TIMEOUT = 1.0
 #: Control replies (pongs, the close echo) that wait for a send in progress; beyond this the
@@ -85,6 +88,8 @@ _SHORT = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
+#: The longest frame header: 2 bytes, a 64-bit length, a masking key.
+_MAX_HEADER = 14
 
 
 def close_name(code: int) -> str:
@@ -252,6 +257,19 @@ class HandshakeStream(trio.abc.Stream):
         await self.channel.aclose()
 
 
+class _PartialFrame:
+    """A large frame whose payload the link decrypts straight into ``payload``."""
+
+    __slots__ = ("filled", "fin", "key", "opcode", "payload")
+
+    def __init__(self, opcode: int, fin: bool, key: bytes, payload: bytearray, filled: int):
+        self.opcode = opcode
+        self.fin = fin
+        self.key = key
+        self.payload = payload
+        self.filled = filled
+
+
 class WebSocketLink:
     """An open WebSocket over ``channel`` (the tunnel's: a
     :class:`~backchannel._tlschannel.TlsChannel`); ``client`` is the side that masks.
@@ -278,6 +296,8 @@ class WebSocketLink:
         #: ~40 bytes per fragment, however small), and its opcode.
         self._fragments = bytearray()
         self._fragment_opcode = 0
+        #: The large frame being received straight into its payload (see DIRECT_PAYLOAD).
+        self._partial: _PartialFrame | None = None
         self._close_sent = False
         self._closed: WebSocketClosed | None = None
         self._closed_event = trio.Event()
@@ -293,7 +313,7 @@ class WebSocketLink:
 
     # ------------------------------------------------------------------ receiving
 
-    async def get_message(self) -> bytes | str:
+    async def get_message(self) -> bytes | bytearray | str:
         """The next data message; raises :class:`WebSocketClosed` once the WebSocket closed."""
         self._receiving = True
         try:
@@ -301,7 +321,7 @@ class WebSocketLink:
         finally:
             self._receiving = False
 
-    async def _get_message(self) -> bytes | str:
+    async def _get_message(self) -> bytes | bytearray | str:
         while True:
             if self._closed is not None:
                 raise self._closed
@@ -331,17 +351,52 @@ class WebSocketLink:
                 self._set_closed(CLOSE_ABNORMAL, "the connection ended without a close frame")
 
     async def _receive(self) -> int:
-        """Read more into the buffer; the count (0: the connection ended)."""
-        if isinstance(self.channel, TlsChannel):  # decrypts straight into the buffer
-            return await self.channel.receive_into(self._buffer, RECEIVE_SIZE)
+        """Read more into the buffer (or the large frame's own); the count (0: the end)."""
+        if isinstance(self.channel, TlsChannel):  # decrypts straight into the buffers
+            return await self.channel.receive_with(self._decrypt_step)
         data = await self.channel.receive_some(RECEIVE_SIZE)
         self._buffer += data
         return len(data)
 
+    def _decrypt_step(self) -> int | None:
+        """Decrypt what the TLS channel can now (see TlsChannel.decrypt): into the large
+        frame's own buffer while one is open (at most its rest); at a frame's start its header
+        first, so that _next_frame can give a large payload a buffer of its own, then (for a
+        smaller frame) the rest of what is decryptable now."""
+        channel = self.channel
+        assert isinstance(channel, TlsChannel)
+        partial = self._partial
+        if partial is not None:
+            rest = memoryview(partial.payload)[partial.filled :]
+            count = channel.decrypt(rest, len(rest))
+            if count:
+                partial.filled += count
+            return count
+        buffer = self._buffer
+        if len(buffer) >= _MAX_HEADER:
+            return channel.decrypt(buffer, RECEIVE_SIZE)
+        count = channel.decrypt(buffer, _MAX_HEADER - len(buffer))
+        if count and not self._large_frame_ahead():
+            count += channel.decrypt(buffer, RECEIVE_SIZE) or 0
+        return count
+
+    def _large_frame_ahead(self) -> bool:
+        """Whether the buffer starts with the whole header of a frame of DIRECT_PAYLOAD bytes
+        or more (its validity is _next_frame's to check)."""
+        buffer = self._buffer
+        if len(buffer) < 2:
+            return False
+        length = buffer[1] & 0x7F
+        if length == 126 and len(buffer) >= 4:
+            return bool(_U16.unpack_from(buffer, 2)[0] >= DIRECT_PAYLOAD)
+        if length == 127 and len(buffer) >= 10:
+            return bool(_U64.unpack_from(buffer, 2)[0] >= DIRECT_PAYLOAD)
+        return False
+
     def _closed_or_abnormal(self) -> WebSocketClosed:
         return self._closed or WebSocketClosed(CLOSE_ABNORMAL, "connection lost")
 
-    def _next_message(self) -> bytes | str | None:
+    def _next_message(self) -> bytes | bytearray | str | None:
         """Parse frames from the buffer until a message is complete (None: need more)."""
         while self._closed is None:
             frame = self._next_frame()
@@ -375,8 +430,15 @@ class WebSocketLink:
             return payload
         return None
 
-    def _next_frame(self) -> tuple[int, bool, bytes] | None:
+    def _next_frame(self) -> tuple[int, bool, bytes | bytearray] | None:
         """One whole frame off the buffer (unmasked), or None if it has not all arrived."""
+        partial = self._partial
+        if partial is not None:
+            if partial.filled < len(partial.payload):
+                return None
+            self._partial = None
+            filled = partial.payload
+            return partial.opcode, partial.fin, mask(filled, partial.key) if partial.key else filled
         buffer = self._buffer
         available = len(buffer)
         if available < 2:
@@ -425,13 +487,20 @@ class WebSocketLink:
             position += 4
         end = position + length
         if available < end:
+            if length >= DIRECT_PAYLOAD and isinstance(self.channel, TlsChannel):
+                # The rest goes straight into the payload's own buffer (see _receive).
+                direct = bytearray(length)
+                with memoryview(buffer) as view:
+                    direct[: available - position] = view[position:]
+                buffer.clear()
+                self._partial = _PartialFrame(opcode, fin, key, direct, available - position)
             return None
         with memoryview(buffer) as view:
             payload = mask(view[position:end], key) if masked else bytes(view[position:end])
         del buffer[:end]
         return opcode, fin, payload
 
-    def _on_control(self, opcode: int, payload: bytes) -> None:
+    def _on_control(self, opcode: int, payload: bytes | bytearray) -> None:
         if opcode == OP_PING:
             self._pending_controls.append(build_frame(OP_PONG, payload, client=self._client))
         elif opcode == OP_CLOSE:
@@ -579,7 +648,7 @@ class WebSocketLink:
                 await trio.aclose_forcefully(self.channel)
 
 
-def _parse_close(payload: bytes) -> tuple[int, str]:
+def _parse_close(payload: bytes | bytearray) -> tuple[int, str]:
     if not payload:
         return CLOSE_NO_STATUS, ""
     if len(payload) == 1:
