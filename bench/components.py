@@ -118,6 +118,7 @@ def layers(
     tls_send, tls_recv = (client, server) if sender_is_client else (server, client)
     # The receiving link parses what tls_recv decrypts into its buffer (no socket involved).
     link = WebSocketLink(tls_recv, client=not sender_is_client, max_message_size=16 * MIB)
+    link.allow_direct_payloads()  # as the tunnel's links once the peer authenticated
 
     payload = memoryview(bytes(range(256)) * (SPLICE_CHUNK // 256))
     clock = _Clock()
@@ -214,6 +215,8 @@ async def _tunnel_link_ends(
         handshakes.start_soon(server.do_handshake)
     client_link = WebSocketLink(client, client=True, max_message_size=16 * MIB)
     server_link = WebSocketLink(server, client=False, max_message_size=16 * MIB)
+    for link in (client_link, server_link):  # as the tunnel's, once the peer authenticated
+        link.allow_direct_payloads()
     sending, receiving = (client_link, server_link) if client_sends else (server_link, client_link)
     return sending.send_message, receiving.get_message, [client, server, tcp, accepted]
 

@@ -1,7 +1,8 @@
 """Large frames decrypted straight into their own buffer (``_wslink.DIRECT_PAYLOAD``).
 
-From 64 KiB on, the rest of a frame that has not all arrived goes from the TLS object into a
-buffer of the frame's size instead of through the link's read buffer. These tests drive that
+From 64 KiB on, once the peer authenticated (``allow_direct_payloads``), the rest of a frame
+that has not all arrived goes from the TLS object into a buffer of the frame's size instead of
+through the link's read buffer. These tests drive that
 path over real TLS on 127.0.0.1 with raw frames a peer writes in awkward pieces: the messages
 must come out exactly as sent (masked or not, fragmented, with control frames and small frames
 around them), a connection that ends inside such a frame must close the link as abnormal, and
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import Any
 
 import pytest
 import trio
 
 from backchannel._tlschannel import TlsChannel
+from backchannel._transport import GatewayAddress, dial_gateway
+from backchannel._tunnel import TunnelSettings
 from backchannel._wslink import (
     CLOSE_ABNORMAL,
     DIRECT_PAYLOAD,
@@ -25,7 +29,15 @@ from backchannel._wslink import (
     WebSocketClosed,
     WebSocketLink,
 )
-from tests.test_wslink_review import GUARD, TLS_VERSIONS, Pki, frame, tls_pair
+from tests.test_wslink_review import (
+    GUARD,
+    TLS_VERSIONS,
+    Pki,
+    client_context,
+    frame,
+    gateway,
+    tls_pair,
+)
 from tests.test_wslink_review import pki as pki  # the fixture
 
 OP_CONTINUATION = 0x0
@@ -42,8 +54,11 @@ async def _write_in_pieces(channel: TlsChannel, wire: bytes, pieces: list[int]) 
         index += 1
 
 
-def _receiver(channel: TlsChannel, *, client: bool) -> WebSocketLink:
-    return WebSocketLink(channel, client=client, max_message_size=1 << 22)
+def _receiver(channel: TlsChannel, *, client: bool, direct: bool = True) -> WebSocketLink:
+    link = WebSocketLink(channel, client=client, max_message_size=1 << 22)
+    if direct:  # as the transport does once the peer authenticated
+        link.allow_direct_payloads()
+    return link
 
 
 @pytest.mark.parametrize("version", TLS_VERSIONS)
@@ -120,3 +135,42 @@ async def test_a_large_frame_is_the_buffer_it_was_decrypted_into(pki: Pki) -> No
     assert message == big
     assert isinstance(small, bytes)
     assert small == b"small"
+
+
+async def test_before_authentication_large_frames_are_buffered_as_they_arrive(pki: Pki) -> None:
+    """A new link (the transport allows direct payloads only once the peer authenticated)
+    takes the same frames the buffered way: same messages, copied out of the read buffer."""
+    big = os.urandom(300_000)
+    wire = frame(OP_BINARY, big, masked=False) + frame(OP_BINARY, b"small", masked=False)
+    with trio.fail_after(GUARD):
+        async with tls_pair(pki) as (client, server):
+            link = _receiver(client, client=True, direct=False)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_write_in_pieces, server, wire, [1, 20_000])
+                message = await link.get_message()
+                small = await link.get_message()
+    assert isinstance(message, bytes)
+    assert message == big
+    assert small == b"small"
+
+
+async def test_both_ends_of_a_tunnel_allow_direct_payloads_once_authenticated(pki: Pki) -> None:
+    """The transport turns the fast path on after HELLO and authentication, on both sides
+    (without it every large frame would silently take the buffered way)."""
+    outcome: list[Any] = []
+    with trio.fail_after(GUARD):
+        async with gateway(pki, outcome) as port, trio.open_nursery() as nursery:
+            ws, _, answer = await dial_gateway(
+                nursery,
+                GatewayAddress.parse(f"wss://127.0.0.1:{port}/tunnel"),
+                ssl_context=client_context(pki),
+                proxy=None,
+                hello={"role": "connector", "subaccount": "s"},
+                settings=TunnelSettings(),
+            )
+            assert answer["role"] == "gateway"
+            assert ws._direct_payloads
+            await ws.aclose()
+    _certificate, accepted = outcome
+    assert accepted is not None
+    assert accepted[0]._direct_payloads

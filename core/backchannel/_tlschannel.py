@@ -75,6 +75,8 @@ class TlsChannel(trio.abc.Stream):
         if isinstance(transport, trio.SocketStream) and sys.platform != "win32":
             self._fd = transport.socket.fileno()
         self._eof = False
+        #: A TLS error met after plaintext that went out first: raised by the next decrypt.
+        self._error: ssl.SSLError | None = None
         self._closed = False
         self._broken = False
 
@@ -116,14 +118,17 @@ class TlsChannel(trio.abc.Stream):
     async def receive_with(self, step: Callable[[], int | None]) -> int:
         """Call ``step`` (which decrypts with :meth:`decrypt`, wherever it likes) until it
         returns a count, reading the socket whenever it returns None; returns that count (0:
-        the end). A checkpoint, also when served from memory. The WebSocket link decrypts a
-        frame's header into its read buffer and a large payload into a buffer of its own."""
+        the end). A checkpoint, also when served from memory; a cancelled call takes nothing
+        (the step runs only once the call can no longer be cancelled, or after a socket read).
+        The WebSocket link decrypts a frame's header into its read buffer and a large payload
+        into a buffer of its own."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         awaited = False
         while True:
             added = step()
             if added is not None:
                 if not awaited:  # every call is a checkpoint, also when served from memory
-                    await trio.lowlevel.checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return added
             if self._outgoing.pending and self._unsent is None and not self._send_lock.locked():
                 # E.g. a key update answer (see the module's docstring); behind the rest of an
@@ -133,9 +138,17 @@ class TlsChannel(trio.abc.Stream):
             awaited = True
 
     def decrypt(self, target: bytearray | memoryview, limit: int) -> int | None:
-        """Decrypt what is decryptable now, up to ``limit`` bytes, without I/O: appended to a
-        bytearray, or written into a memoryview from its start (``limit`` at most its length).
-        The count; None if nothing is decryptable before more is read (0: the end)."""
+        """Decrypt what is decryptable now, up to ``limit`` bytes (at least 1), without I/O:
+        appended to a bytearray, or written into a (non-empty) memoryview from its start, at
+        most its length. The count; None if nothing is decryptable before more is read (0: the
+        end). A TLS error raises trio.BrokenResourceError; after plaintext that came before it
+        in the same call, at the next call."""
+        if isinstance(target, memoryview):
+            limit = min(limit, len(target))
+        if limit < 1:
+            raise ValueError("decrypt needs room for at least one byte")
+        if self._error is not None:
+            raise trio.BrokenResourceError(f"TLS error: {self._error}") from self._error
         size = 0
         while size < limit:
             try:
@@ -153,6 +166,7 @@ class TlsChannel(trio.abc.Stream):
                 self._eof = True
                 break
             except ssl.SSLError as exc:
+                self._error = exc
                 if size:  # hand over what came before the error; the next call raises it
                     break
                 raise trio.BrokenResourceError(f"TLS error: {exc}") from exc

@@ -172,6 +172,7 @@ async def _client_handshakes(
     try:
         await ws.send_message(mux.data_to_send())
         peer_info = await _await_hello(ws, mux, address)
+        ws.allow_direct_payloads()  # the gateway answered: no longer a stranger's frames
     except (WebSocketClosed, trio.BrokenResourceError, OSError) as exc:
         raise TunnelError(
             f"gateway {address} dropped the connection during the handshake: "
@@ -487,6 +488,7 @@ async def _server_handshakes(
             return None
         mux.send_hello(answer)
         await ws.send_message(mux.data_to_send())
+        ws.allow_direct_payloads()  # authenticated: no longer a stranger's frames
         return ws, mux, hello
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         log.info(

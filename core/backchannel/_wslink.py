@@ -38,8 +38,11 @@ RECEIVE_SIZE = 256 * 1024
 #: From this payload size on a frame's header goes to TLS apart from its body (one record
 #: more, one copy less).
 SEPARATE_HEADER = 64 * 1024
-#: From this payload size on, the rest of a frame that has not all arrived is decrypted straight
-#: into a buffer of its own (no copy into the read buffer and out again).
+#: From this payload size on, once :meth:`WebSocketLink.allow_direct_payloads` was called, the
+#: rest of a frame that has not all arrived is decrypted straight into a buffer of its own (no
+#: copy into the read buffer and out again). The buffer is allocated at the size the header
+#: announces, so not for a peer that has not authenticated yet: an announced size alone would
+#: cost up to ``max_message_size`` of memory.
 DIRECT_PAYLOAD = 64 * 1024
 #: How long :meth:`WebSocketLink.aclose` waits for the peer's close frame.
 CLOSE_TIMEOUT = 1.0
@@ -298,6 +301,7 @@ class WebSocketLink:
         self._fragment_opcode = 0
         #: The large frame being received straight into its payload (see DIRECT_PAYLOAD).
         self._partial: _PartialFrame | None = None
+        self._direct_payloads = False
         self._close_sent = False
         self._closed: WebSocketClosed | None = None
         self._closed_event = trio.Event()
@@ -305,6 +309,12 @@ class WebSocketLink:
         self._channel_closed = False
         self._sending = False
         self._receiving = False
+
+    def allow_direct_payloads(self) -> None:
+        """From now on, large frames go straight into buffers of their own (DIRECT_PAYLOAD):
+        for a peer that authenticated (before, its frames are buffered as they arrive). Only
+        over a :class:`~backchannel._tlschannel.TlsChannel` (elsewhere nothing changes)."""
+        self._direct_payloads = isinstance(self.channel, TlsChannel)
 
     @property
     def closed(self) -> WebSocketClosed | None:
@@ -361,24 +371,29 @@ class WebSocketLink:
     def _decrypt_step(self) -> int | None:
         """Decrypt what the TLS channel can now (see TlsChannel.decrypt): into the large
         frame's own buffer while one is open (at most its rest); at a frame's start its header
-        first, so that _next_frame can give a large payload a buffer of its own, then (for a
-        smaller frame) the rest of what is decryptable now."""
+        first, and the rest of what is decryptable now unless the header announces a frame
+        whose payload _next_frame gives a buffer of its own."""
         channel = self.channel
         assert isinstance(channel, TlsChannel)
         partial = self._partial
         if partial is not None:
             rest = memoryview(partial.payload)[partial.filled :]
+            assert rest, "a complete partial frame is _next_frame's to hand over"
             count = channel.decrypt(rest, len(rest))
             if count:
                 partial.filled += count
             return count
         buffer = self._buffer
-        if len(buffer) >= _MAX_HEADER:
+        if len(buffer) >= _MAX_HEADER or not self._direct_payloads:
             return channel.decrypt(buffer, RECEIVE_SIZE)
-        count = channel.decrypt(buffer, _MAX_HEADER - len(buffer))
-        if count and not self._large_frame_ahead():
-            count += channel.decrypt(buffer, RECEIVE_SIZE) or 0
-        return count
+        header = channel.decrypt(buffer, _MAX_HEADER - len(buffer))
+        if not header or self._large_frame_ahead():
+            return header
+        try:
+            more = channel.decrypt(buffer, RECEIVE_SIZE)
+        except trio.BrokenResourceError:
+            more = None  # the header's bytes go first; the channel raises it again next time
+        return header + (more or 0)
 
     def _large_frame_ahead(self) -> bool:
         """Whether the buffer starts with the whole header of a frame of DIRECT_PAYLOAD bytes
@@ -487,7 +502,7 @@ class WebSocketLink:
             position += 4
         end = position + length
         if available < end:
-            if length >= DIRECT_PAYLOAD and isinstance(self.channel, TlsChannel):
+            if self._direct_payloads and length >= DIRECT_PAYLOAD:
                 # The rest goes straight into the payload's own buffer (see _receive).
                 direct = bytearray(length)
                 with memoryview(buffer) as view:
