@@ -41,6 +41,7 @@ from backchannel import (
     TableReader,
     TunnelStream,
     close_forcefully,
+    serve_connections,
     splice_streams,
 )
 
@@ -533,22 +534,32 @@ async def serve_http(
     addresses = [HostPort(*lst.socket.getsockname()[:2]) for lst in listeners]
     task_status.started(addresses)
 
-    async def handle(client: trio.SocketStream) -> None:
-        try:
-            host, port, *_ = client.socket.getpeername()
-        except OSError:
-            host, port = "?", 0
-        try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await ClientConnection(
-                services, client, Client(host, port), router, limits, label
-            ).run()
-        except Exception:
-            log.exception("%s %s:%s: unexpected failure", label, host, port)
-            await trio.aclose_forcefully(client)
-
     limit = ConnectionLimit(limits.max_connections, label)
-    await trio.serve_listeners(limit.wrap(handle), listeners)
+
+    async def handle(client: trio.SocketStream) -> None:
+        # The connection is ours to close on every path (serve_connections, no wrapper): the
+        # outer finally closes it also when the relay's own close was cut short (cancelled
+        # while it dropped its tunnel leg).
+        try:
+            if not limit.try_admit():
+                return
+            try:
+                host, port, *_ = client.socket.getpeername()
+            except OSError:
+                host, port = "?", 0
+            try:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await ClientConnection(
+                    services, client, Client(host, port), router, limits, label
+                ).run()
+            except Exception:
+                log.exception("%s %s:%s: unexpected failure", label, host, port)
+            finally:
+                limit.release()
+        finally:
+            await close_forcefully(client)
+
+    await serve_connections(handle, listeners, task_name=label)
 
 
 class _HttpFrontDoor:

@@ -27,6 +27,8 @@ from backchannel import (
     GatewayServices,
     HostPort,
     TunnelStream,
+    close_forcefully,
+    serve_connections,
     splice_streams,
 )
 
@@ -72,18 +74,25 @@ class RfcFrontDoor:
         bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
         log.info("RFC front door listening on %s", ", ".join(map(str, bound)))
         task_status.started(bound)
-        await trio.serve_listeners(self.connections.wrap(self._serve_client), listeners)
+        await serve_connections(self._serve_client, listeners, task_name=self.name)
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        peer = _peer(stream)
+        # The connection is ours to close on every path (serve_connections, no wrapper).
         try:
-            with contextlib.suppress(OSError):  # already gone: serving it ends at the first read
-                stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await self._serve_connection(stream, peer)
-        except Exception:
-            # One broken connection must never take the listener (and the gateway) down.
-            log.exception("RFC client %s: connection failed", peer)
-            await trio.aclose_forcefully(stream)
+            if not self.connections.try_admit():  # not wrap(): one coroutine frame less
+                return
+            peer = _peer(stream)
+            try:
+                with contextlib.suppress(OSError):  # already gone: it ends at the first read
+                    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await self._serve_connection(stream, peer)
+            except Exception:
+                # One broken connection must never take the listener (and the gateway) down.
+                log.exception("RFC client %s: connection failed", peer)
+            finally:
+                self.connections.release()
+        finally:
+            await close_forcefully(stream)
 
     async def _serve_connection(self, stream: trio.SocketStream, peer: str) -> None:
         async with stream:

@@ -118,6 +118,8 @@ from backchannel import (
     GatewayServices,
     HostPort,
     StreamError,
+    close_forcefully,
+    serve_connections,
 )
 
 from ._call_codec import (
@@ -217,17 +219,26 @@ class RfcJsonEndpoint:
         bound = [HostPort(*listener.socket.getsockname()[:2]) for listener in listeners]
         log.info("RFC JSON endpoint listening on %s", ", ".join(map(str, bound)))
         task_status.started(bound)
-        await trio.serve_listeners(self.connections.wrap(self._serve_client), listeners)
+        await serve_connections(self._serve_client, listeners, task_name=self.name)
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
+        # The connection is ours to close on every path (serve_connections, no wrapper).
         try:
-            host, port, *_ = stream.socket.getpeername()
-            peer = str(HostPort(host, port))
-        except OSError:
-            peer = "?"  # already gone; serving it ends at the first read
-        with contextlib.suppress(OSError):
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await self.serve_connection(stream, peer)
+            if not self.connections.try_admit():  # not wrap(): one coroutine frame less
+                return
+            try:
+                try:
+                    host, port, *_ = stream.socket.getpeername()
+                    peer = str(HostPort(host, port))
+                except OSError:
+                    peer = "?"  # already gone; serving it ends at the first read
+                with contextlib.suppress(OSError):
+                    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await self.serve_connection(stream, peer)
+            finally:
+                self.connections.release()
+        finally:
+            await close_forcefully(stream)
 
     async def serve_connection(self, stream: trio.abc.Stream, peer: str = "?") -> None:
         """Serve one client connection until it ends; raises nothing but Cancelled."""
