@@ -55,7 +55,7 @@ def decode_in_pieces(data: bytes, cuts: list[int]) -> list[Frame]:
 
 
 def wire(frame: Frame) -> bytes:
-    return encode_frame(frame.type, frame.stream_id, frame.payload, frame.flags)
+    return encode_frame(frame.type, frame.stream_id, bytes(frame.payload), frame.flags)
 
 
 frame_strategy = st.builds(
@@ -173,7 +173,7 @@ def test_window_update_encoding() -> None:
     data = encode_window_update(5, 0x00010000)
     assert data == bytes.fromhex("01 04 0000 00000005 00000004 00010000")
     (frame,) = decode_all(data)
-    assert decode_window_increment(frame.payload) == 0x10000
+    assert decode_window_increment(frame.body) == 0x10000
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00\x00\x01", b"\x00\x00\x00\x01\x00"])
@@ -197,7 +197,7 @@ def test_reset_encoding() -> None:
     data = encode_reset(3, ResetCode.BACKEND_TIMEOUT, "slow")
     assert data == bytes.fromhex("01 06 0000 00000003 00000006 0005") + b"slow"
     (frame,) = decode_all(data)
-    assert decode_reset(frame.payload) == (ResetCode.BACKEND_TIMEOUT, "slow")
+    assert decode_reset(frame.body) == (ResetCode.BACKEND_TIMEOUT, "slow")
 
 
 def test_reset_without_reason() -> None:
@@ -209,7 +209,7 @@ def test_go_away_encoding() -> None:
     assert data[:HEADER_SIZE] == bytes.fromhex("01 09 0000 00000000 0000000f")
     assert data[HEADER_SIZE:] == bytes.fromhex("0000002a 0008") + b"bad token"
     (frame,) = decode_all(data)
-    assert decode_go_away(frame.payload) == (42, ResetCode.UNAUTHENTICATED, "bad token")
+    assert decode_go_away(frame.body) == (42, ResetCode.UNAUTHENTICATED, "bad token")
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00"])
@@ -249,9 +249,9 @@ def test_long_reason_is_cut_on_a_character_boundary(char: str, prefix: int) -> N
     for data in (encode_reset(1, ResetCode.INTERNAL, reason), encode_go_away(0, 9, reason)):
         (frame,) = decode_all(data)
         decoded = (
-            decode_reset(frame.payload)[1]
+            decode_reset(frame.body)[1]
             if frame.type is FrameType.RESET
-            else decode_go_away(frame.payload)[2]
+            else decode_go_away(frame.body)[2]
         )
         raw = decoded.encode("utf-8")
         assert MAX_REASON_BYTES - len(char.encode()) < len(raw) <= MAX_REASON_BYTES
@@ -261,7 +261,7 @@ def test_long_reason_is_cut_on_a_character_boundary(char: str, prefix: int) -> N
 @given(st.text(max_size=1500))
 def test_any_reason_encodes_to_a_decodable_prefix(reason: str) -> None:
     (frame,) = decode_all(encode_reset(1, ResetCode.CANCELLED, reason))
-    code, decoded = decode_reset(frame.payload)
+    code, decoded = decode_reset(frame.body)
     assert code == ResetCode.CANCELLED
     assert len(decoded.encode("utf-8")) <= MAX_REASON_BYTES
     assert reason.startswith(decoded)  # st.text() draws no lone surrogates
@@ -273,7 +273,7 @@ def test_any_reason_encodes_to_a_decodable_prefix(reason: str) -> None:
 
 def test_lone_surrogate_in_reason_does_not_break_encoding() -> None:
     (frame,) = decode_all(encode_reset(1, ResetCode.INTERNAL, "bad \ud800 name"))
-    assert decode_reset(frame.payload)[1] == "bad ? name"
+    assert decode_reset(frame.body)[1] == "bad ? name"
 
 
 # --------------------------------------------------------------------------- incremental decoding
@@ -331,7 +331,20 @@ def test_decoder_accepts_bytearray_and_memoryview() -> None:
     assert decoder.feed(bytearray(data[:13])) == []
     frames = decoder.feed(memoryview(data)[13:])
     assert frames == [Frame(FrameType.DATA, 1, b"xy")] * 2
-    assert all(type(frame.payload) is bytes for frame in frames)
+
+
+def test_data_payloads_are_views_and_other_payloads_bytes() -> None:
+    """A DATA payload is a view into what the decoder was fed (no copy of bulk bytes); every
+    other frame's payload is bytes of its own."""
+    message = bytearray(
+        encode_frame(FrameType.DATA, 1, b"bulk") + encode_frame(FrameType.PING, 0, b"12345678")
+    )
+    data, ping = FrameDecoder().feed(message)
+    assert isinstance(data.payload, memoryview)
+    assert data.payload.obj is message
+    assert bytes(data.data) == b"bulk"
+    assert type(ping.payload) is bytes
+    assert ping.body == b"12345678"
 
 
 def test_max_frames_keeps_the_rest_buffered() -> None:

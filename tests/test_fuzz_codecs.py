@@ -232,7 +232,7 @@ def expect_dead(mux: Mux, error: ProtocolError) -> None:
     frames = decoder.feed(out)
     go_aways = [f for f in frames if f.type is FrameType.GO_AWAY]
     assert go_aways, "a failed mux must tell the peer why"
-    _, code, _ = decode_go_away(go_aways[-1].payload)
+    _, code, _ = decode_go_away(go_aways[-1].body)
     assert code == error.code
     assert mux.open_stream_count == 0
     assert not mux.accepting_streams

@@ -85,7 +85,7 @@ def is_ready(mux: Mux) -> bool:
 def go_away_in(data: bytes) -> tuple[int, int, str]:
     """The GO_AWAY among the frames in ``data`` (which must hold exactly one)."""
     (frame,) = [f for f in frames_of(data) if f.type is FrameType.GO_AWAY]
-    return decode_go_away(frame.payload)
+    return decode_go_away(frame.body)
 
 
 class Pair:
@@ -174,7 +174,7 @@ def test_handshake_exchanges_settings_and_info() -> None:
     pair.connector.send_hello(CONNECTOR_HELLO)
     (frame,) = frames_of(pair.connector.data_to_send())
     assert (frame.type, frame.stream_id) == (FrameType.HELLO, 0)
-    document = json.loads(frame.payload)
+    document = json.loads(frame.body)
     assert document == {
         **CONNECTOR_HELLO,
         "protocol": "backchannel/1",
@@ -182,7 +182,7 @@ def test_handshake_exchanges_settings_and_info() -> None:
         "max_frame_size": 1024 * 1024,
         "max_concurrent_streams": 7,
     }
-    (event,) = pair.gateway.receive_data(encode_frame(FrameType.HELLO, 0, frame.payload))
+    (event,) = pair.gateway.receive_data(encode_frame(FrameType.HELLO, 0, frame.body))
     assert event == HelloReceived(document)
     assert pair.gateway.peer is not None
     assert pair.gateway.peer.initial_window == 5000
@@ -201,8 +201,8 @@ def test_settings_in_hello_override_caller_info() -> None:
     mux = Mux(initiator=True, settings=SMALL)
     mux.send_hello({"protocol": "other/9", "initial_window": 1})
     (frame,) = frames_of(mux.data_to_send())
-    assert json.loads(frame.payload)["protocol"] == PROTOCOL_NAME
-    assert json.loads(frame.payload)["initial_window"] == 1000
+    assert json.loads(frame.body)["protocol"] == PROTOCOL_NAME
+    assert json.loads(frame.body)["initial_window"] == 1000
 
 
 def test_gateway_does_not_send_hello_first() -> None:
@@ -434,7 +434,7 @@ def test_open_metadata_is_sent_as_json(pair: Pair) -> None:
     stream_id = pair.gateway.open_stream(metadata)
     (frame,) = frames_of(pair.gateway.data_to_send())
     assert (frame.type, frame.stream_id) == (FrameType.OPEN, stream_id)
-    assert json.loads(frame.payload.decode("utf-8")) == metadata
+    assert json.loads(frame.body.decode("utf-8")) == metadata
 
 
 @both_openers
@@ -715,7 +715,7 @@ def test_window_update_after_half_the_window_is_consumed(small: Pair) -> None:
     small.gateway.acknowledge(stream_id, 1)
     (frame,) = frames_of(small.gateway.data_to_send())
     assert (frame.type, frame.stream_id) == (FrameType.WINDOW_UPDATE, stream_id)
-    assert decode_window_increment(frame.payload) == 500
+    assert decode_window_increment(frame.body) == 500
 
     assert small.connector.receive_data(encode_window_update(stream_id, 500)) == [
         WindowUpdated(stream_id)
@@ -854,7 +854,7 @@ def test_open_after_our_go_away_is_refused(pair: Pair) -> None:
     assert pair.gateway.receive_data(frame) == []
     (reset,) = frames_of(pair.gateway.data_to_send())
     assert reset.type is FrameType.RESET
-    assert decode_reset(reset.payload)[0] == ResetCode.REFUSED
+    assert decode_reset(reset.body)[0] == ResetCode.REFUSED
     assert pair.gateway.open_stream_count == 0
 
 
@@ -882,7 +882,7 @@ def test_peer_open_beyond_max_concurrent_streams_is_refused() -> None:
     assert pair.gateway.receive_data(encode_frame(FrameType.OPEN, 5, b"{}")) == []
     (frame,) = frames_of(pair.gateway.data_to_send())
     assert (frame.type, frame.stream_id) == (FrameType.RESET, 5)
-    code, reason = decode_reset(frame.payload)
+    code, reason = decode_reset(frame.body)
     assert (code, reason) == (ResetCode.REFUSED, "too many concurrent streams (limit 2)")
     assert pair.gateway.open_stream_count == 2
     assert pair.gateway.accepting_streams  # one stream refused, the tunnel lives on
@@ -943,7 +943,7 @@ def test_ping_is_answered_with_pong(pair: Pair) -> None:
     assert pair.to_gateway() == [PingReceived(b"\x00\x01\x02\x03\x04\x05\x06\x07")]
     (pong,) = frames_of(pair.gateway.data_to_send())
     assert pong == Frame(FrameType.PONG, 0, b"\x00\x01\x02\x03\x04\x05\x06\x07")
-    events = pair.connector.receive_data(encode_frame(FrameType.PONG, 0, pong.payload))
+    events = pair.connector.receive_data(encode_frame(FrameType.PONG, 0, pong.body))
     assert events == [PongReceived(b"\x00\x01\x02\x03\x04\x05\x06\x07")]
     assert pair.connector.pending_bytes == 0  # a PONG is not answered
 
@@ -1139,7 +1139,7 @@ def _credit_after_consuming(pair: Pair, stream_id: int, count: int) -> int:
     pair.gateway.acknowledge(stream_id, count)
     (frame,) = frames_of(pair.gateway.data_to_send())
     assert frame.type == FrameType.WINDOW_UPDATE
-    increment = decode_window_increment(frame.payload)
+    increment = decode_window_increment(frame.body)
     pair.connector.receive_data(encode_window_update(stream_id, increment))
     return increment
 

@@ -80,7 +80,7 @@ def test_opens_above_the_rate_are_refused_and_the_budget_refills() -> None:
     assert [e.stream_id for e in events if isinstance(e, StreamOpened)] == [2, 4, 6]
     (refusal,) = [f for f in frames_of(connector.data_to_send()) if f.type is FrameType.RESET]
     assert refusal.stream_id == 8
-    code, reason = decode_reset(refusal.payload)
+    code, reason = decode_reset(refusal.body)
     assert code == ResetCode.REFUSED
     assert "max_stream_opens_per_second" in reason
     clock.now += 1.0  # a second later the budget is back

@@ -343,7 +343,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     # ---------------------------------------------------------------- called by the tunnel
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
+        """Bytes from the peer, a view into the received message: written straight to a
+        waiting splice's socket, else copied into the stream's buffer."""
         if self._closed:
             self._tunnel._mux_acknowledge(self.stream_id, len(data))
             return
@@ -368,7 +370,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 data = data[sent:]
         if self._chunks is _NO_CHUNKS:
             self._chunks = deque()
-        self._chunks.append(data)
+        self._chunks.append(bytes(data))
         self._buffered += len(data)
         self._wake_receiver()
 

@@ -38,10 +38,13 @@ class StreamAccepted(Event):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
-    """Bytes for a stream; hand ``Mux.acknowledge`` the count once the application consumed them."""
+    """Bytes for a stream; hand ``Mux.acknowledge`` the count once the application consumed them.
+
+    ``data`` is a view into the message given to ``Mux.receive_data`` (no copy): copy it
+    (``bytes(data)``) to keep it beyond handling the event."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,12 +48,25 @@ CONNECTION_FRAME_TYPES = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One decoded frame; ``payload`` is its raw bytes (interpreted by the mux)."""
+    """One decoded frame; ``payload`` is its raw bytes (interpreted by the mux): a DATA frame's
+    a view into the bytes the decoder was fed (see :meth:`FrameDecoder.feed`)."""
 
     type: FrameType
     stream_id: int
-    payload: bytes
+    payload: bytes | memoryview
     flags: int = 0
+
+    @property
+    def body(self) -> bytes:
+        """The payload of a frame other than DATA (always bytes)."""
+        assert isinstance(self.payload, bytes), "a DATA frame's payload is a view"
+        return self.payload
+
+    @property
+    def data(self) -> memoryview:
+        """The payload of a DATA frame (a view)."""
+        assert isinstance(self.payload, memoryview), "only a DATA frame's payload is a view"
+        return self.payload
 
 
 def encode_header(frame_type: FrameType, stream_id: int, length: int, flags: int = 0) -> bytes:
@@ -155,7 +168,11 @@ class FrameDecoder:
     def feed(
         self, data: bytes | bytearray | memoryview, max_frames: int | None = None
     ) -> list[Frame]:
-        """Decode every whole frame now available (at most ``max_frames``); keep the rest."""
+        """Decode every whole frame now available (at most ``max_frames``); keep the rest.
+
+        A DATA frame's payload is a view into ``data`` (or into the decoder's own buffer): no
+        copy of bulk bytes here. ``data`` must not change afterwards (a bytearray with views
+        cannot be resized: BufferError); other frames' payloads are bytes."""
         if self._buffer:
             self._buffer += data
             view = memoryview(self._buffer)
@@ -183,7 +200,11 @@ class FrameDecoder:
                 end = offset + HEADER_SIZE + length
                 if end > total:
                     break
-                payload = bytes(view[offset + HEADER_SIZE : end])
+                payload: bytes | memoryview = (
+                    view[offset + HEADER_SIZE : end]  # DATA: a view, copied only if buffered
+                    if frame_type is FrameType.DATA
+                    else bytes(view[offset + HEADER_SIZE : end])
+                )
                 frames.append(Frame(frame_type, stream_id, payload, flags))
                 offset = end
             rest = bytes(view[offset:])

@@ -396,7 +396,8 @@ class Mux:
     # ----------------------------------------------------------------- input
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Process received bytes; returns the events they caused.
+        """Process received bytes; returns the events they caused. ``DataReceived.data`` is a
+        view into ``data``, which must not change afterwards (FrameDecoder.feed).
 
         Raises :class:`ProtocolError` when the peer broke the protocol; a GO_AWAY carrying the
         error is then queued, and the caller should flush it and close the transport.
@@ -443,7 +444,7 @@ class Mux:
             raise ProtocolError("second HELLO")
         if self.initiator and not self._hello_sent:
             raise ProtocolError("HELLO from the accepting side before ours")
-        info = _decode_json(frame.payload, "HELLO")
+        info = _decode_json(frame.body, "HELLO")
         if info.get("protocol") != PROTOCOL_NAME:
             raise ProtocolError(
                 f"peer speaks {info.get('protocol')!r}, this side speaks {PROTOCOL_NAME!r}"
@@ -462,7 +463,7 @@ class Mux:
             raise ProtocolError(f"OPEN with stream id {stream_id} of the wrong parity")
         if stream_id <= self._highest_remote_id:
             raise ProtocolError(f"OPEN reuses stream id {stream_id}")
-        metadata = self._documents.decode(frame.payload, "OPEN")
+        metadata = self._documents.decode(frame.body, "OPEN")
         self._highest_remote_id = stream_id
         if self._going_away or self._terminated:
             self._queue(encode_reset(stream_id, ResetCode.REFUSED, "tunnel is going away"))
@@ -486,7 +487,7 @@ class Mux:
         if state is None:
             return
         state.apply(Action.RECV_ACCEPT)
-        attributes = self._documents.decode(frame.payload, "ACCEPT")
+        attributes = self._documents.decode(frame.body, "ACCEPT")
         events.append(StreamAccepted(frame.stream_id, attributes))
         self._forget_if_finished(state)
 
@@ -504,10 +505,10 @@ class Mux:
             )
         state.receive_window -= size
         if size:
-            events.append(DataReceived(frame.stream_id, frame.payload))
+            events.append(DataReceived(frame.stream_id, frame.data))
 
     def _on_window_update(self, frame: Frame, events: list[Event]) -> None:
-        increment = decode_window_increment(frame.payload)
+        increment = decode_window_increment(frame.body)
         state = self._remote_state(frame)
         if state is None:
             return
@@ -530,7 +531,7 @@ class Mux:
         self._forget_if_finished(state)
 
     def _on_reset(self, frame: Frame, events: list[Event]) -> None:
-        code, reason = decode_reset(frame.payload)
+        code, reason = decode_reset(frame.body)
         state = self._remote_state(frame)
         if state is None:
             return
@@ -556,16 +557,16 @@ class Mux:
                 f"PING flood: more than {self.settings.max_pings_per_second} per second "
                 "(max_pings_per_second)"
             )
-        self._queue(encode_frame(FrameType.PONG, 0, frame.payload), urgent=True)
-        events.append(PingReceived(frame.payload))
+        self._queue(encode_frame(FrameType.PONG, 0, frame.body), urgent=True)
+        events.append(PingReceived(frame.body))
 
     def _on_pong(self, frame: Frame, events: list[Event]) -> None:
         if len(frame.payload) != PING_PAYLOAD_SIZE:
             raise ProtocolError("PONG payload must be 8 bytes")
-        events.append(PongReceived(frame.payload))
+        events.append(PongReceived(frame.body))
 
     def _on_go_away(self, frame: Frame, events: list[Event]) -> None:
-        last_stream_id, code, reason = decode_go_away(frame.payload)
+        last_stream_id, code, reason = decode_go_away(frame.body)
         self._peer_going_away = True
         events.append(GoAwayReceived(last_stream_id, ResetCode.from_wire(code), reason))
         # Streams we opened above the peer's last id were never seen by its application.
@@ -579,7 +580,7 @@ class Mux:
                 )
 
     def _on_control(self, frame: Frame, events: list[Event]) -> None:
-        events.append(ControlReceived(_decode_json(frame.payload, "CONTROL")))
+        events.append(ControlReceived(_decode_json(frame.body, "CONTROL")))
 
     def _remote_state(self, frame: Frame) -> StreamState | None:
         """The stream a received frame is for; None for one already closed (frames in flight)."""
