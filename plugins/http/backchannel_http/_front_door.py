@@ -18,6 +18,7 @@ and the location id in ``SAP-Connectivity-SCC-Location_ID`` (or ``X-Backchannel-
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import socket
@@ -548,7 +549,8 @@ async def serve_http(
             except OSError:
                 host, port = "?", 0
             try:
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with contextlib.suppress(OSError):  # already gone: it ends at the first read
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await ClientConnection(
                     services, client, Client(host, port), router, limits, label
                 ).run()

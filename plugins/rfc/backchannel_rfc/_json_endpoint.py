@@ -247,7 +247,7 @@ class RfcJsonEndpoint:
         except Exception:
             # One broken connection must never take the listener down.
             log.exception("RFC JSON %s: connection failed", peer)
-            await trio.aclose_forcefully(stream)
+            await close_forcefully(stream)
 
     def authenticate(self, request: h11.Request, peer: str) -> AppIdentity:
         """The app, by Basic or Bearer credentials; HttpRefusal 401 (audited) if not."""
@@ -386,7 +386,7 @@ class _HttpConnection:
         except _ClientGone as exc:
             log.debug("RFC JSON %s: client went away: %s", self._peer, exc.__cause__ or exc)
         finally:
-            await trio.aclose_forcefully(self._stream)
+            await close_forcefully(self._stream)
 
     async def _receive(self) -> bytes:
         try:
