@@ -1171,3 +1171,26 @@ def test_a_slow_reader_keeps_the_initial_window() -> None:
         clock.now += 0.2  # half a window takes longer than the growth interval
         assert _credit_after_consuming(pair, stream_id, 500) == 500
     assert pair.connector.send_window(stream_id) == 1000
+
+
+def test_data_from_bytes_is_copied_once_and_from_buffers_at_once(pair: Pair) -> None:
+    """DATA from bytes is queued as a view and copied once, when the message is joined; from a
+    bytearray or a caller's memoryview it is copied at once, so the caller may change its
+    buffer or release its view as soon as send_data returned; the frames carry what was sent."""
+    stream_id = open_accepted(pair)
+    payload = bytes(range(256)) * 512  # 128 KiB: two 64 KiB frames
+    reused = bytearray(b"before" * 1000)
+    assert pair.gateway.send_data(stream_id, payload) == len(payload)
+    assert pair.gateway.send_data(stream_id, reused) == len(reused)
+    with memoryview(b"viewed" * 1000) as view:
+        assert pair.gateway.send_data(stream_id, view) == len(view)
+    # the view is released (no BufferError: the mux holds no export of it)
+    reused[:] = b"after!" * 1000
+    queued = pair.gateway._ordered
+    views = [entry for entry in queued if isinstance(entry, tuple)]
+    assert [entry[1].obj for entry in views] == [payload, payload]
+    frames = frames_of(pair.gateway.data_to_send())
+    data = [bytes(frame.payload) for frame in frames if frame.type == FrameType.DATA]
+    assert b"".join(data) == payload + b"before" * 1000 + b"viewed" * 1000
+    assert pair.gateway.pending_bytes == 0
+    assert pair.gateway.queued_data(stream_id) == 0

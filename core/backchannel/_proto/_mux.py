@@ -59,6 +59,16 @@ _REMEMBERED_DOCUMENTS = 64
 WINDOW_GROWTH_INTERVAL = 0.1
 
 
+#: A queued frame: its bytes, or a DATA frame's header and a view of its (immutable) payload.
+_Queued = bytes | tuple[bytes, memoryview]
+
+
+def _queued_size(frame: _Queued) -> int:
+    if isinstance(frame, bytes):
+        return len(frame)
+    return len(frame[0]) + len(frame[1])
+
+
 @dataclass(frozen=True, slots=True)
 class MuxSettings:
     """What this side promises the peer (sent in HELLO) and how it sends."""
@@ -150,8 +160,10 @@ class Mux:
         self.initiator = initiator
         self.peer: PeerSettings | None = None
         self._decoder = FrameDecoder(max_payload=MAX_HELLO_SIZE)
-        self._ordered: list[bytes] = []
-        self._urgent: list[bytes] = []
+        #: Frames to send: bytes, or (header, payload view) for DATA from immutable bytes
+        #: (joined once, in data_to_send: one copy of bulk bytes instead of two).
+        self._ordered: list[_Queued] = []
+        self._urgent: list[_Queued] = []
         self._pending_bytes = 0
         #: DATA payload bytes queued and not yet taken by data_to_send, per stream (lets the
         #: tunnel give each of many streams its turn instead of the first ones all the room).
@@ -207,39 +219,47 @@ class Mux:
 
     def data_to_send(self, max_bytes: int | None = None) -> bytes:
         """Whole frames to ship, urgent ones (credit, pings) first; at least one frame if any."""
-        frames: list[bytes] = []
+        frames: list[_Queued] = []
         size = 0
         for queue in (self._urgent, self._ordered):
             taken = 0
             for frame in queue:
-                if frames and max_bytes is not None and size + len(frame) > max_bytes:
+                length = _queued_size(frame)
+                if frames and max_bytes is not None and size + length > max_bytes:
                     break
                 frames.append(frame)
-                size += len(frame)
+                size += length
                 taken += 1
             limit_reached = taken < len(queue)
             del queue[:taken]
             if limit_reached:
                 break
         self._pending_bytes -= size
-        if self._queued_data:
-            for frame in frames:
-                if frame[1] == FrameType.DATA:
-                    stream_id, length = _ID_AND_LENGTH.unpack_from(frame, 4)
-                    left = self._queued_data.get(stream_id, 0) - length
-                    if left > 0:
-                        self._queued_data[stream_id] = left
-                    else:
-                        self._queued_data.pop(stream_id, None)
-        return b"".join(frames)
+        parts: list[bytes | memoryview] = []
+        for frame in frames:
+            if isinstance(frame, bytes):
+                parts.append(frame)
+                header = frame
+            else:
+                header, payload = frame
+                parts.append(header)
+                parts.append(payload)
+            if self._queued_data and header[1] == FrameType.DATA:
+                stream_id, length = _ID_AND_LENGTH.unpack_from(header, 4)
+                left = self._queued_data.get(stream_id, 0) - length
+                if left > 0:
+                    self._queued_data[stream_id] = left
+                else:
+                    self._queued_data.pop(stream_id, None)
+        return b"".join(parts)
 
     def queued_data(self, stream_id: int) -> int:
         """DATA payload bytes of the stream queued and not yet taken by :meth:`data_to_send`."""
         return self._queued_data.get(stream_id, 0)
 
-    def _queue(self, frame: bytes, *, urgent: bool = False) -> None:
+    def _queue(self, frame: _Queued, *, urgent: bool = False) -> None:
         (self._urgent if urgent else self._ordered).append(frame)
-        self._pending_bytes += len(frame)
+        self._pending_bytes += _queued_size(frame)
 
     # ----------------------------------------------------------------- local actions
 
@@ -300,10 +320,14 @@ class Mux:
             return 0
         chunk_size = min(self.settings.data_chunk_size, self.peer.max_frame_size)
         view = memoryview(data)
+        # Bytes cannot change under a view of our own: queued as (header, view), joined in
+        # data_to_send (the one copy). Anything else, a caller's memoryview too (it may reuse
+        # its buffer, or release the view: BufferError while ours exists), is copied here.
+        immutable = type(data) is bytes
         for start in range(0, count, chunk_size):
             chunk = view[start : min(start + chunk_size, count)]
-            # header + view: the one copy of the caller's bytes (bytes(chunk) first made two)
-            self._queue(encode_header(FrameType.DATA, stream_id, len(chunk)) + chunk)
+            header = encode_header(FrameType.DATA, stream_id, len(chunk))
+            self._queue((header, chunk) if immutable else header + chunk)
         state.send_window -= count
         self._queued_data[stream_id] = self._queued_data.get(stream_id, 0) + count
         return count
