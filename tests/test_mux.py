@@ -1174,23 +1174,25 @@ def test_a_slow_reader_keeps_the_initial_window() -> None:
 
 
 def test_data_from_bytes_is_copied_once_and_from_buffers_at_once(pair: Pair) -> None:
-    """DATA from bytes is queued as a view and copied once, when the message is joined; from a
-    bytearray or a caller's memoryview it is copied at once, so the caller may change its
-    buffer or release its view as soon as send_data returned; the frames carry what was sent."""
+    """DATA from bytes (or a view of bytes, as tunnel streams pass it) is queued as a view and
+    copied once, when the message is joined; from a bytearray it is copied at once, so its
+    owner may change it as soon as send_data returned; a caller's view of bytes may be released
+    meanwhile; the frames carry what was sent."""
     stream_id = open_accepted(pair)
     payload = bytes(range(256)) * 512  # 128 KiB: two 64 KiB frames
     reused = bytearray(b"before" * 1000)
+    viewed = b"viewed" * 1000
     assert pair.gateway.send_data(stream_id, payload) == len(payload)
     assert pair.gateway.send_data(stream_id, reused) == len(reused)
-    with memoryview(b"viewed" * 1000) as view:
-        assert pair.gateway.send_data(stream_id, view) == len(view)
-    # the view is released (no BufferError: the mux holds no export of it)
+    with memoryview(viewed) as view:
+        assert pair.gateway.send_data(stream_id, view[6:]) == len(viewed) - 6
+    # the caller's view is released (no BufferError: the mux's slice shares the buffer)
     reused[:] = b"after!" * 1000
     queued = pair.gateway._ordered
     views = [entry for entry in queued if isinstance(entry, tuple)]
-    assert [entry[1].obj for entry in views] == [payload, payload]
+    assert [entry[1].obj for entry in views] == [payload, payload, viewed]
     frames = frames_of(pair.gateway.data_to_send())
     data = [bytes(frame.payload) for frame in frames if frame.type == FrameType.DATA]
-    assert b"".join(data) == payload + b"before" * 1000 + b"viewed" * 1000
+    assert b"".join(data) == payload + b"before" * 1000 + viewed[6:]
     assert pair.gateway.pending_bytes == 0
     assert pair.gateway.queued_data(stream_id) == 0

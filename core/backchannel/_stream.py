@@ -206,7 +206,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             self._raise_if_cannot_send()
             self._accept_now()
-            view = memoryview(data)
+            view = memoryview(data).cast("B")  # offsets in bytes, whatever the item size
             offset = 0
             parked = False
             while offset < len(view):
@@ -232,9 +232,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return 0
         self._accept_now()
         tunnel = self._tunnel
+        view = memoryview(data).cast("B")
         offset = 0
-        while offset < len(data) and not tunnel._send_blocked(self):
-            taken = tunnel._mux_queue(self.stream_id, memoryview(data)[offset:])
+        while offset < len(view) and not tunnel._send_blocked(self):
+            taken = tunnel._mux_queue(self.stream_id, view[offset:])
             offset += taken
             self._sent += taken
         if offset:

@@ -315,15 +315,15 @@ class Mux:
         state = self._local_state(stream_id)
         state.apply(Action.SEND_DATA)
         assert self.peer is not None
-        count = min(len(data), state.send_window)
+        view = memoryview(data).cast("B")  # counted in bytes, whatever the item size
+        count = min(len(view), state.send_window)
         if count == 0:
             return 0
         chunk_size = min(self.settings.data_chunk_size, self.peer.max_frame_size)
-        view = memoryview(data)
-        # Bytes cannot change under a view of our own: queued as (header, view), joined in
-        # data_to_send (the one copy). Anything else, a caller's memoryview too (it may reuse
-        # its buffer, or release the view: BufferError while ours exists), is copied here.
-        immutable = type(data) is bytes
+        # What views bytes (bytes, or a view of bytes: the tunnel stream passes slices)
+        # cannot change: queued as (header, view), joined in data_to_send (the one copy). A
+        # bytearray's may be reused by its owner as soon as this returns: copied here.
+        immutable = type(view.obj) is bytes
         for start in range(0, count, chunk_size):
             chunk = view[start : min(start + chunk_size, count)]
             header = encode_header(FrameType.DATA, stream_id, len(chunk))
