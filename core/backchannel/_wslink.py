@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -260,17 +261,29 @@ class HandshakeStream(trio.abc.Stream):
         await self.channel.aclose()
 
 
+def _length_field(buffer: bytearray) -> tuple[int, int] | None:
+    """(payload length, where the masking key or payload starts) of the frame at the start of
+    ``buffer``, as its header says (unchecked); None until that much has arrived."""
+    available = len(buffer)
+    if available < 2:
+        return None
+    length = buffer[1] & 0x7F
+    if length == 126:
+        return (_U16.unpack_from(buffer, 2)[0], 4) if available >= 4 else None
+    if length == 127:
+        return (_U64.unpack_from(buffer, 2)[0], 10) if available >= 10 else None
+    return length, 2
+
+
+@dataclass(slots=True)
 class _PartialFrame:
     """A large frame whose payload the link decrypts straight into ``payload``."""
 
-    __slots__ = ("filled", "fin", "key", "opcode", "payload")
-
-    def __init__(self, opcode: int, fin: bool, key: bytes, payload: bytearray, filled: int):
-        self.opcode = opcode
-        self.fin = fin
-        self.key = key
-        self.payload = payload
-        self.filled = filled
+    opcode: int
+    fin: bool
+    key: bytes
+    payload: bytearray
+    filled: int
 
 
 class WebSocketLink:
@@ -396,17 +409,10 @@ class WebSocketLink:
         return header + (more or 0)
 
     def _large_frame_ahead(self) -> bool:
-        """Whether the buffer starts with the whole header of a frame of DIRECT_PAYLOAD bytes
-        or more (its validity is _next_frame's to check)."""
-        buffer = self._buffer
-        if len(buffer) < 2:
-            return False
-        length = buffer[1] & 0x7F
-        if length == 126 and len(buffer) >= 4:
-            return bool(_U16.unpack_from(buffer, 2)[0] >= DIRECT_PAYLOAD)
-        if length == 127 and len(buffer) >= 10:
-            return bool(_U64.unpack_from(buffer, 2)[0] >= DIRECT_PAYLOAD)
-        return False
+        """Whether the buffer starts with the length of a frame of DIRECT_PAYLOAD bytes or
+        more (its validity is _next_frame's to check)."""
+        length_field = _length_field(self._buffer)
+        return length_field is not None and length_field[0] >= DIRECT_PAYLOAD
 
     def _closed_or_abnormal(self) -> WebSocketClosed:
         return self._closed or WebSocketClosed(CLOSE_ABNORMAL, "connection lost")
@@ -471,22 +477,14 @@ class WebSocketLink:
                 CLOSE_PROTOCOL_ERROR,
                 "masked frame from the server" if masked else "unmasked frame from the client",
             )
-        length = second & 0x7F
-        position = 2
-        if length == 126:
-            if available < 4:
-                return None
-            (length,) = _U16.unpack_from(buffer, 2)
-            position = 4
-            if length < 126:
-                raise _Violation(CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
-        elif length == 127:
-            if available < 10:
-                return None
-            (length,) = _U64.unpack_from(buffer, 2)
-            position = 10
-            if length <= 0xFFFF or length >> 63:
-                raise _Violation(CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
+        length_field = _length_field(buffer)
+        if length_field is None:
+            return None
+        length, position = length_field
+        if (position == 4 and length < 126) or (
+            position == 10 and (length <= 0xFFFF or length >> 63)
+        ):
+            raise _Violation(CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
         if opcode in _CONTROL_OPCODES:
             if length > 125:
                 raise _Violation(CLOSE_PROTOCOL_ERROR, "control frame longer than 125 bytes")
