@@ -8,6 +8,7 @@ real system, a security-audit entry) each time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import logging
@@ -291,7 +292,11 @@ class BackendPool:
         _close_in_background(connection)
 
     async def aclose(self) -> None:
-        """Close every idle connection (logging off), each in a worker thread, and wait."""
+        """Close every idle connection (logging off), each in a worker thread, and wait.
+
+        Every close is started before the first wait, so a connector cancelled while it stops
+        still logs off each connection (the threads finish on their own) instead of leaving
+        the sockets to the garbage collector."""
         idle: list[BackendConnection] = []
         for backend in self._backends.values():
             for entries in backend.idle.values():
@@ -299,9 +304,25 @@ class BackendPool:
                 for _ in entries:
                     backend.slots.release()
                 entries.clear()
-        async with trio.open_nursery() as nursery:
-            for connection in idle:
-                nursery.start_soon(partial(trio.to_thread.run_sync, close_quietly, connection))
+        if not idle:
+            return
+        token = trio.lowlevel.current_trio_token()
+        all_closed = trio.Event()
+        pending = len(idle)
+
+        def count_one() -> None:
+            nonlocal pending
+            pending -= 1
+            if pending == 0:
+                all_closed.set()
+
+        def closed(_result: object) -> None:  # in the worker thread
+            with contextlib.suppress(trio.RunFinishedError):  # nobody waits any more
+                token.run_sync_soon(count_one)
+
+        for connection in idle:
+            trio.lowlevel.start_thread_soon(partial(close_quietly, connection), closed)
+        await all_closed.wait()
 
 
 def is_alive(connection: BackendConnection) -> bool:
