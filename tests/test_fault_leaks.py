@@ -42,6 +42,8 @@ from tests.harness import (
     tls_material,
 )
 
+LINGER_ZERO = struct.pack("ii", 1, 0)
+
 # ------------------------------------------------------------------------------ counting
 
 
@@ -141,20 +143,31 @@ class CuttableRelay:
     async def _relay(self, downstream: trio.SocketStream) -> None:
         self.connections += 1
         number = self.connections
-        upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        with trio.CancelScope() as scope:
-            self._scopes[number] = scope
-            try:
-                async with trio.open_nursery() as nursery:
-                    pump = partial(self._pump, number=number, scope=nursery.cancel_scope)
-                    nursery.start_soon(pump, downstream, upstream, "to_gateway")
-                    nursery.start_soon(pump, upstream, downstream, "to_connector")
-            finally:
-                del self._scopes[number]
-        for stream in (downstream, upstream):
-            # SO_LINGER 0: close() sends RST, as a dead peer's kernel or a middlebox would.
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            await trio.aclose_forcefully(stream)
+        upstream: trio.SocketStream | None = None
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            with trio.CancelScope() as scope:
+                self._scopes[number] = scope
+                try:
+                    async with trio.open_nursery() as nursery:
+                        pump = partial(self._pump, number=number, scope=nursery.cancel_scope)
+                        nursery.start_soon(pump, downstream, upstream, "to_gateway")
+                        nursery.start_soon(pump, upstream, downstream, "to_connector")
+                finally:
+                    del self._scopes[number]
+        finally:
+            # Also when the relay itself is cancelled (the test ending before a pump saw EOF):
+            # shielded, since in a cancelled task the first close's checkpoint would raise
+            # Cancelled and skip the second.
+            with trio.CancelScope(shield=True):
+                for stream in (downstream, upstream):
+                    if stream is None:
+                        continue
+                    # SO_LINGER 0: close() sends RST, as a dead peer's kernel or a middlebox
+                    # would.
+                    with contextlib.suppress(OSError):  # a socket the peer reset already
+                        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+                    await trio.aclose_forcefully(stream)
 
     async def _pump(
         self,

@@ -305,6 +305,7 @@ class BackendPool:
                     backend.slots.release()
                 entries.clear()
         if not idle:
+            await trio.lowlevel.checkpoint()  # a checkpoint either way, as trio's own
             return
         token = trio.lowlevel.current_trio_token()
         all_closed = trio.Event()
