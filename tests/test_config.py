@@ -879,6 +879,18 @@ def test_tcps_client_key_that_does_not_match(base: Path, tmp_path: Path) -> None
     )
 
 
+@pytest.mark.parametrize("server_name", [".corp", "", "a..b", "x" * 64 + ".corp"])
+def test_tcps_server_name_that_tls_cannot_verify(base: Path, server_name: str) -> None:
+    # Accepted, ssl would refuse it at every connection; the mapping's load says so instead.
+    extra = f'server_name = "{server_name}"\n'
+    text = CONNECTOR + mapping("ldap.virtual:389", "ldap.corp:636", "tcps", extra)
+    expect_error(
+        write(base, text),
+        "subaccounts.acme.mappings[0].server_name",
+        "not a host name TLS can verify",
+    )
+
+
 def test_tls_keys_are_refused_on_plain_tcp_mappings(base: Path) -> None:
     text = CONNECTOR + mapping("db.virtual:1", "db.corp:1", "tcp", 'ca_file = "tls/ca.pem"\n')
     expect_error(write(base, text), "subaccounts.acme.mappings[0].ca_file", "unknown key")

@@ -83,4 +83,10 @@ def read_backend_tls(mapping: TableReader) -> BackendTls:
         except (ssl.SSLError, OSError) as exc:
             problem = f"cannot load the client certificate: {exc}"
             raise mapping.error("client_key", problem) from None
+    if server_name is not None:
+        try:  # what ssl would refuse at every connection (a leading dot, an empty label)
+            context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=server_name)
+        except ValueError as exc:  # UnicodeError included
+            problem = f"not a host name TLS can verify: {exc}"
+            raise mapping.error("server_name", problem) from None
     return BackendTls(context, server_name, ca_file, client_cert is not None)

@@ -722,15 +722,23 @@ async def _connect(
         log.warning("backend of %s (%s) unreachable: %s", system, internal, exc)
         what = "refused the connection" if is_connection_refused(exc) else "is unreachable"
         raise _Refusal(502, f"Backend of system {system} {what}") from None
-    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls is None:
-        return tcp
-    stream = trio.SSLStream(tcp, tls.context, server_hostname=tls.server_name or internal.host)
+    try:
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is None:
+            return tcp
+        stream = trio.SSLStream(tcp, tls.context, server_hostname=tls.server_name or internal.host)
+    except BaseException:
+        await close_forcefully(tcp)
+        raise
     try:
         with trio.fail_after(connect_timeout):
             await stream.do_handshake()
-    except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+    except BaseException as exc:
+        # Every failure, cancellation included (the tunnel lost, the connector stopping),
+        # closes the backend connection now, not when the garbage collector finds it.
         await trio.aclose_forcefully(stream)
+        if not isinstance(exc, trio.BrokenResourceError | trio.TooSlowError):
+            raise
         cause = exc.__cause__
         log.warning("backend of %s (%s): TLS handshake failed: %s", system, internal, cause or exc)
         if isinstance(cause, ssl.SSLCertVerificationError):

@@ -108,12 +108,12 @@ class TcpHandler:
             return tcp
         try:
             backend_tls = self._tls_for(session, options)
+            tls = trio.SSLStream(
+                tcp, backend_tls.context, server_hostname=backend_tls.server_name or internal.host
+            )
         except BaseException:
             await trio.aclose_forcefully(tcp)
             raise
-        tls = trio.SSLStream(
-            tcp, backend_tls.context, server_hostname=backend_tls.server_name or internal.host
-        )
         try:
             with trio.fail_after(self.connect_timeout):
                 await tls.do_handshake()
