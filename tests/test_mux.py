@@ -1179,7 +1179,7 @@ def test_data_from_bytes_is_copied_once_and_from_buffers_at_once(pair: Pair) -> 
     owner may change it as soon as send_data returned; a caller's view of bytes may be released
     meanwhile; the frames carry what was sent."""
     stream_id = open_accepted(pair)
-    payload = bytes(range(256)) * 512  # 128 KiB: two 64 KiB frames
+    payload = bytes(range(256)) * (2 * MuxSettings().data_chunk_size // 256)  # two frames
     reused = bytearray(b"before" * 1000)
     viewed = b"viewed" * 1000
     assert pair.gateway.send_data(stream_id, payload) == len(payload)

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from backchannel import _tunnel
 from backchannel._proto._events import DataReceived, Event
 from backchannel._room_waiters import SERVED_LIMIT, RoomWaiters
 from backchannel._stream import TunnelStream
@@ -16,6 +17,16 @@ from .test_eager_send_review import read_to_eof, tls_tunnels
 from .test_wslink_review import GUARD, Pki, pki
 
 __all__ = ["pki"]  # the fixture, imported for the tests below
+
+#: The send step of the tunnel scenario below (the default is 256 KiB, one splice read): the
+#: order of waking is the same at any step size; the scenario needs several steps per stream.
+STEP = 64 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _small_send_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tunnel, "MAX_SEND_CHUNK", STEP)
+
 
 BULK_REST = 512 * 1024
 
@@ -88,7 +99,7 @@ async def test_a_new_stream_is_not_queued_behind_bulk_transfers_waiting_for_room
     at most two rounds of bulk steps (about 2 MiB each); woken in the order they began waiting,
     it would follow every waiting bulk stream's step twice (80 x 64 KiB each time)."""
     bulk_count = 80
-    newcomer_size = 3 * 64 * 1024
+    newcomer_size = 3 * STEP
     with trio.fail_after(GUARD):
         async with tls_tunnels(pki) as tunnels:
             gateway, connector = tunnels.gateway, tunnels.connector

@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import pytest
 import trio
 import trio.testing
 
+from backchannel import _tunnel
 from backchannel._room_waiters import SERVED_LIMIT, RoomWaiters
 from backchannel._sockio import write_now
 from backchannel._splice import splice_streams
 from backchannel._stream import TunnelStream
-from backchannel._tunnel import MAX_SEND_CHUNK, Tunnel, TunnelSettings
+from backchannel._tunnel import Tunnel, TunnelSettings
 
 from .test_eager_send import eager_pair
 from .test_eager_send_review import read_to_eof, tls_tunnels
@@ -27,6 +29,17 @@ from .test_wslink_review import GUARD, Pki, pki
 from .tunnel_pair import tunnel_pair
 
 __all__ = ["pki"]  # the fixture, imported for the tests below
+
+#: The send step of these scenarios (the tunnel's default is 256 KiB, one splice read): the
+#: waiting logic is the same at any step size, and several steps per splice read are what
+#: these scenarios need.
+STEP = 64 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _small_send_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tunnel, "MAX_SEND_CHUNK", STEP)
+
 
 #: A configurable high-water mark (16 KiB-256 MiB) below what one splice read hands a stream
 #: (256 KiB): one `_send_now` call reaches it.
@@ -75,7 +88,7 @@ async def test_a_spliced_upload_finishes_with_a_small_output_high_water_mark(pki
             prefilled = 0
             while prefilled < size and (taken := write_now(client.socket, payload[prefilled:])):
                 prefilled += taken
-            assert prefilled > MAX_SEND_CHUNK
+            assert prefilled > STEP
             received: list[int] = []
 
             async def upload() -> None:
@@ -106,7 +119,7 @@ async def test_nobody_waits_for_room_while_the_writer_is_idle() -> None:
     that sends after its first step stops behind the entry, until something makes the writer
     run. Fixing only A's served count (or only letting A ignore its own entry) is not enough:
     A's leftover entry (64 KiB) still holds back B after two steps."""
-    step = MAX_SEND_CHUNK
+    step = STEP
     with trio.fail_after(GUARD):
         async with eager_pair() as (pair, _):
             gateway = pair.gateway
@@ -164,8 +177,8 @@ async def test_a_stream_queued_by_the_splice_path_waits_with_what_it_has_sent() 
             await n.send_all(b"n" * (32 * 1024))
             await trio.testing.wait_all_tasks_blocked()  # the writer holds N's bytes
             assert gateway._mux.pending_bytes == 0
-            assert s._send_now(b"s" * (256 * 1024)) == MAX_SEND_CHUNK
-            assert s._sent == MAX_SEND_CHUNK
+            assert s._send_now(b"s" * (256 * 1024)) == STEP
+            assert s._sent == STEP
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(n.send_all, b"n")
                 await trio.testing.wait_all_tasks_blocked()
@@ -218,11 +231,11 @@ def test_a_bulk_waiter_past_the_limit_waits_at_most_four_steps_per_newcomer() ->
     while (woken := waiters.pop()) != "bulk":
         assert woken is not None
         steps_before_bulk += 1
-        sent[woken] += MAX_SEND_CHUNK
+        sent[woken] += STEP
         waiters.add(woken, sent[woken])
-    assert steps_before_bulk == newcomers * SERVED_LIMIT // MAX_SEND_CHUNK
+    assert steps_before_bulk == newcomers * SERVED_LIMIT // STEP
     # Then it takes turns with them: next is the newcomer that reached the limit first.
-    waiters.add("bulk", sent["bulk"] + MAX_SEND_CHUNK)
+    waiters.add("bulk", sent["bulk"] + STEP)
     assert waiters.pop() == "new0"
 
 
@@ -280,15 +293,15 @@ async def test_a_stream_closed_while_it_waits_for_room_holds_nobody_back() -> No
             d, d_peer = await pair.open_pair()
             await trio.testing.wait_all_tasks_blocked()
             pair.gateway_transport.hold_sends()
-            await d.send_all(b"d" * MAX_SEND_CHUNK)
+            await d.send_all(b"d" * STEP)
             await trio.testing.wait_all_tasks_blocked()  # the writer took it and holds it
-            await d.send_all(b"d" * MAX_SEND_CHUNK)  # queued: the mark is reached
+            await d.send_all(b"d" * STEP)  # queued: the mark is reached
             assert gateway._mux.pending_bytes >= SMALL_HIGH_WATER
             outcome: dict[str, str] = {}
 
             async def send(stream: TunnelStream, name: str) -> None:
                 try:
-                    await stream.send_all(b"x" * MAX_SEND_CHUNK)
+                    await stream.send_all(b"x" * STEP)
                 except trio.ClosedResourceError:
                     outcome[name] = "closed"
                 else:
@@ -303,9 +316,9 @@ async def test_a_stream_closed_while_it_waits_for_room_holds_nobody_back() -> No
                 assert gateway._output_blocked.least_served() == 0  # C's
                 await c.aclose()
                 assert c not in gateway._output_blocked
-                assert gateway._output_blocked.least_served() == 2 * MAX_SEND_CHUNK  # D's
+                assert gateway._output_blocked.least_served() == 2 * STEP  # D's
                 pair.gateway_transport.release_sends()
-                assert len(await read_exactly(d_peer, 3 * MAX_SEND_CHUNK)) == 3 * MAX_SEND_CHUNK
+                assert len(await read_exactly(d_peer, 3 * STEP)) == 3 * STEP
             assert outcome == {"c": "closed", "d": "sent"}
             assert not gateway._output_blocked
 

@@ -73,8 +73,9 @@ class TransportClosed(Exception):
     """Raised by transport adapters when the peer went away; message says why."""
 
 
-#: The most one send_all step hands the mux at once (bounds overshoot of the high-water mark).
-MAX_SEND_CHUNK = 64 * 1024
+#: The most one send_all step hands the mux at once (bounds overshoot of the high-water mark):
+#: one splice read, so that a bulk read becomes one DATA frame (MuxSettings.data_chunk_size).
+MAX_SEND_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
