@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 #: Never appended to: every stream starts with it and gets a deque of its own on first data.
-_NO_CHUNKS: deque[bytes] = deque()
+_NO_CHUNKS: deque[bytes | memoryview] = deque()
 
 #: Shared by every stream the peer has not (yet) answered with attributes; replaced, never
 #: mutated here.
@@ -73,7 +73,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._peer_accepted = False
         self._accepted_locally = False
         # The shared empty deque until data arrives: an idle stream keeps no deque block.
-        self._chunks: deque[bytes] = _NO_CHUNKS
+        self._chunks: deque[bytes | memoryview] = _NO_CHUNKS
         self._buffered = 0
         self._eof_received = False
         self._fin_sent = False
@@ -176,24 +176,29 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def _take(self, max_bytes: int | None) -> bytes:
         chunk = self._chunks.popleft()
+        taken: bytes
         if max_bytes is not None and len(chunk) > max_bytes:
-            self._chunks.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
+            # The rest stays a view of the frame's bytes: reading a 256 KiB frame in 64 KiB
+            # pieces copies each byte once, not the rest again after every piece.
+            view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+            self._chunks.appendleft(view[max_bytes:])
+            taken = bytes(view[:max_bytes])
         elif max_bytes is not None and self._chunks:
-            # Hand over every whole frame that fits (a splice asks for 256 KiB, frames carry
-            # 64 KiB): one receive and one send to the backend instead of one per frame.
+            # Hand over every whole frame that fits (several small frames, or the rest of
+            # one): one receive and one send to the backend instead of one per frame.
             parts = [chunk]
             size = len(chunk)
             while self._chunks and size + len(self._chunks[0]) <= max_bytes:
                 parts.append(self._chunks.popleft())
                 size += len(parts[-1])
-            if len(parts) > 1:
-                chunk = b"".join(parts)
-        self._buffered -= len(chunk)
+            taken = b"".join(parts) if len(parts) > 1 else bytes(chunk)
+        else:
+            taken = bytes(chunk)  # a copy only for the rest of a frame read in pieces
+        self._buffered -= len(taken)
         if not self._chunks:
             self._chunks = _NO_CHUNKS  # an idle stream keeps no deque block
-        self._tunnel._mux_acknowledge(self.stream_id, len(chunk))
-        return chunk
+        self._tunnel._mux_acknowledge(self.stream_id, len(taken))
+        return taken
 
     # ---------------------------------------------------------------- sending
 

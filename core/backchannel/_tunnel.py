@@ -36,6 +36,7 @@ from ._proto._events import (
     StreamReset,
     WindowUpdated,
 )
+from ._proto._frames import HEADER_SIZE
 from ._proto._mux import Mux, MuxSettings
 from ._room_waiters import RoomWaiters
 from ._stream import TunnelStream
@@ -478,15 +479,20 @@ class Tunnel:
         self._output_blocked.discard(stream)  # it may send: it waits no longer (if it did)
         return self._mux.send_window(stream.stream_id) == 0
 
+    def _send_step(self) -> int:
+        """The most one send step takes: MAX_SEND_CHUNK, and no frame larger than a message
+        (``max_message_size`` can be set below a step; a frame is never split)."""
+        return min(MAX_SEND_CHUNK, self._settings.max_message_size - HEADER_SIZE)
+
     def _mux_send(self, stream_id: int, data: memoryview) -> int:
-        sent = self._mux.send_data(stream_id, data[:MAX_SEND_CHUNK])
+        sent = self._mux.send_data(stream_id, data[: self._send_step()])
         self._wake_writer()
         return sent
 
     def _mux_queue(self, stream_id: int, data: memoryview) -> int:
         """:meth:`_mux_send` without waking the writer (the caller does, once, after queueing
         several steps: one message for all of them)."""
-        return self._mux.send_data(stream_id, data[:MAX_SEND_CHUNK])
+        return self._mux.send_data(stream_id, data[: self._send_step()])
 
     def _mux_accept(self, stream_id: int, attributes: dict[str, Any] | None) -> None:
         self._mux.accept_stream(stream_id, attributes)
