@@ -20,7 +20,7 @@ import trio.testing
 
 from backchannel import _tunnel
 from backchannel._proto._events import DataReceived, Event
-from backchannel._proto._frames import HEADER_SIZE, FrameType
+from backchannel._proto._frames import HEADER_SIZE
 from backchannel._proto._mux import MIN_FRAME_SIZE, MuxSettings
 from backchannel._room_waiters import SERVED_LIMIT
 from backchannel._sockio import write_now
@@ -31,7 +31,6 @@ from backchannel._wslink import WebSocketLink
 
 from .test_eager_send import eager_pair
 from .test_eager_send_review import read_to_eof, tls_tunnels
-from .test_mux import Pair, frames_of, open_accepted
 from .test_room_waiters_review import tcp_pair, with_high_water
 from .test_wslink_review import GUARD, Pki, pki
 from .tunnel_pair import GatedTransport, TunnelPair, tunnel_pair
@@ -304,26 +303,6 @@ async def test_eager_and_writer_messages_stay_within_the_default_max_message_siz
             assert max(sizes) <= limit
             if not eager_sends:
                 assert max(sizes) > 2 * _tunnel.MAX_SEND_CHUNK  # several frames per message
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="four 256 KiB DATA frames are 1 MiB + 48 bytes with their headers: a default 1 MiB "
-    "message carries three (768 KiB), a quarter less batching than 64 KiB frames gave (983 KiB)",
-)
-def test_four_full_data_frames_fit_one_default_message() -> None:
-    """A bulk stream's window (1 MiB) is four frames of 256 KiB; the writer and the eager
-    path ask data_to_send for max_message_size (1 MiB, chosen for 22-33% less CPU per MB
-    than 512 KiB) and get whole frames only: the 12-byte headers push the fourth frame out,
-    so every bulk message is 3/4 full (with 64 KiB frames: 15 of 16 fit)."""
-    pair = Pair()
-    pair.handshake()
-    stream_id = open_accepted(pair)
-    chunk = MuxSettings().data_chunk_size
-    assert pair.gateway.send_data(stream_id, bytes(4 * chunk)) == 4 * chunk
-    message = pair.gateway.data_to_send(TunnelSettings().max_message_size)
-    frames = [frame for frame in frames_of(message) if frame.type is FrameType.DATA]
-    assert len(frames) == 4
 
 
 async def test_a_configured_max_message_size_below_a_frame_bounds_the_messages_sent() -> None:
