@@ -148,14 +148,18 @@ async def test_a_peer_announcing_the_smallest_frame_size_gets_no_larger_frame(ho
 
 
 async def test_frames_are_one_step_of_256_kib_when_the_peer_allows() -> None:
-    """The default: a 1 MiB send_all reaches the peer as 256 KiB frames (one per step)."""
+    """The default: a 1 MiB send_all reaches the peer as 64 KiB frames until the stream has
+    sent SERVED_LIMIT (new streams take turns in small steps), then as 256 KiB frames (one
+    per step)."""
     with trio.fail_after(GUARD):
         async with tunnel_pair() as pair:
             frames = record_data_frames(pair.connector)
             opener, acceptor = await pair.open_pair()
             payload = payload_of(MIB)
             assert await transfer(opener, acceptor, payload) == payload
-            assert frames == [_tunnel.MAX_SEND_CHUNK] * 4
+            first = SERVED_LIMIT // _tunnel.FIRST_SEND_CHUNK
+            rest = (MIB - SERVED_LIMIT) // _tunnel.MAX_SEND_CHUNK
+            assert frames == [_tunnel.FIRST_SEND_CHUNK] * first + [_tunnel.MAX_SEND_CHUNK] * rest
             assert MuxSettings().data_chunk_size == _tunnel.MAX_SEND_CHUNK
 
 
@@ -370,6 +374,9 @@ async def test_reading_a_frame_in_smaller_pieces_copies_its_rest_at_most_once() 
     with trio.fail_after(GUARD):
         async with tunnel_pair() as pair:
             opener, acceptor = await pair.open_pair()
+            # Past SERVED_LIMIT the stream sends 256 KiB steps, so the next send is one frame.
+            await opener.send_all(payload_of(SERVED_LIMIT, seed=5))
+            assert len(await read_exactly(acceptor, SERVED_LIMIT, MIB)) == SERVED_LIMIT
             frames = record_data_frames(pair.connector)
             RecordingDeque.put_back = 0
             acceptor._chunks = RecordingDeque()

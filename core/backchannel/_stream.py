@@ -220,7 +220,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await self._park_sender()
                     self._raise_if_cannot_send()
                     continue
-                taken = self._tunnel._mux_send(self.stream_id, view[offset:])
+                taken = self._tunnel._mux_send(self.stream_id, view[offset:], self._sent)
                 offset += taken
                 self._sent += taken
             if not parked:
@@ -240,7 +240,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         view = memoryview(data).cast("B")
         offset = 0
         while offset < len(view) and not tunnel._send_blocked(self):
-            taken = tunnel._mux_queue(self.stream_id, view[offset:])
+            taken = tunnel._mux_queue(self.stream_id, view[offset:], self._sent)
             offset += taken
             self._sent += taken
         if offset:

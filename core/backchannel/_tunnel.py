@@ -38,7 +38,7 @@ from ._proto._events import (
 )
 from ._proto._frames import HEADER_SIZE
 from ._proto._mux import Mux, MuxSettings
-from ._room_waiters import RoomWaiters
+from ._room_waiters import SERVED_LIMIT, RoomWaiters
 from ._stream import TunnelStream
 
 log = logging.getLogger("backchannel.tunnel")
@@ -76,7 +76,11 @@ class TransportClosed(Exception):
 
 #: The most one send_all step hands the mux at once (bounds overshoot of the high-water mark):
 #: one splice read, so that a bulk read becomes one DATA frame (MuxSettings.data_chunk_size).
+#: Only streams that have sent SERVED_LIMIT take steps this large: before that, steps of
+#: FIRST_SEND_CHUNK keep many new streams taking turns (1,000 streams of 256 KiB each finish
+#: together instead of one after the other, docs/performance.md).
 MAX_SEND_CHUNK = 256 * 1024
+FIRST_SEND_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +474,7 @@ class Tunnel:
             # ahead of a waiting stream that has been served less (_room_waiters.py).
             self._output_blocked
             and (
-                self._mux.queued_data(stream.stream_id) >= MAX_SEND_CHUNK
+                self._mux.queued_data(stream.stream_id) >= self._send_step(stream._sent)
                 or self._output_blocked.any_served_less_than(stream._sent)
             )
         ):
@@ -479,20 +483,22 @@ class Tunnel:
         self._output_blocked.discard(stream)  # it may send: it waits no longer (if it did)
         return self._mux.send_window(stream.stream_id) == 0
 
-    def _send_step(self) -> int:
-        """The most one send step takes: MAX_SEND_CHUNK, and no frame larger than a message
-        (``max_message_size`` can be set below a step; a frame is never split)."""
-        return min(MAX_SEND_CHUNK, self._settings.max_message_size - HEADER_SIZE)
+    def _send_step(self, sent: int) -> int:
+        """The most one send step of a stream that has sent ``sent`` bytes takes:
+        FIRST_SEND_CHUNK below SERVED_LIMIT, then MAX_SEND_CHUNK; never a frame larger than a
+        message (``max_message_size`` can be set below a step; a frame is never split)."""
+        step = MAX_SEND_CHUNK if sent >= SERVED_LIMIT else min(FIRST_SEND_CHUNK, MAX_SEND_CHUNK)
+        return min(step, self._settings.max_message_size - HEADER_SIZE)
 
-    def _mux_send(self, stream_id: int, data: memoryview) -> int:
-        sent = self._mux.send_data(stream_id, data[: self._send_step()])
+    def _mux_send(self, stream_id: int, data: memoryview, sent: int) -> int:
+        taken = self._mux.send_data(stream_id, data[: self._send_step(sent)])
         self._wake_writer()
-        return sent
+        return taken
 
-    def _mux_queue(self, stream_id: int, data: memoryview) -> int:
+    def _mux_queue(self, stream_id: int, data: memoryview, sent: int) -> int:
         """:meth:`_mux_send` without waking the writer (the caller does, once, after queueing
         several steps: one message for all of them)."""
-        return self._mux.send_data(stream_id, data[: self._send_step()])
+        return self._mux.send_data(stream_id, data[: self._send_step(sent)])
 
     def _mux_accept(self, stream_id: int, attributes: dict[str, Any] | None) -> None:
         self._mux.accept_stream(stream_id, attributes)
