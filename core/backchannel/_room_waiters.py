@@ -16,9 +16,9 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 #: Below this many bytes sent, streams get room least served first; at or above it, in turn.
-#: 256 KiB (one send step at the default size): the answer to most requests, and the first
-#: read of a bulk transfer. A bulk transfer gives way to newer streams only until they have
-#: sent this much.
+#: 256 KiB (four 64 KiB first steps; a stream's steps grow to 256 KiB after it, _tunnel.py):
+#: the answer to most requests, and the first read of a bulk transfer. A bulk transfer gives
+#: way to newer streams only until they have sent this much.
 SERVED_LIMIT = 256 * 1024
 
 #: Stale heap entries tolerated beyond the live ones before :meth:`RoomWaiters.discard`
