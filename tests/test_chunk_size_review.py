@@ -496,12 +496,6 @@ async def test_a_long_lived_small_stream_waits_at_most_one_step_per_waiting_bulk
     assert ahead <= waiting * step
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_wake_blocked pops the streams it wakes: when it wakes every waiter, nobody "
-    "counts as waiting, and a bulk stream that runs before the least served one it was woken "
-    "with queues step after step up to the mark (2 MiB here) ahead of it (not new in 93d6d7a)",
-)
 async def test_bulk_streams_woken_with_a_new_stream_queue_one_step_each_before_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

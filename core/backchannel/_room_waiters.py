@@ -30,21 +30,40 @@ Waiter = TypeVar("Waiter", bound=Hashable)
 
 class RoomWaiters(Generic[Waiter]):
     """A priority queue of waiters by bytes served (capped at :data:`SERVED_LIMIT`), first come
-    first served among equals; each waiter is in it at most once."""
+    first served among equals; each waiter is in it at most once.
 
-    __slots__ = ("_heap", "_members", "_sequence")
+    A waiter popped and marked :meth:`woken` still counts as waiting (:meth:`others_waiting`)
+    until it runs (:meth:`ran`) or is discarded: otherwise another woken with it that runs
+    first would find nobody waiting and take all the room ahead of it."""
+
+    __slots__ = ("_heap", "_members", "_sequence", "_woken")
 
     def __init__(self) -> None:
         #: (served, sequence, waiter); entries of waiters discarded since are skipped lazily.
         self._heap: list[tuple[int, int, Waiter]] = []
         self._members: dict[Waiter, int] = {}
         self._sequence = 0
+        #: Woken by :meth:`pop` and not run since.
+        self._woken: set[Waiter] = set()
 
     def __len__(self) -> int:
+        """How many wait to be woken (woken ones not counted)."""
         return len(self._members)
 
     def __contains__(self, waiter: Waiter) -> bool:
         return waiter in self._members
+
+    def others_waiting(self) -> bool:
+        """True if anyone waits to be woken, or was woken and has not run yet."""
+        return bool(self._members or self._woken)
+
+    def woken(self, waiter: Waiter) -> None:
+        """``waiter``, just popped, was woken: it counts as waiting until :meth:`ran`."""
+        self._woken.add(waiter)
+
+    def ran(self, waiter: Waiter) -> None:
+        """``waiter`` runs again (it queues itself anew if it must wait)."""
+        self._woken.discard(waiter)
 
     def add(self, waiter: Waiter, served: int) -> None:
         """Queue ``waiter``, which has been served ``served`` bytes; no-op if it is queued."""
@@ -58,6 +77,7 @@ class RoomWaiters(Generic[Waiter]):
         """Forget ``waiter`` if it is queued. Its heap entry goes when it reaches the top, or
         when stale entries outnumber live ones (plus a margin): then the heap is rebuilt, so
         it stays within about twice the waiters however many were discarded."""
+        self._woken.discard(waiter)
         if self._members.pop(waiter, None) is None:
             return
         if len(self._heap) > 2 * len(self._members) + STALE_MARGIN:

@@ -335,17 +335,25 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     async def _park_sender(self) -> None:
         self._send_waiter = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort_sender)
+        try:
+            await trio.lowlevel.wait_task_rescheduled(self._abort_sender)
+        finally:
+            self._tunnel._output_blocked.ran(self)
 
     def _abort_sender(self, _: Any) -> trio.lowlevel.Abort:
         self._send_waiter = None
+        # A cancelled sender no longer waits for room: nobody gives way to it.
+        self._tunnel._output_blocked.discard(self)
         return trio.lowlevel.Abort.SUCCEEDED
 
-    def _wake_sender(self) -> None:
+    def _wake_sender(self) -> bool:
+        """Reschedule the parked sender; True if there was one."""
         task = self._send_waiter
-        if task is not None:
-            self._send_waiter = None
-            trio.lowlevel.reschedule(task)
+        if task is None:
+            return False
+        self._send_waiter = None
+        trio.lowlevel.reschedule(task)
+        return True
 
     # ---------------------------------------------------------------- called by the tunnel
 
@@ -390,8 +398,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._accepted is not None:
             self._accepted.set()
 
-    def _on_window(self) -> None:
-        self._wake_sender()
+    def _on_window(self) -> bool:
+        """Credit or room to send: wake the parked sender; True if there was one."""
+        return self._wake_sender()
 
     def _fail(self, error: StreamError) -> None:
         """Reset by the peer, by the mux, or the tunnel died."""

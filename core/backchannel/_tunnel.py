@@ -343,12 +343,16 @@ class Tunnel:
         the high-water mark takes (one send step each). Waking all of them would let whichever
         runs first take the room each time (1,000 streams: the same few, and 1,000 wake-ups
         per message); a woken stream that finds no room queues itself again."""
+        waiters = self._output_blocked
         room = self._settings.output_high_water - self._mux.pending_bytes
         while everyone or room > 0:
-            stream = self._output_blocked.pop()
+            stream = waiters.pop()
             if stream is None:
                 return
-            stream._on_window()
+            if stream._on_window():
+                # Until its task runs it still counts as waiting: a stream woken with it that
+                # runs first queues one step, not up to the mark, ahead of it.
+                waiters.woken(stream)
             room -= MAX_SEND_CHUNK
 
     async def _heartbeat(self) -> None:
@@ -469,10 +473,11 @@ class Tunnel:
 
     def _send_blocked(self, stream: TunnelStream) -> bool:
         if self._mux.pending_bytes >= self._settings.output_high_water or (
-            # Others are waiting for room: one send step queued per stream at a time, so the
+            # Others are waiting for room (or were woken and have not run yet): one send step
+            # queued per stream at a time, so the
             # streams take turns instead of the first ones filling the queue, and none queues
             # ahead of a waiting stream that has been served less (_room_waiters.py).
-            self._output_blocked
+            self._output_blocked.others_waiting()
             and (
                 self._mux.queued_data(stream.stream_id) >= self._send_step(stream._sent)
                 or self._output_blocked.any_served_less_than(stream._sent)
