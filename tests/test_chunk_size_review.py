@@ -421,27 +421,43 @@ async def fill_with_bulk(
     return pair.gateway_transport.release_sends
 
 
-class _FixedOrder(random.Random):
-    """trio's scheduler reverses each batch of runnable tasks when ``random() < 0.5``, then
-    runs it from the end: 0.0 runs tasks in the order they were woken, 0.9 in reverse."""
+class PreferredFirst(random.Random):
+    """trio's scheduler under pytest (hypothesis is installed: deterministic scheduling)
+    sorts each batch of runnable tasks by creation and calls ``_r.shuffle`` on it, then runs
+    it from the end. This shuffles with a seed, then moves the tasks of :attr:`first` to the
+    end, so that they run first, in that order. (Fixing ``random()`` instead, as an earlier
+    helper did, gives a fixed permutation of creation order, not the order of wake-up.)"""
 
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.first: list[trio.lowlevel.Task] = []
 
-    def random(self) -> float:
-        return self.value
-
-
-def fixed_run_order(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
-    """Make trio run tasks woken together in a fixed order ("woken" or "reverse")."""
-    monkeypatch.setattr(trio._core._run, "_r", _FixedOrder(0.0 if order == "woken" else 0.9))
+    def shuffle(self, x: Any) -> None:
+        super().shuffle(x)
+        rank = {task: index for index, task in enumerate(self.first)}
+        x.sort(key=lambda task: -rank.get(task, len(rank)))
 
 
-async def bulk_ahead_of(bulk_count: int, message: bytes, history: int = 0) -> tuple[int, int]:
+def control_run_order(monkeypatch: pytest.MonkeyPatch, seed: int = 0) -> PreferredFirst:
+    """Make trio run the tasks of the returned object's ``first`` list first in their batch."""
+    assert trio._core._run._ALLOW_DETERMINISTIC_SCHEDULING  # else _r.shuffle is not used
+    order = PreferredFirst(seed)
+    monkeypatch.setattr(trio._core._run, "_r", order)
+    return order
+
+
+async def bulk_ahead_of(
+    bulk_count: int,
+    message: bytes,
+    history: int = 0,
+    *,
+    order: PreferredFirst | None = None,
+    bulk_first: bool = False,
+) -> tuple[int, int]:
     """Bulk streams keep the queue at the mark; a small stream that has sent ``history``
-    bytes before sends ``message`` into the full queue. (Bulk bytes queued before it, bulk
-    streams waiting for room when it asked.)"""
+    bytes before sends ``message`` into the full queue. With ``order``, trio runs the bulk
+    senders (``bulk_first``) or the small one first among the streams woken together. (Bulk
+    bytes queued before it, bulk streams waiting for room when it asked.)"""
     with trio.fail_after(GUARD):
         async with tunnel_pair() as pair, trio.open_nursery() as nursery:
             small, small_peer = await pair.open_pair()
@@ -456,6 +472,14 @@ async def bulk_ahead_of(bulk_count: int, message: bytes, history: int = 0) -> tu
             nursery.start_soon(small.send_all, message)
             await trio.testing.wait_all_tasks_blocked()
             assert small in pair.gateway._output_blocked
+            if order is not None:
+                senders = [opener._send_waiter for opener, _ in bulk]
+                assert small._send_waiter is not None
+                assert all(senders)
+                tasks = [task for task in senders if task is not None]
+                order.first = [*tasks, small._send_waiter]
+                if not bulk_first:
+                    order.first = order.first[::-1]
             release()
             assert await small_peer.receive_some() == message
             nursery.cancel_scope.cancel()
@@ -467,15 +491,17 @@ async def bulk_ahead_of(bulk_count: int, message: bytes, history: int = 0) -> tu
     return ahead, waiting
 
 
-@pytest.mark.parametrize("order", ["woken", "reverse"])
+@pytest.mark.parametrize("order", ["new first", "bulk first"])
 async def test_a_new_streams_answer_waits_for_less_than_the_mark_behind_six_bulk_streams(
     monkeypatch: pytest.MonkeyPatch, order: str
 ) -> None:
     """Six bulk streams (past SERVED_LIMIT) keep the queue at the mark; a new stream's answer
     waits for room and is woken first: whatever order trio runs the streams woken with it,
     less bulk data than the mark (2 MiB) is queued before it (at 256 KiB steps: none)."""
-    fixed_run_order(monkeypatch, order)
-    ahead, waiting = await bulk_ahead_of(6, b"answer")
+    run_order = control_run_order(monkeypatch)
+    ahead, waiting = await bulk_ahead_of(
+        6, b"answer", order=run_order, bulk_first=order == "bulk first"
+    )
     assert waiting == 6
     assert ahead < TunnelSettings().output_high_water
 
@@ -488,28 +514,29 @@ async def test_a_long_lived_small_stream_waits_at_most_one_step_per_waiting_bulk
     a stream past SERVED_LIMIT (an interactive session that has sent 512 KiB) that finds the
     queue at the mark waits in turn behind the bulk streams that waited before it, each of
     which sends at most one step first: with six of them, 768 KiB went first at 256 KiB steps,
-    none at 64 KiB (run in the order woken; the bound is 6 steps either way)."""
+    none at 64 KiB (the bulk senders run first; the bound is 6 steps either way)."""
     monkeypatch.setattr(_tunnel, "MAX_SEND_CHUNK", step)
-    fixed_run_order(monkeypatch, "woken")
-    ahead, waiting = await bulk_ahead_of(6, b"keystroke", history=2 * SERVED_LIMIT)
+    run_order = control_run_order(monkeypatch)
+    ahead, waiting = await bulk_ahead_of(
+        6, b"keystroke", history=2 * SERVED_LIMIT, order=run_order, bulk_first=True
+    )
     assert waiting == 6
     assert ahead <= waiting * step
 
 
-async def test_bulk_streams_woken_with_a_new_stream_queue_one_step_each_before_it(
+async def test_bulk_streams_woken_with_a_new_stream_give_way_to_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two bulk streams keep the queue at the mark; a new stream's answer waits for room. The
     drained message makes room for four steps: all three are woken, the new one first (least
-    served). trio runs tasks woken together in either order (it reverses each batch half the
-    time); in reverse order the bulk streams run first, find nobody waiting any more (the new
-    stream was popped from the waiters) and queue steps until the mark: 2 MiB, a whole queue,
-    goes before the new stream's first bytes, where the rule is one step per stream while
-    others wait (here: at most 2 x 256 KiB)."""
-    fixed_run_order(monkeypatch, "reverse")
-    ahead, waiting = await bulk_ahead_of(2, b"answer")
+    served), and trio runs the bulk streams first. The new stream still counts as served
+    nothing until it runs, so they give way to it: no bulk byte goes before its answer. (The
+    woken streams used to leave the waiters: the bulk streams found nobody waiting and queued
+    up to the mark, 2 MiB, first.)"""
+    run_order = control_run_order(monkeypatch)
+    ahead, waiting = await bulk_ahead_of(2, b"answer", order=run_order, bulk_first=True)
     assert waiting == 2
-    assert ahead <= waiting * _tunnel.MAX_SEND_CHUNK
+    assert ahead == 0
 
 
 # =========================================================================== docs

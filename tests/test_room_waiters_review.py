@@ -210,7 +210,7 @@ def test_entries_of_discarded_waiters_do_not_pile_up_while_newer_ones_are_served
         waiters.add(newcomer, 0)
         assert waiters.pop() is not None
         assert len(waiters) == 1
-    assert len(waiters._heap) <= 2 * len(waiters) + 64
+    assert len(waiters._waiting._heap) <= 2 * len(waiters) + 64
 
 
 # =========================================================================== checked, correct
@@ -271,14 +271,14 @@ def test_stale_entries_go_once_the_queue_is_drained() -> None:
         woken.append(popped)
     assert sorted(woken) == sorted([*range(1, 1000, 2), *range(0, 1000, 4)])
     assert woken[:250] == list(range(0, 1000, 4))  # served 0, in the order they came back
-    assert waiters._heap == []
+    assert waiters._waiting._heap == []
     for waiter in range(100):
         waiters.add(waiter, 5)
     for waiter in range(100):
         waiters.discard(waiter)
     assert not waiters
     assert waiters.least_served() is None
-    assert waiters._heap == []
+    assert waiters._waiting._heap == []
 
 
 async def test_a_stream_closed_while_it_waits_for_room_holds_nobody_back() -> None:

@@ -3,9 +3,11 @@
 TunnelStream._park_sender).
 
 Without the first, a bulk stream woken together with a new one and run before it found nobody
-waiting and queued up to the high-water mark ahead of it (tests/test_chunk_size_review.py
-pins that down with both run orders); without the second, a cancelled sender's entry held
-back every stream that had sent more than it until the next wake-up popped it."""
+waiting and queued up to the high-water mark ahead of it
+(tests/test_chunk_size_review.py::test_bulk_streams_woken_with_a_new_stream_give_way_to_it;
+tests/test_room_waiters_woken_review.py for the eager transport and WINDOW_UPDATE cases);
+without the second, a cancelled sender's entry held back every stream that had sent more than
+it until the next wake-up popped it."""
 
 from __future__ import annotations
 
@@ -30,31 +32,34 @@ def _small_send_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_tunnel, "MAX_SEND_CHUNK", STEP)
 
 
-def test_a_woken_waiter_counts_as_waiting_until_it_runs() -> None:
+def test_a_woken_waiter_counts_as_served_less_until_it_runs() -> None:
     waiters: RoomWaiters[str] = RoomWaiters()
     waiters.add("new", 0)
     waiters.add("bulk", 500_000)
     assert waiters.pop() == "new"
-    waiters.woken("new")
+    waiters.woken("new", 0)
     assert len(waiters) == 1  # "bulk" waits to be woken; "new" was woken
     assert "new" not in waiters
     assert waiters.pop() == "bulk"
-    waiters.woken("bulk")
+    waiters.woken("bulk", 500_000)
     assert len(waiters) == 0
     assert waiters.others_waiting()  # both woken, neither has run
+    assert waiters.any_served_less_than(500_000)  # "new": bulk gives way to it
     waiters.ran("bulk")
-    assert waiters.others_waiting()  # "new" still has not
+    assert waiters.any_served_less_than(1)  # "new" still has not run
     waiters.ran("new")
     assert not waiters.others_waiting()
+    assert not waiters.any_served_less_than(1)
 
 
 def test_a_discarded_waiter_no_longer_counts_even_when_woken() -> None:
     waiters: RoomWaiters[str] = RoomWaiters()
     waiters.add("gone", 0)
     assert waiters.pop() == "gone"
-    waiters.woken("gone")
+    waiters.woken("gone", 0)
     waiters.discard("gone")
     assert not waiters.others_waiting()
+    assert not waiters.any_served_less_than(1)
 
 
 async def fill_to_the_mark(pair: TunnelPair, stream: TunnelStream) -> None:

@@ -28,56 +28,34 @@ STALE_MARGIN = 64
 Waiter = TypeVar("Waiter", bound=Hashable)
 
 
-class RoomWaiters(Generic[Waiter]):
-    """A priority queue of waiters by bytes served (capped at :data:`SERVED_LIMIT`), first come
-    first served among equals; each waiter is in it at most once.
+class _ServedHeap(Generic[Waiter]):
+    """Waiters by bytes served (capped), first come first served among equals; each at most
+    once. Entries of waiters removed since are skipped lazily, and the heap is rebuilt when
+    they outnumber the live ones (plus a margin), so it stays within about twice its members
+    however many were removed."""
 
-    A waiter popped and marked :meth:`woken` still counts as waiting (:meth:`others_waiting`)
-    until it runs (:meth:`ran`) or is discarded: otherwise another woken with it that runs
-    first would find nobody waiting and take all the room ahead of it."""
-
-    __slots__ = ("_heap", "_members", "_sequence", "_woken")
+    __slots__ = ("_heap", "_members", "_sequence")
 
     def __init__(self) -> None:
-        #: (served, sequence, waiter); entries of waiters discarded since are skipped lazily.
+        #: (served, sequence, waiter); entries of waiters removed since are skipped lazily.
         self._heap: list[tuple[int, int, Waiter]] = []
         self._members: dict[Waiter, int] = {}
         self._sequence = 0
-        #: Woken by :meth:`pop` and not run since.
-        self._woken: set[Waiter] = set()
 
     def __len__(self) -> int:
-        """How many wait to be woken (woken ones not counted)."""
         return len(self._members)
 
     def __contains__(self, waiter: Waiter) -> bool:
         return waiter in self._members
 
-    def others_waiting(self) -> bool:
-        """True if anyone waits to be woken, or was woken and has not run yet."""
-        return bool(self._members or self._woken)
-
-    def woken(self, waiter: Waiter) -> None:
-        """``waiter``, just popped, was woken: it counts as waiting until :meth:`ran`."""
-        self._woken.add(waiter)
-
-    def ran(self, waiter: Waiter) -> None:
-        """``waiter`` runs again (it queues itself anew if it must wait)."""
-        self._woken.discard(waiter)
-
     def add(self, waiter: Waiter, served: int) -> None:
-        """Queue ``waiter``, which has been served ``served`` bytes; no-op if it is queued."""
         if waiter in self._members:
             return
         self._sequence += 1
         self._members[waiter] = self._sequence
         heapq.heappush(self._heap, (min(served, SERVED_LIMIT), self._sequence, waiter))
 
-    def discard(self, waiter: Waiter) -> None:
-        """Forget ``waiter`` if it is queued. Its heap entry goes when it reaches the top, or
-        when stale entries outnumber live ones (plus a margin): then the heap is rebuilt, so
-        it stays within about twice the waiters however many were discarded."""
-        self._woken.discard(waiter)
+    def remove(self, waiter: Waiter) -> None:
         if self._members.pop(waiter, None) is None:
             return
         if len(self._heap) > 2 * len(self._members) + STALE_MARGIN:
@@ -86,26 +64,84 @@ class RoomWaiters(Generic[Waiter]):
             heapq.heapify(self._heap)
 
     def least_served(self) -> int | None:
-        """The (capped) bytes served of the waiter that would be woken next; None if empty."""
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
-    def pop(self) -> Waiter | None:
-        """Remove and return the waiter to wake next; None if there is none."""
+    def pop(self) -> tuple[Waiter, int] | None:
         self._drop_stale()
         if not self._heap:
             return None
-        _, _, waiter = heapq.heappop(self._heap)
+        served, _, waiter = heapq.heappop(self._heap)
         del self._members[waiter]
-        return waiter
-
-    def any_served_less_than(self, served: int) -> bool:
-        """True if a waiter has been served less than ``served`` bytes (capped): a stream that
-        has sent that much gives way to it."""
-        least = self.least_served()
-        return least is not None and least < min(served, SERVED_LIMIT)
+        return waiter, served
 
     def _drop_stale(self) -> None:
         heap = self._heap
         while heap and self._members.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)
+
+
+class RoomWaiters(Generic[Waiter]):
+    """Who waits for room: a priority queue by bytes served (capped at :data:`SERVED_LIMIT`),
+    first come first served among equals, each waiter in it at most once; and who was woken
+    from it and has not run yet.
+
+    A waiter popped and marked :meth:`woken` still counts for :meth:`any_served_less_than`
+    until it runs (:meth:`ran`) or is discarded: otherwise a stream woken with it that runs
+    first would find nobody served less waiting and take the room ahead of it."""
+
+    __slots__ = ("_waiting", "_woken")
+
+    def __init__(self) -> None:
+        self._waiting: _ServedHeap[Waiter] = _ServedHeap()
+        #: Woken since they were popped, not run yet.
+        self._woken: _ServedHeap[Waiter] = _ServedHeap()
+
+    def __len__(self) -> int:
+        """How many wait to be woken (those woken and not run yet not counted)."""
+        return len(self._waiting)
+
+    def __contains__(self, waiter: Waiter) -> bool:
+        """True if ``waiter`` waits to be woken."""
+        return waiter in self._waiting
+
+    def add(self, waiter: Waiter, served: int) -> None:
+        """Queue ``waiter``, which has been served ``served`` bytes; no-op if it is queued."""
+        self._waiting.add(waiter, served)
+
+    def discard(self, waiter: Waiter) -> None:
+        """Forget ``waiter``, waiting or woken (no-op if it is neither)."""
+        self._waiting.remove(waiter)
+        self._woken.remove(waiter)
+
+    def pop(self) -> Waiter | None:
+        """Remove and return the waiter to wake next; None if there is none."""
+        popped = self._waiting.pop()
+        return None if popped is None else popped[0]
+
+    def woken(self, waiter: Waiter, served: int) -> None:
+        """``waiter`` (just popped, served ``served`` bytes) was woken: it counts for
+        :meth:`any_served_less_than` until :meth:`ran` or :meth:`discard`."""
+        self._woken.add(waiter, served)
+
+    def ran(self, waiter: Waiter) -> None:
+        """``waiter`` runs again (it queues itself anew if it must wait)."""
+        self._woken.remove(waiter)
+
+    def others_waiting(self) -> bool:
+        """True if anyone waits to be woken, or was woken and has not run yet."""
+        return bool(len(self._waiting) or len(self._woken))
+
+    def least_served(self) -> int | None:
+        """The (capped) bytes served of the waiter that would be woken next; None if empty."""
+        return self._waiting.least_served()
+
+    def any_served_less_than(self, served: int) -> bool:
+        """True if a waiter, or one woken that has not run yet, has been served less than
+        ``served`` bytes (capped): a stream that has sent that much gives way to it."""
+        limit = min(served, SERVED_LIMIT)
+        for heap in (self._waiting, self._woken):
+            least = heap.least_served()
+            if least is not None and least < limit:
+                return True
+        return False

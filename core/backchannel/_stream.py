@@ -49,6 +49,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_receive_waiter",
         "_receiving",
         "_send_waiter",
+        "_sender_resuming",
         "_sending",
         "_sent",
         "_sink",
@@ -83,6 +84,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._error: StreamError | None = None
         self._receive_waiter: trio.lowlevel.Task | None = None
         self._send_waiter: trio.lowlevel.Task | None = None
+        #: The sender was rescheduled and has not run yet.
+        self._sender_resuming = False
         self._sending = False
         self._receiving = False
         #: Set by a splice (into a plain socket) around its receive_some: data that arrives
@@ -338,7 +341,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.wait_task_rescheduled(self._abort_sender)
         finally:
-            self._tunnel._output_blocked.ran(self)
+            self._sender_resuming = False
+            self._tunnel._sender_resumed(self)
 
     def _abort_sender(self, _: Any) -> trio.lowlevel.Abort:
         self._send_waiter = None
@@ -347,11 +351,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _wake_sender(self) -> bool:
-        """Reschedule the parked sender; True if there was one."""
+        """Reschedule the parked sender; True if there was one, or one was rescheduled and
+        has not run yet."""
         task = self._send_waiter
         if task is None:
-            return False
+            return self._sender_resuming
         self._send_waiter = None
+        self._sender_resuming = True
         trio.lowlevel.reschedule(task)
         return True
 

@@ -350,9 +350,9 @@ class Tunnel:
             if stream is None:
                 return
             if stream._on_window():
-                # Until its task runs it still counts as waiting: a stream woken with it that
-                # runs first queues one step, not up to the mark, ahead of it.
-                waiters.woken(stream)
+                # Until its task runs it still counts as served what it had: a stream woken
+                # with it that runs first and has been served more gives way to it.
+                waiters.woken(stream, stream._sent)
             room -= MAX_SEND_CHUNK
 
     async def _heartbeat(self) -> None:
@@ -472,21 +472,30 @@ class Tunnel:
         self._writer_waiters.unpark_all()
 
     def _send_blocked(self, stream: TunnelStream) -> bool:
+        waiters = self._output_blocked
         if self._mux.pending_bytes >= self._settings.output_high_water or (
-            # Others are waiting for room (or were woken and have not run yet): one send step
-            # queued per stream at a time, so the
-            # streams take turns instead of the first ones filling the queue, and none queues
-            # ahead of a waiting stream that has been served less (_room_waiters.py).
-            self._output_blocked.others_waiting()
+            # Others wait for room, or were woken and have not run yet: one send step queued
+            # per stream at a time, so the streams take turns instead of the first ones (or
+            # the first one trio runs) filling the queue, and none queues ahead of one that
+            # has been served less (_room_waiters.py).
+            waiters.others_waiting()
             and (
                 self._mux.queued_data(stream.stream_id) >= self._send_step(stream._sent)
-                or self._output_blocked.any_served_less_than(stream._sent)
+                or waiters.any_served_less_than(stream._sent)
             )
         ):
-            self._output_blocked.add(stream, stream._sent)
+            waiters.add(stream, stream._sent)
             return True
-        self._output_blocked.discard(stream)  # it may send: it waits no longer (if it did)
+        waiters.discard(stream)  # it may send: it waits no longer (if it did)
         return self._mux.send_window(stream.stream_id) == 0
+
+    def _sender_resumed(self, stream: TunnelStream) -> None:
+        """``stream``'s parked sender runs again (woken, or cancelled). Streams may have given
+        way to it while it was woken; if the writer is idle, nobody else would wake them."""
+        waiters = self._output_blocked
+        waiters.ran(stream)
+        if len(waiters) and len(self._writer_waiters):
+            self._wake_blocked(everyone=True)
 
     def _send_step(self, sent: int) -> int:
         """The most one send step of a stream that has sent ``sent`` bytes takes:
