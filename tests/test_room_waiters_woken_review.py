@@ -13,7 +13,7 @@ and once every task is blocked nobody waits or counts as woken (``_wake_writer``
 Without an eager transport, a bulk stream run before the new stream woken with it queues one
 step ahead of it, as the commit says.
 
-Four were written failing (strict xfail), each for a defect; three are fixed:
+Four were written failing (strict xfail), each for a defect; all four are fixed:
 
 * With an eager transport (production's ``WebSocketLink``) the case the commit names was not
   fixed: the bulk stream run first sent each step at once, so its queued data was 0 again and
@@ -26,11 +26,11 @@ Four were written failing (strict xfail), each for a defect; three are fixed:
 * The commit cited tests/test_chunk_size_review.py for "both run orders", but its
   ``fixed_run_order`` did not give them (under pytest trio sorts each batch by task creation
   and shuffles it). Fixed: ``control_run_order`` (``PreferredFirst``) there, used here too.
-* Left as a strict xfail: two bulk streams (past SERVED_LIMIT, windows not limiting) each
-  count the other as waiting, so each queues one step per writer round: the writer's
-  messages carry two 256 KiB frames instead of three, and the queue never gets back to the
-  mark. Not counting woken streams in the one-step rule fixes it but lets the stream trio
-  runs first fill the queue to the mark in every round, ahead of one that always runs last.
+* Two bulk streams (past SERVED_LIMIT, windows not limiting) each counted the other as
+  waiting, so each queued one step per writer round: the writer's messages carried two
+  256 KiB frames instead of three, and the queue never got back to the mark. Fixed: only
+  streams woken below SERVED_LIMIT count as woken (past it streams are equals; whichever
+  runs first may fill the queue, as before 3a5abfd).
 """
 
 from __future__ import annotations
@@ -244,17 +244,7 @@ async def writer_messages(bulk_count: int, messages: int) -> list[int]:
     "bulk_count",
     [
         1,
-        pytest.param(
-            2,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="two bulk streams count each other as waiting (woken or queued): one "
-                "step each per writer round, 512 KiB messages instead of 768 KiB, the queue "
-                "never back at the mark (not counting woken streams in the one-step rule "
-                "fixes this but lets the stream trio runs first fill the mark every round: "
-                "test_chunk_size_review's long-lived small stream then waits 26 MB)",
-            ),
-        ),
+        2,
         3,
     ],
 )

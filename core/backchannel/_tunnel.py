@@ -349,9 +349,11 @@ class Tunnel:
             stream = waiters.pop()
             if stream is None:
                 return
-            if stream._on_window():
+            if stream._on_window() and stream._sent < SERVED_LIMIT:
                 # Until its task runs it still counts as served what it had: a stream woken
-                # with it that runs first and has been served more gives way to it.
+                # with it that runs first and has been served more gives way to it. (Streams
+                # past the limit are equals: whichever runs first may fill the queue, so two
+                # bulk streams keep the writer's messages full.)
                 waiters.woken(stream, stream._sent)
             room -= MAX_SEND_CHUNK
 
