@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import select
 import socket
 import ssl
 from dataclasses import dataclass
@@ -157,9 +159,9 @@ async def _open_tcp(host: str, port: int) -> trio.SocketStream:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        await _connect(sock, (host, port))
     except OSError as exc:
         sock.close()
         where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
@@ -168,4 +170,24 @@ async def _open_tcp(host: str, port: int) -> trio.SocketStream:
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
+    """A non-blocking connect, as trio's ``sock.connect``, without waiting for the socket to
+    become writable when it already is: to a backend on the same host the handshake is done
+    when ``connect`` returns EINPROGRESS, and the wait costs a scheduler pass per stream."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    sock.setblocking(False)
+    try:
+        sock.connect(address)
+        return
+    except BlockingIOError:
+        pass
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(0):
+        await trio.lowlevel.wait_writable(sock)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, f"Error connecting to {address!r}: {os.strerror(error)}")
