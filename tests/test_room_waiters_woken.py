@@ -16,11 +16,16 @@ import trio
 import trio.testing
 
 from backchannel import _tunnel
+from backchannel._exceptions import StreamError
+from backchannel._proto._errors import ResetCode
 from backchannel._room_waiters import RoomWaiters
 from backchannel._stream import TunnelStream
 from backchannel._tunnel import TunnelSettings
 
+from .test_chunk_size_review import control_run_order
+from .test_eager_send import eager_pair
 from .test_room_waiters_review import SMALL_HIGH_WATER, read_exactly
+from .test_room_waiters_woken_review import fill_to_the_mark as fill_eager_to_the_mark
 from .test_wslink_review import GUARD
 from .tunnel_pair import TunnelPair, tunnel_pair
 
@@ -167,3 +172,65 @@ async def test_a_stream_woken_then_closed_before_it_runs_counts_no_more() -> Non
                 assert outcome == ["closed"]
                 assert not gateway._output_blocked.others_waiting()
                 pair.gateway_transport.release_sends()
+
+
+async def test_a_stream_that_gave_way_to_a_woken_one_reset_before_it_ran_is_woken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On an eager transport N (nothing sent) and B (192 KiB sent) wait for room; the writer
+    wakes both, finds the queue empty and parks. B runs first and gives way to N (woken, served
+    less): it waits again, the writer idle. Then N is reset (as the reader does on the peer's
+    RESET) before its task runs: N sends nothing, so no eager send and no writer round would
+    wake B. N's sender, resuming to raise, wakes it (``Tunnel._sender_resumed``)."""
+    order = control_run_order(monkeypatch)
+    with trio.fail_after(GUARD):
+        async with eager_pair() as (pair, eager):
+            gateway = pair.gateway
+            n, _ = await pair.open_pair()
+            b, b_peer = await pair.open_pair()
+            await trio.testing.wait_all_tasks_blocked()
+            eager.accepting_now = False  # the writer sends until the release
+            await fill_eager_to_the_mark(pair, eager, b, 2 * STEP)
+            outcome: dict[str, str] = {}
+            resetter: list[trio.lowlevel.Task] = []
+
+            async def reset_n() -> None:
+                resetter.append(trio.lowlevel.current_task())
+                await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                n._fail(StreamError(ResetCode.CANCELLED, "reset by the peer"))
+
+            async def send(stream: TunnelStream, name: str, data: bytes) -> None:
+                try:
+                    await stream.send_all(data)
+                except trio.BrokenResourceError:
+                    outcome[name] = "reset"
+                else:
+                    outcome[name] = "sent"
+
+            wake_blocked = gateway._wake_blocked
+
+            def wake_then_run_the_resetter(*, everyone: bool = False) -> None:
+                wake_blocked(everyone=everyone)
+                if resetter and n not in gateway._output_blocked:
+                    trio.lowlevel.reschedule(resetter.pop())
+
+            monkeypatch.setattr(gateway, "_wake_blocked", wake_then_run_the_resetter)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reset_n)
+                nursery.start_soon(send, b, "b", b"b" * 4 * STEP)
+                nursery.start_soon(send, n, "n", b"answer")
+                await trio.testing.wait_all_tasks_blocked()
+                assert n in gateway._output_blocked
+                assert b in gateway._output_blocked
+                assert b._send_waiter is not None
+                assert n._send_waiter is not None
+                order.first = [b._send_waiter, resetter[0], n._send_waiter]
+                eager.accepting_now = True
+                eager.release_sends()
+                await trio.testing.wait_all_tasks_blocked()
+                assert outcome["n"] == "reset"
+                # Not waiting until something else (a heartbeat) makes the writer run:
+                assert b not in gateway._output_blocked
+                assert len(await read_exactly(b_peer, 7 * STEP)) == 7 * STEP
+            assert outcome == {"n": "reset", "b": "sent"}
+            assert not gateway._output_blocked.others_waiting()

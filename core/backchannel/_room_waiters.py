@@ -97,13 +97,16 @@ class RoomWaiters(Generic[Waiter]):
         #: Woken since they were popped, not run yet.
         self._woken: _ServedHeap[Waiter] = _ServedHeap()
 
+    # The tunnel asks these on every send step, mostly with nobody waiting: they read the
+    # member dicts directly instead of through _ServedHeap's methods.
+
     def __len__(self) -> int:
         """How many wait to be woken (those woken and not run yet not counted)."""
-        return len(self._waiting)
+        return len(self._waiting._members)
 
     def __contains__(self, waiter: Waiter) -> bool:
         """True if ``waiter`` waits to be woken."""
-        return waiter in self._waiting
+        return waiter in self._waiting._members
 
     def add(self, waiter: Waiter, served: int) -> None:
         """Queue ``waiter``, which has been served ``served`` bytes; no-op if it is queued."""
@@ -111,8 +114,10 @@ class RoomWaiters(Generic[Waiter]):
 
     def discard(self, waiter: Waiter) -> None:
         """Forget ``waiter``, waiting or woken (no-op if it is neither)."""
-        self._waiting.remove(waiter)
-        self._woken.remove(waiter)
+        if waiter in self._waiting._members:
+            self._waiting.remove(waiter)
+        if waiter in self._woken._members:
+            self._woken.remove(waiter)
 
     def pop(self) -> Waiter | None:
         """Remove and return the waiter to wake next; None if there is none."""
@@ -130,7 +135,7 @@ class RoomWaiters(Generic[Waiter]):
 
     def others_waiting(self) -> bool:
         """True if anyone waits to be woken, or was woken and has not run yet."""
-        return bool(len(self._waiting) or len(self._woken))
+        return bool(self._waiting._members or self._woken._members)
 
     def least_served(self) -> int | None:
         """The (capped) bytes served of the waiter that would be woken next; None if empty."""
