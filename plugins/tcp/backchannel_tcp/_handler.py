@@ -9,6 +9,7 @@ import select
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
@@ -161,7 +162,15 @@ async def _open_tcp(host: str, port: int) -> trio.SocketStream:
         return await trio.open_tcp_stream(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await _connect(sock, (host, port))
+        address: tuple[str, int] | tuple[str, int, int, int] = (host, port)
+        if "%" in host:
+            # A zoned IPv6 address (fe80::1%eth0): connect() ignores the zone of a 2-tuple
+            # (scope id 0); getaddrinfo, numeric only (no lookup), gives the scope id.
+            info = socket.getaddrinfo(
+                host, port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+            )
+            address = cast("tuple[str, int, int, int]", info[0][4])
+        await _connect(sock, address)
     except OSError as exc:
         sock.close()
         where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
@@ -173,7 +182,9 @@ async def _open_tcp(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
+async def _connect(
+    sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]
+) -> None:
     """A non-blocking connect, as trio's ``sock.connect``, without waiting for the socket to
     become writable when it already is: to a backend on the same host the handshake is done
     when ``connect`` returns EINPROGRESS, and the wait costs a scheduler pass per stream."""
