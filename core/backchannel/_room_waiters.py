@@ -42,12 +42,6 @@ class _ServedHeap(Generic[Waiter]):
         self._members: dict[Waiter, int] = {}
         self._sequence = 0
 
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def __contains__(self, waiter: Waiter) -> bool:
-        return waiter in self._members
-
     def add(self, waiter: Waiter, served: int) -> None:
         if waiter in self._members:
             return
@@ -67,13 +61,13 @@ class _ServedHeap(Generic[Waiter]):
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
-    def pop(self) -> tuple[Waiter, int] | None:
+    def pop(self) -> Waiter | None:
         self._drop_stale()
         if not self._heap:
             return None
-        served, _, waiter = heapq.heappop(self._heap)
+        _, _, waiter = heapq.heappop(self._heap)
         del self._members[waiter]
-        return waiter, served
+        return waiter
 
     def _drop_stale(self) -> None:
         heap = self._heap
@@ -121,8 +115,7 @@ class RoomWaiters(Generic[Waiter]):
 
     def pop(self) -> Waiter | None:
         """Remove and return the waiter to wake next; None if there is none."""
-        popped = self._waiting.pop()
-        return None if popped is None else popped[0]
+        return self._waiting.pop()
 
     def woken(self, waiter: Waiter, served: int) -> None:
         """``waiter`` (just popped, served ``served`` bytes) was woken: it counts for
