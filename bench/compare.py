@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .targets import lookup
+
 #: What a ``python -m bench`` run prints last: where its JSON is, relative to the tree.
 _RESULTS_LINE = re.compile(r"^results: (\S+\.json) ", re.MULTILINE)
 
@@ -42,15 +44,6 @@ class Figure:
     higher_is_better: bool
 
 
-def _get(document: Mapping[str, Any], *path: str) -> Any:
-    node: Any = document
-    for key in path:
-        if not isinstance(node, Mapping) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
@@ -58,14 +51,14 @@ def _number(value: Any) -> float | None:
 def _bulk(document: Mapping[str, Any]) -> list[Figure]:
     figures = []
     for direction in ("upload", "download"):
-        summary = _get(document, "bulk", "summary", direction)
+        summary = lookup(document, "bulk", "summary", direction)
         if summary is None:
             continue
-        rate = _number(_get(summary, "tunnel_mb_per_s", "median"))
+        rate = _number(lookup(summary, "tunnel_mb_per_s", "median"))
         if rate is not None:
             figures.append(Figure(f"bulk {direction} MB/s", rate, True))
         for side in ("gateway", "connector"):
-            cost = _number(_get(summary, "tunnel_cpu_ms_per_mb_median", side))
+            cost = _number(lookup(summary, "tunnel_cpu_ms_per_mb_median", side))
             if cost is not None:
                 figures.append(Figure(f"bulk {direction} {side} CPU ms/MB", cost, False))
     return figures
@@ -73,8 +66,8 @@ def _bulk(document: Mapping[str, Any]) -> list[Figure]:
 
 def _streams(document: Mapping[str, Any]) -> list[Figure]:
     figures = []
-    for count, paths in (_get(document, "streams", "summary") or {}).items():
-        row = _get(paths, "backchannel") or {}
+    for count, paths in (lookup(document, "streams", "summary") or {}).items():
+        row = lookup(paths, "backchannel") or {}
         rate, fairness = _number(row.get("aggregate_mb_per_s")), _number(row.get("fairness"))
         if rate is not None:
             figures.append(Figure(f"streams x{count} MB/s", rate, True))
@@ -85,9 +78,9 @@ def _streams(document: Mapping[str, Any]) -> list[Figure]:
 
 def _http(document: Mapping[str, Any]) -> list[Figure]:
     figures = []
-    for concurrency, paths in (_get(document, "http-peers", "summary") or {}).items():
+    for concurrency, paths in (lookup(document, "http-peers", "summary") or {}).items():
         for path in ("proxy", "forward"):
-            row = _get(paths, path)
+            row = lookup(paths, path)
             if row is None:
                 continue
             rate, p99 = _number(row.get("req_per_s")), _number(row.get("p99"))
@@ -107,15 +100,15 @@ def _http(document: Mapping[str, Any]) -> list[Figure]:
 
 
 def _setup(document: Mapping[str, Any]) -> list[Figure]:
-    p50 = _number(_get(document, "setup", "first_byte", "backchannel", "p50_ms"))
+    p50 = _number(lookup(document, "setup", "first_byte", "backchannel", "p50_ms"))
     return [] if p50 is None else [Figure("new stream first byte p50 ms", p50, False)]
 
 
 def _idle(document: Mapping[str, Any]) -> list[Figure]:
     figures = []
-    for entry in _get(document, "idle", "counts") or []:
+    for entry in lookup(document, "idle", "counts") or []:
         for side in ("gateway", "connector"):
-            cost = _number(_get(entry, "sides", side, "per_stream_kib"))
+            cost = _number(lookup(entry, "sides", side, "per_stream_kib"))
             if cost is not None:
                 figures.append(Figure(f"idle x{entry.get('streams')} {side} KiB", cost, False))
     return figures

@@ -9,7 +9,7 @@ machine's noise could flip is visible as one: "met in 2 of 3 rounds".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 Target = dict[str, Any]
@@ -17,10 +17,11 @@ Run = dict[str, Any]
 Runs = list[float] | tuple[()]
 
 
-def _get(document: dict[str, Any], *keys: str) -> Any:
+def lookup(document: Mapping[str, Any], *keys: str) -> Any:
+    """``document[k1][k2]...``, or None where a key (or a mapping on the way) is missing."""
     node: Any = document
     for key in keys:
-        if not isinstance(node, dict) or key not in node:
+        if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
     return node
@@ -79,7 +80,7 @@ def _rounds(
 
 def _bulk_rounds(document: dict[str, Any], direction: str, peer: str) -> list[float]:
     return _rounds(
-        _get(document, "bulk", "runs"),
+        lookup(document, "bulk", "runs"),
         "mb_per_s",
         lambda run: run.get("direction") == direction and run.get("path") == "tunnel",
         lambda run: run.get("direction") == direction and run.get("path") == peer,
@@ -91,7 +92,7 @@ def _http_rounds(document: dict[str, Any], path: str, peer: str | None) -> list[
         return lambda run: run.get("concurrency") == 32 and run.get("path") == name
 
     return _rounds(
-        _get(document, "http-peers", "runs"),
+        lookup(document, "http-peers", "runs"),
         "req_per_s",
         at_32(path),
         at_32(peer) if peer is not None else None,
@@ -99,7 +100,7 @@ def _http_rounds(document: dict[str, Any], path: str, peer: str | None) -> list[
 
 
 def _http_p99_rounds(document: dict[str, Any], path: str) -> list[float]:
-    runs = _get(document, "http-peers", "runs")
+    runs = lookup(document, "http-peers", "runs")
     if not isinstance(runs, list):
         return []
     return [
@@ -110,12 +111,12 @@ def _http_p99_rounds(document: dict[str, Any], path: str) -> list[float]:
 
 
 def _bulk_ratio(document: dict[str, Any], direction: str, peer: str) -> float | None:
-    value = _get(document, "bulk", "summary", direction, "peers", peer, "ratio_tunnel_to_peer")
+    value = lookup(document, "bulk", "summary", direction, "peers", peer, "ratio_tunnel_to_peer")
     return float(value) if value is not None else None
 
 
 def _http(document: dict[str, Any], path: str, key: str) -> float | None:
-    value = _get(document, "http-peers", "summary", "32", path, key)
+    value = lookup(document, "http-peers", "summary", "32", path, key)
     return float(value) if value is not None else None
 
 
@@ -144,7 +145,7 @@ def evaluate(document: dict[str, Any]) -> list[Target]:
             )
         )
         growth = None
-        rss = _get(document, "bulk", "summary", direction, "rss")
+        rss = lookup(document, "bulk", "summary", direction, "rss")
         if rss:
             growth = max((side["peak_kib"] - side["start_kib"]) / 1024 for side in rss.values())
         found.append(
@@ -181,16 +182,16 @@ def evaluate(document: dict[str, Any]) -> list[Target]:
             runs=_http_rounds(document, "forward", "websocket-tunnel"),
         )
     )
-    first = _get(document, "setup", "first_byte", "backchannel", "p50_ms")
+    first = lookup(document, "setup", "first_byte", "backchannel", "p50_ms")
     found.append(_below("new stream + first byte p50 < 0.5 ms", first, 0.5, "ms"))
-    counts = _get(document, "idle", "counts") or []
+    counts = lookup(document, "idle", "counts") or []
     big = next((c for c in counts if c.get("streams") == 10000), None)
     for side in ("gateway", "connector"):
         value = big["sides"][side]["per_stream_kib"] if big else None
         found.append(_below(f"10,000 idle streams: {side} KiB per stream < 10", value, 10, "KiB"))
-    fairness = _get(document, "streams", "summary", "1000", "backchannel", "fairness")
+    fairness = lookup(document, "streams", "summary", "1000", "backchannel", "fairness")
     fairness_rounds = _rounds(
-        _get(document, "streams", "runs"),
+        lookup(document, "streams", "runs"),
         "fairness",
         lambda run: run.get("streams") == 1000 and run.get("path") == "backchannel",
         None,
@@ -203,7 +204,7 @@ def evaluate(document: dict[str, Any]) -> list[Target]:
             runs=fairness_rounds,
         )
     )
-    reconnect = _get(document, "setup", "reconnect", "reconnect_seconds")
+    reconnect = lookup(document, "setup", "reconnect", "reconnect_seconds")
     found.append(_below("reconnect within 2 s of the gateway listening", reconnect, 2.0, "s"))
     return found
 
