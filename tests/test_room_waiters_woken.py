@@ -25,9 +25,9 @@ from backchannel._tunnel import TunnelSettings
 from .test_chunk_size_review import control_run_order
 from .test_eager_send import eager_pair
 from .test_room_waiters_review import SMALL_HIGH_WATER, read_exactly
-from .test_room_waiters_woken_review import fill_to_the_mark as fill_eager_to_the_mark
+from .test_room_waiters_woken_review import fill_to_the_mark
 from .test_wslink_review import GUARD
-from .tunnel_pair import TunnelPair, tunnel_pair
+from .tunnel_pair import tunnel_pair
 
 STEP = 64 * 1024
 
@@ -67,15 +67,6 @@ def test_a_discarded_waiter_no_longer_counts_even_when_woken() -> None:
     assert not waiters.any_served_less_than(1)
 
 
-async def fill_to_the_mark(pair: TunnelPair, stream: TunnelStream) -> None:
-    """Hold the gateway's sends and queue ``stream``'s data until the queue is at the mark."""
-    pair.gateway_transport.hold_sends()
-    await stream.send_all(b"d" * STEP)
-    await trio.testing.wait_all_tasks_blocked()  # the writer took it and holds it
-    await stream.send_all(b"d" * STEP)  # queued: the mark is reached
-    assert pair.gateway._mux.pending_bytes >= SMALL_HIGH_WATER
-
-
 async def test_a_cancelled_sender_leaves_the_waiters_and_holds_nobody_back() -> None:
     """C (nothing sent) and D (128 KiB sent) wait for room. C's send is cancelled (a timeout
     around it, say): C leaves the waiters at once, so D, which has sent more, no longer gives
@@ -86,7 +77,7 @@ async def test_a_cancelled_sender_leaves_the_waiters_and_holds_nobody_back() -> 
             c, _ = await pair.open_pair()
             d, d_peer = await pair.open_pair()
             await trio.testing.wait_all_tasks_blocked()
-            await fill_to_the_mark(pair, d)
+            await fill_to_the_mark(pair, pair.gateway_transport, d)
             cancelled: list[bool] = []
 
             async def send_c(scope: trio.CancelScope) -> None:
@@ -121,7 +112,7 @@ async def test_a_stream_woken_then_cancelled_before_it_runs_counts_no_more_once_
             c, _ = await pair.open_pair()
             d, d_peer = await pair.open_pair()
             await trio.testing.wait_all_tasks_blocked()
-            await fill_to_the_mark(pair, d)
+            await fill_to_the_mark(pair, pair.gateway_transport, d)
 
             async def send_c(scope: trio.CancelScope) -> None:
                 with scope:
@@ -153,7 +144,7 @@ async def test_a_stream_woken_then_closed_before_it_runs_counts_no_more() -> Non
             c, _ = await pair.open_pair()
             d, _ = await pair.open_pair()
             await trio.testing.wait_all_tasks_blocked()
-            await fill_to_the_mark(pair, d)
+            await fill_to_the_mark(pair, pair.gateway_transport, d)
             outcome: list[str] = []
 
             async def send_c() -> None:
@@ -190,7 +181,7 @@ async def test_a_stream_that_gave_way_to_a_woken_one_reset_before_it_ran_is_woke
             b, b_peer = await pair.open_pair()
             await trio.testing.wait_all_tasks_blocked()
             eager.accepting_now = False  # the writer sends until the release
-            await fill_eager_to_the_mark(pair, eager, b, 2 * STEP)
+            await fill_to_the_mark(pair, eager, b, 2 * STEP)
             outcome: dict[str, str] = {}
             resetter: list[trio.lowlevel.Task] = []
 

@@ -97,7 +97,7 @@ async def test_a_backend_on_this_host_is_connected_without_a_scheduler_pass(
             assert await echo_one_line(stream, listener) == b"ping\n"
 
 
-class _NotReadyYet:
+class NotReadyYet:
     """A ``select.poll`` whose first look says the connect is still in progress (as to a
     backend across a network)."""
 
@@ -111,7 +111,7 @@ class _NotReadyYet:
 async def test_a_connect_still_in_progress_is_waited_for(
     monkeypatch: pytest.MonkeyPatch, listener: socket.socket, writable_waits: list[object]
 ) -> None:
-    monkeypatch.setattr("backchannel_tcp._handler.select.poll", _NotReadyYet)
+    monkeypatch.setattr("backchannel_tcp._handler.select.poll", NotReadyYet)
     host, port = listener.getsockname()
     with trio.fail_after(GUARD):
         stream = await _handler._open_tcp(host, port)
@@ -125,7 +125,7 @@ async def test_a_refused_connect_raises_the_refusal_and_closes_the_socket(
     monkeypatch: pytest.MonkeyPatch, created_sockets: list[socket.socket], in_progress: bool
 ) -> None:
     if in_progress:
-        monkeypatch.setattr("backchannel_tcp._handler.select.poll", _NotReadyYet)
+        monkeypatch.setattr("backchannel_tcp._handler.select.poll", NotReadyYet)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -145,7 +145,7 @@ async def test_a_refused_connect_raises_the_refusal_and_closes_the_socket(
 async def test_a_cancelled_connect_closes_its_socket(
     monkeypatch: pytest.MonkeyPatch, listener: socket.socket, created_sockets: list[socket.socket]
 ) -> None:
-    monkeypatch.setattr("backchannel_tcp._handler.select.poll", _NotReadyYet)
+    monkeypatch.setattr("backchannel_tcp._handler.select.poll", NotReadyYet)
     host, port = listener.getsockname()
     parked: list[object] = []
 

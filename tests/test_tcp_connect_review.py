@@ -43,6 +43,10 @@ import trio.testing
 from backchannel import HostPort, ResetCode, StreamError, is_connection_refused
 from backchannel_tcp import _handler
 
+from .test_tcp_connect import NotReadyYet, writable_waits
+
+__all__ = ["writable_waits"]  # the fixture, imported for the tests below
+
 GUARD = 10.0
 HANDLER = "backchannel_tcp._handler.socket.socket"
 
@@ -87,29 +91,6 @@ def full_listener() -> Iterator[tuple[socket.socket, socket.socket]]:
     yield server, filler
     filler.close()
     server.close()
-
-
-@pytest.fixture
-def wait_calls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    calls: list[object] = []
-    wait = trio.lowlevel.wait_writable
-
-    async def spy(sock: Any) -> None:
-        calls.append(sock)
-        await wait(sock)
-
-    monkeypatch.setattr(trio.lowlevel, "wait_writable", spy)
-    return calls
-
-
-class _NotReadyYet:
-    """A ``select.poll`` whose look says the connect is still in progress."""
-
-    def register(self, *args: Any) -> None:
-        pass
-
-    def poll(self, timeout: int) -> list[tuple[int, int]]:
-        return []
 
 
 def _recording_socket(
@@ -157,7 +138,7 @@ def _inner(exc: BaseException) -> OSError:
 )
 async def test_refusal_keeps_trio_errors_and_closes_the_socket(
     monkeypatch: pytest.MonkeyPatch,
-    wait_calls: list[object],
+    writable_waits: list[object],
     family: socket.AddressFamily,
     host: str,
     waited: bool,
@@ -165,7 +146,7 @@ async def test_refusal_keeps_trio_errors_and_closes_the_socket(
     """Fast path: the real ``poll`` sees POLLOUT|POLLERR|POLLHUP and SO_ERROR gives the
     refusal. Waited path: the real ``wait_writable`` returns at once for the failed socket."""
     if waited:
-        monkeypatch.setattr("backchannel_tcp._handler.select.poll", _NotReadyYet)
+        monkeypatch.setattr("backchannel_tcp._handler.select.poll", NotReadyYet)
     port = _closed_port(family, host)
     where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     before = _fd_count()
@@ -178,12 +159,12 @@ async def test_refusal_keeps_trio_errors_and_closes_the_socket(
     assert inner.errno == errno.ECONNREFUSED
     # trio's own text: the address as given (inet_pton accepts it, so trio does not resolve)
     assert inner.strerror == f"Error connecting to {(host, port)!r}: {os.strerror(inner.errno)}"
-    assert len(wait_calls) == (1 if waited else 0)
+    assert len(writable_waits) == (1 if waited else 0)
     assert _fd_count() == before
 
 
 @needs_ipv6
-async def test_ipv6_loopback_connects_in_the_fast_path(wait_calls: list[object]) -> None:
+async def test_ipv6_loopback_connects_in_the_fast_path(writable_waits: list[object]) -> None:
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as server:
         server.bind(("::1", 0))
         server.listen(8)
@@ -197,7 +178,7 @@ async def test_ipv6_loopback_connects_in_the_fast_path(wait_calls: list[object])
                 with peer:
                     await stream.send_all(b"v6")
                     assert peer.recv(2) == b"v6"
-    assert wait_calls == []
+    assert writable_waits == []
 
 
 @needs_proc
@@ -211,7 +192,7 @@ async def test_ipv6_loopback_connects_in_the_fast_path(wait_calls: list[object])
     ids=["EINTR", "EADDRNOTAVAIL", "ENETUNREACH"],
 )
 async def test_an_error_from_connect_itself_is_raised_at_once(
-    monkeypatch: pytest.MonkeyPatch, wait_calls: list[object], error: OSError
+    monkeypatch: pytest.MonkeyPatch, writable_waits: list[object], error: OSError
 ) -> None:
     """As trio (``_try_sync`` lets everything but BlockingIOError through): no poll, no wait,
     the same wrapping, not a refusal, the socket closed."""
@@ -223,7 +204,7 @@ async def test_an_error_from_connect_itself_is_raised_at_once(
     assert _inner(caught.value) is error
     assert not is_connection_refused(caught.value)
     assert addresses == [("127.0.0.1", 9)]
-    assert wait_calls == []
+    assert writable_waits == []
     assert [sock.fileno() for sock in created] == [-1]
     assert _fd_count() == before
 
@@ -252,7 +233,7 @@ async def test_handler_reports_a_refusal_with_its_reset_code_and_log_line(
 
 
 async def test_a_real_connect_in_progress_parks_in_wait_writable(
-    full_listener: tuple[socket.socket, socket.socket], wait_calls: list[object]
+    full_listener: tuple[socket.socket, socket.socket], writable_waits: list[object]
 ) -> None:
     """The real ``poll`` says not yet (SYN dropped): the task waits; once the queue has room the
     retransmitted SYN is answered and the connect completes (about 1 s, the SYN's RTO)."""
@@ -267,7 +248,7 @@ async def test_a_real_connect_in_progress_parks_in_wait_writable(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(connect)
             await trio.testing.wait_all_tasks_blocked()
-            assert len(wait_calls) == 1
+            assert len(writable_waits) == 1
             assert result == []
             first, _ = server.accept()  # room in the queue for the retransmitted SYN
             first.close()
