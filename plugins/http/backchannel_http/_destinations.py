@@ -24,8 +24,6 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import h11
-
 from backchannel import (
     AuthenticationError,
     GatewayServices,
@@ -38,6 +36,7 @@ from backchannel import (
 from ._relay import (
     Client,
     Refusal,
+    Request,
     Route,
     authenticate,
     forward_request_headers,
@@ -179,7 +178,7 @@ class DestinationsRouter:
         self._services = services
         self._destinations = {(d.subaccount, d.name): d for d in destinations}
 
-    def route(self, request: h11.Request, client: Client) -> Route | Refusal:
+    def route(self, request: Request, client: Client) -> Route | Refusal:
         """See :class:`backchannel_http._relay.Router`."""
         if request.method == b"CONNECT":
             return Refusal(405, "CONNECT is not supported here", close=True)

@@ -47,6 +47,7 @@ from backchannel import (
 )
 
 from ._destinations import Destination, DestinationsRouter, parse_destinations
+from ._h1 import RequestHead, head_end, parse_request, parse_response, request_bytes, response_bytes
 from ._relay import (
     BadHead,
     Client,
@@ -95,6 +96,25 @@ class _TunnelLeg:
         self.key = key
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self.exchanges = 0
+
+    def fresh(self) -> bool:
+        """Whether a plain exchange may go on this stream without h11 (see :mod:`._h1`): h11
+        is between two exchanges and holds no byte of the next response."""
+        return self.conn.our_state is h11.IDLE and not self.conn.trailing_data[0]
+
+    def catch_up(
+        self, method: bytes, route: Route, body: bytes, received: bytes, *, ended: bool
+    ) -> None:
+        """Bring h11 to where a plain exchange is: ``method``'s request for ``route`` and its
+        ``body`` sent, ``received`` of the answer read (and the stream's end if ``ended``)."""
+        head = h11.Request(method=method, target=route.path, headers=route.headers)
+        self.conn.send(head)
+        if body:
+            self.conn.send(h11.Data(data=body))
+        self.conn.send(h11.EndOfMessage())
+        self.conn.receive_data(received)
+        if ended:
+            self.conn.receive_data(b"")
 
     def reusable(self) -> bool:
         return (
@@ -201,8 +221,9 @@ class ClientConnection:
             return True
         return False
 
-    async def _read_head(self) -> h11.Request | None:
-        """The next request head, checked by HeadScanner; None ends the connection."""
+    async def _receive_head(self) -> bytes | None:
+        """Read until the next request head is complete (HeadScanner checks it on the way);
+        the bytes read that h11 has not been given yet, or None to end the connection."""
         scanner = HeadScanner(self._limits)
         fresh = bytearray()  # bytes h11 has not been given yet
         with trio.move_on_after(self._limits.header_timeout) as scope:
@@ -226,7 +247,12 @@ class ClientConnection:
                 with trio.move_on_after(1):
                     await self._refuse(Refusal(408, "the request head took too long", close=True))
             return None
-        self._conn.receive_data(bytes(fresh))
+        return bytes(fresh)
+
+    async def _parse_head(self, fresh: bytes) -> h11.Request | None:
+        """Give ``fresh`` to h11 and take the request head; None (after refusing it) if it is
+        malformed."""
+        self._conn.receive_data(fresh)
         try:
             event = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
@@ -236,6 +262,25 @@ class ClientConnection:
             return None
         assert isinstance(event, h11.Request), event  # the scanner saw a complete head
         return event
+
+    def _plain_request(self, fresh: bytes) -> tuple[RequestHead, bytes] | None:
+        """The request and its body if ``fresh`` is exactly one plain request (see
+        :mod:`._h1`) and h11 holds nothing of it, else None."""
+        if self._conn.trailing_data[0]:
+            return None
+        end = head_end(fresh)
+        request = parse_request(fresh[:end])
+        if request is None or len(fresh) != end + request.body_length:
+            return None
+        return request, fresh[end:]
+
+    def _catch_up(self, fresh: bytes) -> tuple[h11.Request, list[h11.Event]]:
+        """Give h11 the plain request in ``fresh`` after all: the request and its body events,
+        for the h11 path to take over."""
+        self._conn.receive_data(fresh)
+        request = self._conn.next_event()
+        assert isinstance(request, h11.Request), request  # h11 accepts what _h1 accepts
+        return request, self._pre_read()
 
     def _pre_read(self) -> list[h11.Event]:
         """Body events already buffered, so malformed input is refused before any stream."""
@@ -252,7 +297,13 @@ class ClientConnection:
     # ------------------------------------------------------------------ one request
 
     async def _serve_one(self) -> bool:
-        request = await self._read_head()
+        fresh = await self._receive_head()
+        if fresh is None:
+            return False
+        plain = self._plain_request(fresh)
+        if plain is not None:
+            return await self._serve_plain(*plain, fresh)
+        request = await self._parse_head(fresh)
         if request is None:
             return False
         try:
@@ -265,17 +316,134 @@ class ClientConnection:
         if isinstance(decision, Refusal):
             return await self._answer(decision, request)
         replayable = request.method in IDEMPOTENT and self._request_complete()
+        return await self._relay(request, early, decision, replayable=replayable)
+
+    async def _relay(
+        self, request: h11.Request, early: list[h11.Event], route: Route, *, replayable: bool
+    ) -> bool:
+        """Relay a request h11 has parsed (``early``: its body events already read)."""
         while True:
-            leg = await self._leg_for(decision)
+            leg = await self._leg_for(route)
             if isinstance(leg, Refusal):
                 return await self._answer(leg, request)
             retry = replayable and leg.exchanges > 0
-            outcome = await self._exchange(leg, request, decision, early, retry=retry)
+            outcome = await self._exchange(leg, request, route, early, retry=retry)
             if outcome is not _Outcome.RETRY:
-                return await self._finish(outcome, leg, request, decision)
+                return await self._finish(outcome, leg, request, route)
             log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
             await self._drop_leg()
             replayable = False
+
+    # ------------------------------------------------------------------ one plain request
+
+    async def _serve_plain(self, request: RequestHead, body: bytes, fresh: bytes) -> bool:
+        """Relay a plain request (``body``: all of it) without h11 while the exchange stays
+        plain; the h11 path takes over where it does not."""
+        decision = self._router.route(request, self._peer)
+        if isinstance(decision, Refusal):
+            return await self._answer(decision, self._catch_up(fresh)[0])
+        replayable = request.method in IDEMPOTENT
+        while True:
+            leg = await self._leg_for(decision)
+            if isinstance(leg, Refusal):
+                return await self._answer(leg, self._catch_up(fresh)[0])
+            head = request_bytes(request.method, decision.path, decision.headers)
+            if head is None or not leg.fresh():
+                parsed, early = self._catch_up(fresh)
+                return await self._relay(parsed, early, decision, replayable=replayable)
+            retry = replayable and leg.exchanges > 0
+            leg.exchanges += 1
+            self._failure = None
+            self._response_started = False
+            try:
+                await leg.stream.send_all(head + body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if retry:
+                    log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
+                    await self._drop_leg()
+                    replayable = False
+                    continue
+                parsed, _ = self._catch_up(fresh)
+                self._failure = exc
+                return await self._finish(_Outcome.FAILED, leg, parsed, decision)
+            return await self._plain_response(leg, request, body, fresh, decision, retry=retry)
+
+    async def _plain_response(
+        self,
+        leg: _TunnelLeg,
+        request: RequestHead,
+        body: bytes,
+        fresh: bytes,
+        route: Route,
+        *,
+        retry: bool,
+    ) -> bool:
+        """Relay the answer to a plain request sent on ``leg``: without h11 if it is plain too,
+        else (or when the stream fails before its head is whole) by the h11 path, with both
+        h11 connections brought up to where the exchange is."""
+        received = bytearray()
+        end = -1
+        ended = False
+        try:
+            while end == -1 and len(received) <= MAX_RESPONSE_HEAD:
+                data = await leg.stream.receive_some(TUNNEL_CHUNK)
+                if not data:
+                    ended = True
+                    break
+                received += data
+                end = head_end(received, max(0, len(received) - len(data) - 3))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the h11 path meets the failure again when it reads, and handles it
+        response = None if end == -1 else parse_response(received[:end], request.method)
+        head = None
+        if response is not None:
+            headers = forward_response_headers(response.headers.raw_items())
+            head = response_bytes(response.status_code, response.reason, headers)
+        if response is None or head is None:
+            parsed, early = self._catch_up(fresh)
+            leg.catch_up(parsed.method, route, body, bytes(received), ended=ended)
+            outcome = await self._relay_response(leg, parsed, retry=retry)
+            if outcome is not _Outcome.RETRY:
+                return await self._finish(outcome, leg, parsed, route)
+            log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
+            await self._drop_leg()
+            return await self._relay(parsed, early, route, replayable=False)
+        return await self._relay_plain_body(leg, response.body_length, head, received, end, route)
+
+    async def _relay_plain_body(
+        self,
+        leg: _TunnelLeg,
+        length: int,
+        head: bytes,
+        received: bytearray,
+        end: int,
+        route: Route,
+    ) -> bool:
+        """Write the response head and its ``length`` bytes of body to the client, as they
+        come; whether the connection can take another request."""
+        first = bytes(received[end : end + length])
+        left = length - len(first)
+        # Bytes past the response: the stream is out of step and is not used again.
+        reusable = len(received) - end <= length
+        self._response_started = True
+        try:
+            await self._write(head + first)
+            while left:
+                data = await leg.stream.receive_some(min(left, TUNNEL_CHUNK))
+                if not data:
+                    raise h11.RemoteProtocolError("the stream ended early (ConnectionClosed())")
+                left -= len(data)
+                await self._write(data)
+        except _ClientGone:
+            await self._drop_leg()
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
+            log.warning("%s → %s: response cut off: %s", self._label, route.target, exc)
+            await self._drop_leg()
+            return False
+        if not reusable:
+            await self._drop_leg()
+        return True
 
     async def _leg_for(self, route: Route) -> _TunnelLeg | Refusal:
         if self._leg is not None:

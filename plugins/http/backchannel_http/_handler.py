@@ -40,6 +40,7 @@ from backchannel import (
     splice_streams,
 )
 
+from ._h1 import RequestHead, head_end, parse_request, parse_response, request_bytes, response_bytes
 from ._resources import AmbiguousPath, Denied, ResourceRule, check_access, normalise_request_target
 from ._rewrite import (
     HostHeaderMode,
@@ -227,6 +228,16 @@ class _Leg:
         self._failure = failure
         self._malformed = malformed
 
+    def fresh(self) -> bool:
+        """Whether a plain exchange may go on this connection without h11 (see :mod:`._h1`):
+        h11 is between two exchanges and holds nothing of the next one."""
+        conn = self.conn
+        return (
+            conn.our_state is h11.IDLE
+            and conn.their_state is h11.IDLE
+            and conn.trailing_data == (b"", False)
+        )
+
     async def send(self, event: h11.Event) -> None:
         """Frame ``event`` and write it out."""
         await self.write(self.conn.send(event) or b"")
@@ -261,6 +272,17 @@ class _Leg:
             if event is not h11.NEED_DATA:
                 return cast("h11.Event | type[h11.PAUSED]", event)
             await self.receive()
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainRequest:
+    """A plain request for the backend: written as ``head`` + ``body`` without h11."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    head: bytes
+    body: bytes
 
 
 # --------------------------------------------------------------------------- one stream
@@ -300,25 +322,28 @@ class _StreamServer:
         self.tls = options.tls
         #: The propagated user (one per stream), once resolved.
         self.user: PropagatedUser | None = None
+        #: A plain request read but not given to h11 (see :meth:`_read_plain`).
+        self._pending: bytes | None = None
 
     async def serve(self) -> None:
         """Answer requests until the gateway is done, then half-close."""
         server = self.tunnel.conn
         try:
             while True:
-                event = await self.tunnel.next_event()
-                if not isinstance(event, h11.Request):
-                    break  # ConnectionClosed: the gateway's client is done
-                self.method = event.method
-                fields = list(event.headers)  # h11's Headers iterate slowly: once per request
-                if not has_body(fields):
-                    # h11 frames a request without Content-Length or Transfer-Encoding (or
-                    # with Content-Length: 0) as empty: its end is already here. Taking it now
-                    # spares the upload task (and its nursery) below.
-                    end = self.tunnel.buffered_event()
-                    if not isinstance(end, h11.EndOfMessage):
-                        raise _BadRequest(f"unexpected {end!r} after a request without a body")
-                await self._serve_request(event, fields)
+                plain = await self._read_plain()
+                if plain is not None:
+                    request, body = plain
+                    self.method = request.method
+                    if await self._serve_request(request, list(request.headers), body):
+                        continue  # answered without h11: it is still between requests
+                else:
+                    event = await self.tunnel.next_event()
+                    if not isinstance(event, h11.Request):
+                        break  # ConnectionClosed: the gateway's client is done
+                    self.method = event.method
+                    fields = list(event.headers)  # h11's Headers iterate slowly: once only
+                    self._take_empty_end(fields)
+                    await self._serve_request(event, fields)
                 if server.our_state is h11.SWITCHED_PROTOCOL:
                     return  # the WebSocket splice has ended both directions
                 if server.our_state is not h11.DONE or server.their_state is not h11.DONE:
@@ -339,6 +364,53 @@ class _StreamServer:
         with contextlib.suppress(*_IO_ERRORS):  # reset meanwhile: nothing more to say
             await self.stream.send_eof()
 
+    def _take_empty_end(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """h11 frames a request without Content-Length or Transfer-Encoding (or with
+        Content-Length: 0) as empty: its end is already here. Taking it now spares the upload
+        task (and its nursery) of :meth:`_relay`."""
+        if not has_body(fields):
+            end = self.tunnel.buffered_event()
+            if not isinstance(end, h11.EndOfMessage):
+                raise _BadRequest(f"unexpected {end!r} after a request without a body")
+
+    async def _read_plain(self) -> tuple[RequestHead, bytes] | None:
+        """Read the next request; if it is plain (see :mod:`._h1`) and whole, it and its body
+        (h11 is not given it: :attr:`_pending` keeps it for :meth:`_sync`), else None with
+        everything read given to h11."""
+        conn = self.tunnel.conn
+        if conn.their_state is not h11.IDLE or conn.trailing_data != (b"", False):
+            return None
+        received = bytearray()
+        end = -1
+        while end == -1 and len(received) <= MAX_HEAD:
+            try:
+                data = await self.stream.receive_some(CHUNK)
+            except _IO_ERRORS as exc:
+                raise _TunnelGone(f"receiving failed: {exc}") from exc
+            if not data:
+                conn.receive_data(bytes(received))
+                conn.receive_data(b"")
+                return None
+            received += data
+            end = head_end(received, max(0, len(received) - len(data) - 3))
+        request = None if end == -1 else parse_request(received[:end])
+        if request is None or len(received) != end + request.body_length:
+            conn.receive_data(bytes(received))
+            return None
+        self._pending = bytes(received)
+        return request, self._pending[end:]
+
+    def _sync(self) -> None:
+        """Give h11 the plain request read by :meth:`_read_plain` after all (its head and, for
+        a request without a body, its end), for the h11 path to take over."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        self.tunnel.conn.receive_data(pending)
+        request = self.tunnel.buffered_event()
+        assert isinstance(request, h11.Request), request  # h11 accepts what _h1 accepts
+        self._take_empty_end(list(request.headers))
+
     async def close_backend(self) -> None:
         """Drop the backend connection (the next request opens a new one)."""
         if self.backend is not None:
@@ -356,9 +428,15 @@ class _StreamServer:
             "path": raw_target.partition(b"?")[0].decode("latin-1"),
         }
 
-    async def _serve_request(self, request: h11.Request, fields: list[tuple[bytes, bytes]]) -> None:
+    async def _serve_request(
+        self,
+        request: h11.Request | RequestHead,
+        fields: list[tuple[bytes, bytes]],
+        body: bytes | None = None,
+    ) -> bool:
         """Check, rewrite and forward one request (``fields``: its headers), or answer it
-        ourselves."""
+        ourselves. ``body``: all of a plain request's body (see :meth:`_read_plain`); True if
+        the exchange was plain from start to end, h11 never involved."""
         raw = request.target
         websocket = wants_websocket(fields)
         hosts = [v for k, v in fields if k == b"host"]
@@ -368,7 +446,7 @@ class _StreamServer:
             reason = f"the Host header names {printable(hosts[0])}, not this stream's system"
             self.session.audit.denied("http_request", reason, **self._audit_fields(raw))
             await self._answer(421, f"Misdirected request for system {self.system}: {reason}")
-            return
+            return False
         try:
             path = normalise_request_target(raw)
             decision = check_access(self.options.resources, path, websocket=websocket)
@@ -381,7 +459,7 @@ class _StreamServer:
                 403,
                 f"Access denied to resource {resource} on system {self.system}\n{decision.reason}",
             )
-            return
+            return False
         self.session.audit.allowed("http_request", **self._audit_fields(raw))
         if self.user is not None and self._now() >= self.user.valid_until:
             # The stream's token has expired (or its certificate is due for renewal) since the
@@ -399,7 +477,7 @@ class _StreamServer:
                     f"Principal propagation to system {self.system} failed ({exc.code}): "
                     f"{exc.message}",
                 )
-                return
+                return False
         query = raw.partition(b"?")[2]
         target = path.encode("ascii") + (b"?" + query if b"?" in raw else b"")
         headers = request_headers(
@@ -418,18 +496,29 @@ class _StreamServer:
             if self.options.principal_propagation == "header" and self.user is not None:
                 user_certificate = self.user.certificate.der_base64().encode("ascii")
             headers.append((CLIENT_CERT_HEADER, user_certificate))
-        outgoing = h11.Request(method=request.method, target=target, headers=headers)
+        plain_head = None if body is None else request_bytes(request.method, target, headers)
+        if plain_head is None:
+            self._sync()
         repeatable = not has_body(headers)
         for attempt in range(2):
             self.informational_sent = False
             try:
                 backend, reused = await self._backend_connection()
-                await backend.send(outgoing)
-                await self._relay(backend)
+                if plain_head is not None and self._pending is not None and backend.fresh():
+                    assert body is not None
+                    plain = _PlainRequest(request.method, target, headers, plain_head, body)
+                    if await self._relay_plain(backend, plain):
+                        self._pending = None
+                        return True
+                else:
+                    self._sync()
+                    outgoing = h11.Request(method=request.method, target=target, headers=headers)
+                    await backend.send(outgoing)
+                    await self._relay(backend)
             except _Refusal as exc:
                 await self.close_backend()
                 await self._answer(exc.status, exc.message)
-                return
+                return False
             except _BackendGone as exc:
                 await self.close_backend()
                 if (
@@ -438,16 +527,17 @@ class _StreamServer:
                     and _is_certificate_rejection(exc)
                 ):
                     await self._answer(502, self._rejected(exc))
-                    return
+                    return False
                 # A reused connection the backend closed meanwhile: once more on a fresh one,
                 # if nothing was answered yet and no body was read that cannot be sent again.
                 if attempt == 0 and reused and repeatable and not self.informational_sent:
                     continue
                 log.info("backend of %s failed before answering: %s", self.system, exc)
                 await self._answer(502, f"Backend of system {self.system} closed the connection")
-                return
+                return False
             await self._skip_request_body()
-            return
+            return False
+        return False
 
     async def _backend_connection(self) -> tuple[_Leg, bool]:
         """The idle kept-alive connection (and True), else a new one (and False)."""
@@ -501,6 +591,103 @@ class _StreamServer:
             "connector's principal propagation CA and map that subject to a user"
         )
 
+    async def _relay_plain(self, backend: _Leg, request: _PlainRequest) -> bool:
+        """Send a plain request on a fresh backend connection and relay the answer without h11
+        if it is plain too (True); else h11 takes over where the exchange is and relays it
+        (False). Raises like :meth:`_relay`."""
+        await backend.write(request.head + request.body)
+        timeout = self.options.backend_timeout
+        waiting = trio.CancelScope(deadline=trio.current_time() + timeout)
+        received = bytearray()
+        end = -1
+        ended = False
+        with waiting:
+            while end == -1 and len(received) <= MAX_HEAD:
+                try:
+                    data = await backend.stream.receive_some(CHUNK)
+                except _IO_ERRORS as exc:
+                    raise _BackendGone(f"receiving failed: {exc}") from exc
+                if not data:
+                    ended = True
+                    break
+                received += data
+                end = head_end(received, max(0, len(received) - len(data) - 3))
+        if waiting.cancelled_caught:
+            raise self._late()
+        response = None if end == -1 else parse_response(received[:end], request.method)
+        head = None
+        if response is not None:
+            reason = response.reason or _reason_phrase(response.status_code)
+            headers = response_headers(
+                list(response.headers),
+                status=response.status_code,
+                backend=self.internal,
+                virtual=self.virtual,
+            )
+            head = response_bytes(response.status_code, reason, headers)
+        if response is None or head is None:
+            # h11 takes over: as if it had sent the request and read what came so far.
+            conn = backend.conn
+            method, target = request.method, request.target
+            conn.send(h11.Request(method=method, target=target, headers=request.headers))
+            if request.body:
+                conn.send(h11.Data(data=request.body))
+            conn.send(h11.EndOfMessage())
+            conn.receive_data(bytes(received))
+            if ended:
+                conn.receive_data(b"")
+            self._sync()
+            await self._download(backend, trio.CancelScope(deadline=waiting.deadline))
+            await self._next_backend_cycle(backend)
+            return False
+        await self._relay_plain_body(backend, response.body_length, head, received, end)
+        return True
+
+    async def _relay_plain_body(
+        self, backend: _Leg, length: int, head: bytes, received: bytearray, end: int
+    ) -> None:
+        """Write a plain response's head and its ``length`` bytes of body into the tunnel,
+        as they come."""
+        first = bytes(received[end : end + length])
+        left = length - len(first)
+        await self.tunnel.write(head + first)
+        while left:
+            cause: Exception
+            try:
+                data = bytes(await backend.stream.receive_some(min(left, CHUNK)))
+                cause = _BackendGone("the backend closed the connection in a response body")
+            except _IO_ERRORS as exc:
+                data, cause = b"", exc
+            if not data:
+                log.info("backend of %s broke off a response: %s", self.system, cause)
+                await self.stream.reset(
+                    ResetCode.BACKEND_UNREACHABLE,
+                    f"the backend of system {self.system} broke off the response",
+                )
+                raise _TunnelGone("reset") from cause
+            left -= len(data)
+            await self.tunnel.write(data)
+        if len(received) - end > length:
+            # Bytes past the response: the connection is out of step; not used again.
+            await self.close_backend()
+
+    def _late(self) -> _Refusal:
+        """The answer to a backend that sent no response head within ``backend_timeout``."""
+        log.info("backend of %s sent no response in time", self.system)
+        return _Refusal(
+            504,
+            f"Backend of system {self.system} did not answer within "
+            f"{self.options.backend_timeout:g} s",
+        )
+
+    async def _next_backend_cycle(self, backend: _Leg) -> None:
+        """After an exchange: keep the backend connection for the next one, or close it."""
+        conn = backend.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        elif conn.our_state is not h11.SWITCHED_PROTOCOL:
+            await self.close_backend()
+
     async def _relay(self, backend: _Leg) -> None:
         """Move one exchange: the body up in a task of its own, the answer down meanwhile."""
         timeout = self.options.backend_timeout
@@ -527,11 +714,7 @@ class _StreamServer:
                 raise upload.failure
             if failure is not None:
                 raise failure
-        conn = backend.conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        elif conn.our_state is not h11.SWITCHED_PROTOCOL:
-            await self.close_backend()
+        await self._next_backend_cycle(backend)
 
     async def _download(self, backend: _Leg, waiting: trio.CancelScope) -> None:
         """Relay the answer; ``waiting`` bounds the wait for its head."""
@@ -547,12 +730,7 @@ class _StreamServer:
                 )
                 await self.tunnel.send(informational)
         if waiting.cancelled_caught:
-            log.info("backend of %s sent no response in time", self.system)
-            raise _Refusal(
-                504,
-                f"Backend of system {self.system} did not answer within "
-                f"{self.options.backend_timeout:g} s",
-            )
+            raise self._late()
         if not isinstance(head, h11.Response | h11.InformationalResponse):
             raise _BackendGone(f"unexpected {head!r} instead of a response")
         headers = self._mapped(head)
@@ -631,6 +809,7 @@ class _StreamServer:
 
     async def _answer(self, status: int, text: str, *, close: bool = False) -> None:
         """Answer the request ourselves (in one write), then skip the rest of its body."""
+        self._sync()
         body = (text + "\n").encode("utf-8")
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),

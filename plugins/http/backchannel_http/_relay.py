@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import http
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,10 +115,40 @@ class Client:
         return str(HostPort(self.host, self.port))
 
 
+class RequestFields(Protocol):
+    """A request head's fields: items ``(lower-cased name, value)``, :meth:`raw_items` with
+    the names as sent (h11's ``Headers``, or :class:`backchannel_http._h1.Fields`)."""
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]: ...
+
+    def raw_items(self) -> list[tuple[bytes, bytes]]:
+        """The fields with their names as sent."""
+        ...
+
+
+class Request(Protocol):
+    """A parsed request head: an ``h11.Request`` or a plain one from :mod:`._h1`."""
+
+    @property
+    def method(self) -> bytes:
+        """The method, as sent."""
+        ...
+
+    @property
+    def target(self) -> bytes:
+        """The request target, as sent."""
+        ...
+
+    @property
+    def headers(self) -> RequestFields:
+        """The fields."""
+        ...
+
+
 class Router(Protocol):
     """Decides where each request of a client connection goes."""
 
-    def route(self, request: h11.Request, client: Client) -> Route | Refusal:
+    def route(self, request: Request, client: Client) -> Route | Refusal:
         """A route for ``request``, or the refusal to answer instead."""
         ...
 
@@ -243,7 +273,7 @@ def comma_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> set[byt
     return tokens
 
 
-def is_websocket_upgrade(request: h11.Request) -> bool:
+def is_websocket_upgrade(request: Request) -> bool:
     """An HTTP/1.1 GET asking to switch to WebSocket."""
     headers = request.headers.raw_items()  # comma_tokens compares names lower-cased
     return (
@@ -260,7 +290,7 @@ def host_header(target: HostPort) -> bytes:
 
 
 def forward_request_headers(
-    request: h11.Request, host: bytes, *, drop: Iterable[bytes] = ()
+    request: Request, host: bytes, *, drop: Iterable[bytes] = ()
 ) -> list[tuple[bytes, bytes]]:
     """The request's end-to-end headers for the tunnel leg, with ``Host: host`` first."""
     raw = request.headers.raw_items()
@@ -426,7 +456,7 @@ def parse_proxy_target(method: bytes, target: bytes) -> tuple[HostPort, bytes]:
     return HostPort(host, port), path
 
 
-def location_from(headers: Sequence[tuple[bytes, bytes]]) -> str | Refusal:
+def location_from(headers: Iterable[tuple[bytes, bytes]]) -> str | Refusal:
     """The location id named by the control headers ("" when none), or a 400 refusal."""
     values = {value.strip() for name, value in headers if name in LOCATION_HEADERS}
     if len(values) > 1:
@@ -449,7 +479,7 @@ _PRINCIPAL_SCHEMES = (b"bearer", b"saml2.0")
 MAX_PRINCIPAL = 48 * 1024
 
 
-def principal_from(headers: Sequence[tuple[bytes, bytes]]) -> str | Refusal | None:
+def principal_from(headers: Iterable[tuple[bytes, bytes]]) -> str | Refusal | None:
     """The user's token from ``SAP-Connectivity-Authentication`` (None without one), or a
     400 refusal for a malformed or repeated header. The connector validates the token."""
     values = [value.strip() for name, value in headers if name == PRINCIPAL_HEADER]
@@ -476,7 +506,7 @@ class ProxyRouter:
     def __init__(self, services: GatewayServices) -> None:
         self._services = services
 
-    def route(self, request: h11.Request, client: Client) -> Route | Refusal:
+    def route(self, request: Request, client: Client) -> Route | Refusal:
         """See :class:`backchannel_http._relay.Router`."""
         try:
             target, path = parse_proxy_target(request.method, request.target)
