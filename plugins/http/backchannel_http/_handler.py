@@ -595,13 +595,15 @@ class _StreamServer:
         """Send a plain request on a fresh backend connection and relay the answer without h11
         if it is plain too (True); else h11 takes over where the exchange is and relays it
         (False). Raises like :meth:`_relay`."""
-        await backend.write(request.head + request.body)
         timeout = self.options.backend_timeout
         waiting = trio.CancelScope(deadline=trio.current_time() + timeout)
         received = bytearray()
         end = -1
         ended = False
         with waiting:
+            # Within backend_timeout too: a backend that stops reading the body and never
+            # answers gets the 504 it gets on the h11 path (where the body has its own task).
+            await backend.write(request.head + request.body)
             while end == -1 and len(received) <= MAX_HEAD:
                 try:
                     data = await backend.stream.receive_some(CHUNK)
