@@ -16,6 +16,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trio.testing import wait_all_tasks_blocked
 
 from backchannel_http._h1 import (
     head_end,
@@ -33,6 +34,7 @@ from tests.test_http_e2e import (  # noqa: F401 (fixtures)
     nginx,
     pki,
 )
+from tests.test_http_handler import http_stream
 
 # Pieces chosen around the grammar's edges: obs-text, control bytes, whitespace, commas.
 _NAMES = st.sampled_from(
@@ -335,3 +337,68 @@ async def test_plain_exchanges_cross_both_sides_without_h11_and_others_still_by_
             response = await _exchange(stream, _get("/public/hello.txt"))
             assert response.startswith(b"HTTP/1.1 200 ")
             assert response.endswith(PUBLIC_BODY)
+
+
+class _EarlyAnswerBackend(trio.abc.Stream):
+    """A backend that takes ``room`` bytes, answers 413 at once and closes: more of the body
+    than that meets a reset."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.taken = 0
+        self.answer = [
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\n"
+            b"too big\n",
+            b"",
+        ]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        self.taken += len(data)
+        if self.taken > self.room:
+            raise trio.BrokenResourceError("connection reset by peer")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.answer.pop(0) if self.answer else b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["plain", "h11"])
+async def test_a_backend_answering_early_and_closing_is_relayed_not_a_502(
+    monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    """A backend that refuses a body (413) after its first bytes and resets the rest: its
+    answer reaches the gateway on both paths (split: the body follows the head, h11's way)."""
+    backends: list[_EarlyAnswerBackend] = []
+
+    async def connect(*args: object) -> trio.abc.Stream:
+        backends.append(_EarlyAnswerBackend(4096))
+        return backends[-1]
+
+    monkeypatch.setattr("backchannel_http._handler._connect", connect)
+    body = b"b" * 8192
+    request = (
+        b"POST /public/upload HTTP/1.1\r\nHost: erp.virtual:8000\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+    )
+    async with http_stream(1) as h:
+        with trio.fail_after(5):
+            if split:
+                await h.stream.send_all(request)
+                await wait_all_tasks_blocked()
+                await h.stream.send_all(body)
+            else:
+                await h.stream.send_all(request + body)
+            conn = h11.Connection(h11.CLIENT)
+            conn.send(h11.Request(method="POST", target="/", headers=[("Host", "x")]))
+            while not isinstance(event := conn.next_event(), h11.Response):
+                assert event is h11.NEED_DATA, event
+                conn.receive_data(bytes(await h.stream.receive_some(65536)))
+    assert event.status_code == 413
+    assert len(backends) == 1  # not retried, not answered 502

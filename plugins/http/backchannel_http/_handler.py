@@ -600,15 +600,21 @@ class _StreamServer:
         received = bytearray()
         end = -1
         ended = False
+        unsent: _BackendGone | None = None
         with waiting:
             # Within backend_timeout too: a backend that stops reading the body and never
             # answers gets the 504 it gets on the h11 path (where the body has its own task).
-            await backend.write(request.head + request.body)
+            try:
+                await backend.write(request.head + request.body)
+            except _BackendGone as exc:
+                # It may have answered early (413...) and closed without reading the whole
+                # body: as on the h11 path, its answer decides; the connection is not reused.
+                unsent = exc
             while end == -1 and len(received) <= MAX_HEAD:
                 try:
                     data = await backend.stream.receive_some(CHUNK)
                 except _IO_ERRORS as exc:
-                    raise _BackendGone(f"receiving failed: {exc}") from exc
+                    raise unsent or _BackendGone(f"receiving failed: {exc}") from exc
                 if not data:
                     ended = True
                     break
@@ -640,9 +646,14 @@ class _StreamServer:
                 conn.receive_data(b"")
             self._sync()
             await self._download(backend, trio.CancelScope(deadline=waiting.deadline))
-            await self._next_backend_cycle(backend)
+            if unsent is None:
+                await self._next_backend_cycle(backend)
+            else:
+                await self.close_backend()
             return False
         await self._relay_plain_body(backend, response.body_length, head, received, end)
+        if unsent is not None:
+            await self.close_backend()
         return True
 
     async def _relay_plain_body(
