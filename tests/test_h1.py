@@ -22,6 +22,7 @@ from backchannel_http._h1 import (
     head_end,
     parse_request,
     parse_response,
+    read_head,
     request_bytes,
     response_bytes,
 )
@@ -402,3 +403,36 @@ async def test_a_backend_answering_early_and_closing_is_relayed_not_a_502(
                 conn.receive_data(bytes(await h.stream.receive_some(65536)))
     assert event.status_code == 413
     assert len(backends) == 1  # not retried, not answered 502
+
+
+class _Pieces(trio.abc.ReceiveStream):
+    """Gives ``pieces`` one per read, then the end."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self.pieces = list(pieces)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.pieces.pop(0) if self.pieces else b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("cut", range(1, 24))
+async def test_read_head_finds_the_end_wherever_the_reads_cut_it(cut: int) -> None:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    into = bytearray()
+    assert await read_head(
+        _Pieces(head[:cut], head[cut:] + b"body"), into, limit=100, chunk=10
+    ) == (len(head), False)
+    assert into == head + b"body"
+
+
+async def test_read_head_reports_the_end_and_the_limit() -> None:
+    into = bytearray()
+    assert await read_head(_Pieces(b"GET / HT"), into, limit=100, chunk=10) == (-1, True)
+    assert into == b"GET / HT"  # what came before the end stays
+    into = bytearray()
+    assert await read_head(_Pieces(b"x" * 60, b"y" * 60), into, limit=100, chunk=64) == (-1, False)
+    assert len(into) == 120

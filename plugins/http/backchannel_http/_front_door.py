@@ -47,7 +47,15 @@ from backchannel import (
 )
 
 from ._destinations import Destination, DestinationsRouter, parse_destinations
-from ._h1 import RequestHead, head_end, parse_request, parse_response, request_bytes, response_bytes
+from ._h1 import (
+    RequestHead,
+    head_end,
+    parse_request,
+    parse_response,
+    read_head,
+    request_bytes,
+    response_bytes,
+)
 from ._relay import (
     BadHead,
     Client,
@@ -382,18 +390,12 @@ class ClientConnection:
         else (or when the stream fails before its head is whole) by the h11 path, with both
         h11 connections brought up to where the exchange is."""
         received = bytearray()
-        end = -1
-        ended = False
-        try:
-            while end == -1 and len(received) <= MAX_RESPONSE_HEAD:
-                data = await leg.stream.receive_some(TUNNEL_CHUNK)
-                if not data:
-                    ended = True
-                    break
-                received += data
-                end = head_end(received, max(0, len(received) - len(data) - 3))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the h11 path meets the failure again when it reads, and handles it
+        end, ended = -1, False
+        # A failure here: the h11 path meets it again when it reads, and handles it.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            end, ended = await read_head(
+                leg.stream, received, limit=MAX_RESPONSE_HEAD, chunk=TUNNEL_CHUNK
+            )
         response = None if end == -1 else parse_response(received[:end], request.method)
         head = None
         if response is not None:

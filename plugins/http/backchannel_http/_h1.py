@@ -1,4 +1,4 @@
-"""HTTP/1.1 heads without h11, for the common exchange (sans I/O).
+"""HTTP/1.1 heads without h11, for the common exchange.
 
 h11 parses and frames every message through a state machine, which costs more per request
 than everything else the relay does (``docs/performance.md``, "HTTP proxy per-request cost").
@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+import trio
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _VCHAR = rb"[\x21-\x7e\x80-\xff]"
@@ -89,6 +91,23 @@ def head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     """The length of the head at the start of ``buffer`` (through its empty line), or -1."""
     end = buffer.find(b"\r\n\r\n", start)
     return -1 if end == -1 else end + 4
+
+
+async def read_head(
+    stream: trio.abc.ReceiveStream, into: bytearray, *, limit: int, chunk: int
+) -> tuple[int, bool]:
+    """Read from ``stream`` into ``into`` until it holds a whole head: ``(its length, False)``;
+    ``(-1, True)`` if the stream ended first, ``(-1, False)`` once ``into`` holds more than
+    ``limit`` bytes without one. Errors propagate; ``into`` keeps what was read before."""
+    while len(into) <= limit:
+        data = await stream.receive_some(chunk)
+        if not data:
+            return -1, True
+        into += data
+        end = head_end(into, max(0, len(into) - len(data) - 3))
+        if end != -1:
+            return end, False
+    return -1, False
 
 
 def _fields(lines: list[bytes]) -> Fields | None:

@@ -40,7 +40,14 @@ from backchannel import (
     splice_streams,
 )
 
-from ._h1 import RequestHead, head_end, parse_request, parse_response, request_bytes, response_bytes
+from ._h1 import (
+    RequestHead,
+    parse_request,
+    parse_response,
+    read_head,
+    request_bytes,
+    response_bytes,
+)
 from ._resources import AmbiguousPath, Denied, ResourceRule, check_access, normalise_request_target
 from ._rewrite import (
     HostHeaderMode,
@@ -381,18 +388,14 @@ class _StreamServer:
         if conn.their_state is not h11.IDLE or conn.trailing_data != (b"", False):
             return None
         received = bytearray()
-        end = -1
-        while end == -1 and len(received) <= MAX_HEAD:
-            try:
-                data = await self.stream.receive_some(CHUNK)
-            except _IO_ERRORS as exc:
-                raise _TunnelGone(f"receiving failed: {exc}") from exc
-            if not data:
-                conn.receive_data(bytes(received))
-                conn.receive_data(b"")
-                return None
-            received += data
-            end = head_end(received, max(0, len(received) - len(data) - 3))
+        try:
+            end, ended = await read_head(self.stream, received, limit=MAX_HEAD, chunk=CHUNK)
+        except _IO_ERRORS as exc:
+            raise _TunnelGone(f"receiving failed: {exc}") from exc
+        if ended:
+            conn.receive_data(bytes(received))
+            conn.receive_data(b"")
+            return None
         request = None if end == -1 else parse_request(received[:end])
         if request is None or len(received) != end + request.body_length:
             conn.receive_data(bytes(received))
@@ -598,8 +601,7 @@ class _StreamServer:
         timeout = self.options.backend_timeout
         waiting = trio.CancelScope(deadline=trio.current_time() + timeout)
         received = bytearray()
-        end = -1
-        ended = False
+        end, ended = -1, False
         unsent: _BackendGone | None = None
         with waiting:
             # Within backend_timeout too: a backend that stops reading the body and never
@@ -610,16 +612,10 @@ class _StreamServer:
                 # It may have answered early (413...) and closed without reading the whole
                 # body: as on the h11 path, its answer decides; the connection is not reused.
                 unsent = exc
-            while end == -1 and len(received) <= MAX_HEAD:
-                try:
-                    data = await backend.stream.receive_some(CHUNK)
-                except _IO_ERRORS as exc:
-                    raise unsent or _BackendGone(f"receiving failed: {exc}") from exc
-                if not data:
-                    ended = True
-                    break
-                received += data
-                end = head_end(received, max(0, len(received) - len(data) - 3))
+            try:
+                end, ended = await read_head(backend.stream, received, limit=MAX_HEAD, chunk=CHUNK)
+            except _IO_ERRORS as exc:
+                raise unsent or _BackendGone(f"receiving failed: {exc}") from exc
         if waiting.cancelled_caught:
             raise self._late()
         response = None if end == -1 else parse_response(received[:end], request.method)
