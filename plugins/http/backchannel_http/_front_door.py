@@ -277,7 +277,7 @@ class ClientConnection:
         if self._conn.trailing_data[0]:
             return None
         end = head_end(fresh)
-        request = parse_request(fresh[:end])
+        request = None if end == -1 else parse_request(fresh[:end])
         if request is None or len(fresh) != end + request.body_length:
             return None
         return request, fresh[end:]
