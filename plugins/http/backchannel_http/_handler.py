@@ -213,7 +213,20 @@ _CERTIFICATE_ALERTS = (
 
 
 def _is_certificate_rejection(exc: BaseException) -> bool:
-    text = " ".join(str(e).lower() for e in (exc, exc.__cause__, exc.__context__) if e)
+    """Whether an alert in ``exc``'s chain of causes says the backend refused our certificate
+    (under TLS 1.3 it comes at the first read after the handshake, wrapped twice:
+    _BackendGone → BrokenResourceError → SSLError)."""
+    texts: list[str] = []
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending and len(seen) < 16:
+        error = pending.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        texts.append(str(error).lower())
+        pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    text = " ".join(texts)
     return any(alert in text for alert in _CERTIFICATE_ALERTS)
 
 
@@ -507,7 +520,15 @@ class _StreamServer:
             self.informational_sent = False
             try:
                 backend, reused = await self._backend_connection()
-                if plain_head is not None and self._pending is not None and backend.fresh():
+                if (
+                    plain_head is not None
+                    and self._pending is not None
+                    and backend.fresh()
+                    # A body to a TLS backend goes h11's way (in a task of its own while the
+                    # answer is read): a failed write breaks a trio.SSLStream for reading too,
+                    # and an early answer (413) would be lost.
+                    and (not body or not isinstance(backend.stream, trio.SSLStream))
+                ):
                     assert body is not None
                     plain = _PlainRequest(request.method, target, headers, plain_head, body)
                     if await self._relay_plain(backend, plain):
@@ -606,12 +627,17 @@ class _StreamServer:
         with waiting:
             # Within backend_timeout too: a backend that stops reading the body and never
             # answers gets the 504 it gets on the h11 path (where the body has its own task).
-            try:
-                await backend.write(request.head + request.body)
-            except _BackendGone as exc:
-                # It may have answered early (413...) and closed without reading the whole
-                # body: as on the h11 path, its answer decides; the connection is not reused.
-                unsent = exc
+            # The head on its own first when there is a body, as on the h11 path: a failure
+            # there is the connection's (a kept-alive one the backend closed meanwhile is
+            # retried, even if it still holds a stale answer such as an idle timeout's 408).
+            await backend.write(request.head)
+            if request.body:
+                try:
+                    await backend.write(request.body)
+                except _BackendGone as exc:
+                    # It may have answered early (413...) and closed without reading all of
+                    # the body: its answer decides, as on the h11 path; no reuse.
+                    unsent = exc
             try:
                 end, ended = await read_head(backend.stream, received, limit=MAX_HEAD, chunk=CHUNK)
             except _IO_ERRORS as exc:
