@@ -10,6 +10,7 @@ an answer that is not plain (chunked) still comes through, by h11, on the same c
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import h11
 import pytest
@@ -18,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
 
+from backchannel import HostPort, TunnelStream
+from backchannel_http._front_door import HttpProxyFrontDoor
 from backchannel_http._h1 import (
     head_end,
     parse_request,
@@ -26,6 +29,7 @@ from backchannel_http._h1 import (
     request_bytes,
     response_bytes,
 )
+from backchannel_http._relay import HttpLimits
 from tests.nginx import PUBLIC_BODY
 from tests.test_http_e2e import (  # noqa: F401 (fixtures)
     BASIC_APP,
@@ -35,7 +39,9 @@ from tests.test_http_e2e import (  # noqa: F401 (fixtures)
     nginx,
     pki,
 )
+from tests.test_http_front_door import AUTH, CONNECTED, FakeServices, client
 from tests.test_http_handler import http_stream
+from tests.tunnel_pair import TunnelPair, tunnel_pair
 
 # Pieces chosen around the grammar's edges: obs-text, control bytes, whitespace, commas.
 _NAMES = st.sampled_from(
@@ -436,3 +442,101 @@ async def test_read_head_reports_the_end_and_the_limit() -> None:
     into = bytearray()
     assert await read_head(_Pieces(b"x" * 60, b"y" * 60), into, limit=100, chunk=64) == (-1, False)
     assert len(into) == 120
+
+
+# ------------------------------------------------------------- bytes past an answer (h11 path)
+
+#: A chunked answer (the h11 path on both sides) with a whole second answer glued after it.
+_CHUNKED_AND_MORE = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfine\r\n0\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+)
+_GOOD = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngood"
+
+
+class _AsSocket:
+    """A tunnel stream where _serve_junk_then_good expects a socket stream."""
+
+    def __init__(self, stream: TunnelStream) -> None:
+        self.stream = stream
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def __aenter__(self) -> _AsSocket:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stream.aclose()
+
+
+async def _serve_junk_then_good(
+    connections: list[int], stream: trio.SocketStream | _AsSocket
+) -> None:
+    """Answers the first request of the first connection with _CHUNKED_AND_MORE, every other
+    with _GOOD."""
+    index = len(connections)
+    connections.append(index)
+    answers = 0
+    data = b""
+    async with stream:
+        try:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data.partition(b"\r\n\r\n")[2]
+                await stream.send_all(_CHUNKED_AND_MORE if index == answers == 0 else _GOOD)
+                answers += 1
+        except trio.BrokenResourceError:
+            pass
+
+
+async def test_a_backend_sending_past_its_answer_is_not_asked_again() -> None:
+    """The connector: bytes past a backend's answer would be read by h11 as the answer to the
+    next request on that connection; the connection is closed instead."""
+    connections: list[int] = []
+    async with trio.open_nursery() as nursery:
+        serve = partial(trio.serve_tcp, partial(_serve_junk_then_good, connections), 0)
+        [listener] = await nursery.start(partial(serve, host="127.0.0.1"))
+        async with http_stream(listener.socket.getsockname()[1]) as h:
+            with trio.fail_after(10):
+                first = await h.client.request("GET", "/public/a")
+                second = await h.client.request("GET", "/public/b")
+        nursery.cancel_scope.cancel()
+    assert (first.status, first.body) == (200, b"fine")
+    assert (second.status, second.body) == (200, b"good")
+    assert connections == [0, 1]
+
+
+async def _connector_sending_past_its_answer(pair: TunnelPair, streams: list[int]) -> None:
+    async with trio.open_nursery() as nursery:
+        async for stream in pair.accepted:
+            await stream.accept()
+            socket_like = _AsSocket(stream)
+            nursery.start_soon(_serve_junk_then_good, streams, socket_like)
+
+
+async def test_a_connector_sending_past_its_answer_loses_the_stream() -> None:
+    """The gateway: bytes past the connector's answer would be read as the answer to the
+    client's next request; the stream is dropped and the next request gets a new one."""
+    async with tunnel_pair(accept=False) as pair, trio.open_nursery() as nursery:
+        streams: list[int] = []
+        nursery.start_soon(_connector_sending_past_its_answer, pair, streams)
+        services = FakeServices(pair, set(CONNECTED))
+        door = HttpProxyFrontDoor(services, HostPort("127.0.0.1", 0), HttpLimits())
+        [proxy] = await nursery.start(door.serve)
+        async with client(proxy.port) as c:
+            with trio.fail_after(10):
+                auth = [("Proxy-Authorization", AUTH)]
+                first = await c.request("GET", "http://erp.virtual/a", auth)
+                second = await c.request("GET", "http://erp.virtual/b", auth)
+        nursery.cancel_scope.cancel()
+    assert (first[0].status_code, first[1]) == (200, b"fine")
+    assert (second[0].status_code, second[1]) == (200, b"good")
+    assert streams == [0, 1]

@@ -664,9 +664,15 @@ class ClientConnection:
         if not self._request_complete():
             await self._drop_leg()  # answered before the body ended: the legs cannot resync
             return False
-        if leg.conn.our_state is h11.DONE and leg.conn.their_state is h11.DONE:
-            leg.conn.start_next_cycle()
+        conn = leg.conn
+        if (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not conn.trailing_data[0]
+        ):
+            conn.start_next_cycle()
         else:
+            # Bytes past the answer would be read as the next one: the stream is out of step.
             await self._drop_leg()
         return self._next_cycle()
 

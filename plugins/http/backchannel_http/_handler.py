@@ -716,9 +716,14 @@ class _StreamServer:
         )
 
     async def _next_backend_cycle(self, backend: _Leg) -> None:
-        """After an exchange: keep the backend connection for the next one, or close it."""
+        """After an exchange: keep the backend connection for the next one, or close it (also
+        when the backend sent more than its answer: h11 would read that as the next one)."""
         conn = backend.conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        if (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not conn.trailing_data[0]
+        ):
             conn.start_next_cycle()
         elif conn.our_state is not h11.SWITCHED_PROTOCOL:
             await self.close_backend()
