@@ -17,6 +17,10 @@ from ._errors import ProtocolError
 class Action(enum.Enum):
     """What happens to a stream: frames sent or received by this side."""
 
+    # Members are singletons: hash them by identity, in C (Enum's own hash runs Python code,
+    # and apply() hashes three members per frame).
+    __hash__ = object.__hash__
+
     SEND_ACCEPT = enum.auto()
     RECV_ACCEPT = enum.auto()
     SEND_DATA = enum.auto()
@@ -28,12 +32,20 @@ class Action(enum.Enum):
 class Role(enum.Enum):
     """This side's part in one stream."""
 
+    # Members are singletons: hash them by identity, in C (Enum's own hash runs Python code,
+    # and apply() hashes three members per frame).
+    __hash__ = object.__hash__
+
     OPENER = enum.auto()
     ACCEPTOR = enum.auto()
 
 
 class Phase(enum.Enum):
     """Whether the acceptor has said yes yet."""
+
+    # Members are singletons: hash them by identity, in C (Enum's own hash runs Python code,
+    # and apply() hashes three members per frame).
+    __hash__ = object.__hash__
 
     PENDING = enum.auto()
     ACCEPTED = enum.auto()
