@@ -48,8 +48,6 @@ from backchannel import (
     Role,
     Secret,
     Session,
-    SystemMapping,
-    TableReader,
     TunnelStream,
 )
 from backchannel._identity import PrincipalPropagationConfig, PrincipalResolver
@@ -58,7 +56,7 @@ from backchannel._subject_rules import SubjectRule, SubjectRules
 from backchannel._user_ca import UserCertificateAuthority
 from backchannel_http._destinations import Destination, DestinationsRouter, parse_destination_url
 from backchannel_http._front_door import ClientConnection, serve_http
-from backchannel_http._handler import HttpHandler, _StreamServer
+from backchannel_http._handler import _StreamServer
 from backchannel_http._relay import Client, HttpLimits, ProxyRouter, Router
 from tests.test_h1_review import (
     Action,
@@ -72,7 +70,7 @@ from tests.test_h1_review import (
     request,
 )
 from tests.test_http_front_door import AUTH, CONNECTED, FakeServices
-from tests.test_http_handler import RULES, Backend, start_backend
+from tests.test_http_handler import Backend, http_session, serving, start_backend
 from tests.tunnel_pair import tunnel_pair
 
 VHOST, VPORT = "erp.virtual", 8000
@@ -133,11 +131,6 @@ def plain_calls(monkeypatch: pytest.MonkeyPatch) -> PlainCalls:
     return calls
 
 
-def _options(table: dict[str, Any], base_dir: Path, protocol: str) -> Any:
-    reader = TableReader("connector.toml", "mappings[0]", {"protocol": protocol, **table}, base_dir)
-    return HttpHandler().parse_mapping_options(reader)
-
-
 @asynccontextmanager
 async def connector(
     port: int,
@@ -150,42 +143,20 @@ async def connector(
 ) -> AsyncIterator[tuple[TunnelStream, Recorder, trio.Event]]:
     """A handler serving one tunnel stream for erp.virtual:8000 → 127.0.0.1:``port``: the
     gateway's end of the stream, the audit records, and an event set when the handler is done."""
-    options = _options({"resources": RULES, **(table or {})}, base_dir, protocol)
-    mapping = SystemMapping(
-        "acme", protocol, VHOST, range(VPORT, VPORT + 1), "127.0.0.1", port, options=options
-    )
     audit = Recorder(Role.CONNECTOR)
-    attributes = {"client_ip": "203.0.113.7", "scheme": "http"}
-    session = Session(
-        protocol="http",
-        subaccount="acme",
-        location="",
+    session = http_session(
+        port,
+        audit,
+        table,
+        protocol=protocol,
+        base_dir=base_dir,
         app="crm",
-        virtual=HostPort(VHOST, VPORT),
-        internal=HostPort("127.0.0.1", port),
-        mapping=mapping,
-        audit=audit,
         principal=principal,
-        attributes=attributes,
         principal_resolver=resolver,
     )
-    metadata = {"protocol": "http", "host": VHOST, "port": VPORT, "attributes": attributes}
-    async with tunnel_pair(accept=False) as pair:
-        opener, acceptor = await pair.open_pair(metadata, wait_accepted=False)
-        done = trio.Event()
-
-        async def run() -> None:
-            try:
-                await HttpHandler(connect_timeout=5).handle(session, acceptor)
-            finally:
-                await acceptor.aclose()
-                done.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            with trio.fail_after(10):
-                yield opener, audit, done
-            nursery.cancel_scope.cancel()
+    async with serving(session) as (opener, done):
+        with trio.fail_after(10):
+            yield opener, audit, done
 
 
 async def exchange(stream: TunnelStream, data: bytes, method: bytes = b"GET") -> tuple[int, bytes]:

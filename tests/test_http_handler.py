@@ -34,6 +34,7 @@ from backchannel import (
     TableReader,
     TunnelStream,
 )
+from backchannel._identity import PrincipalResolver
 from backchannel._proto._mux import MuxSettings
 from backchannel_http._handler import HttpHandler, HttpOptions
 from backchannel_http._resources import ResourceRule
@@ -330,33 +331,43 @@ def parse_options(
     return HttpHandler().parse_mapping_options(reader)
 
 
-@asynccontextmanager
-async def http_stream(
+def http_session(
     port: int,
+    audit: AuditLog,
     table: dict[str, Any] | None = None,
     *,
     protocol: str = "http",
     base_dir: Path = Path("."),
     attributes: dict[str, Any] | None = None,
-) -> AsyncIterator[Harness]:
-    """A handler serving one tunnel stream for ``erp.virtual:8000`` → ``127.0.0.1:port``."""
+    app: str = "app1",
+    principal: str | None = None,
+    principal_resolver: PrincipalResolver | None = None,
+) -> Session:
+    """The connector's session of one stream for ``erp.virtual:8000`` → ``127.0.0.1:port``."""
     options = parse_options({"resources": RULES, **(table or {})}, base_dir, protocol)
     mapping = SystemMapping(
         "acme", protocol, VHOST, range(VPORT, VPORT + 1), "127.0.0.1", port, options=options
     )
-    attributes = {"client_ip": CLIENT_IP, "scheme": "http"} if attributes is None else attributes
-    audit = RecordingAudit()
-    session = Session(
+    return Session(
         protocol="http",
         subaccount="acme",
         location="",
-        app="app1",
+        app=app,
         virtual=HostPort(VHOST, VPORT),
         internal=HostPort("127.0.0.1", port),
         mapping=mapping,
         audit=audit,
-        attributes=attributes,
+        principal=principal,
+        attributes={"client_ip": CLIENT_IP, "scheme": "http"} if attributes is None else attributes,
+        principal_resolver=principal_resolver,
     )
+
+
+@asynccontextmanager
+async def serving(session: Session) -> AsyncIterator[tuple[TunnelStream, trio.Event]]:
+    """The HTTP handler serving one tunnel stream of ``session``: the gateway's end of the
+    stream, and an event set when the handler is done."""
+    attributes = dict(session.attributes)
     metadata = {"protocol": "http", "host": VHOST, "port": VPORT, "attributes": attributes}
     async with tunnel_pair(accept=False) as pair:
         opener, acceptor = await pair.open_pair(metadata, wait_accepted=False)
@@ -371,9 +382,27 @@ async def http_stream(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
-            with trio.fail_after(30):
-                yield Harness(Client(opener), opener, audit, done)
+            yield opener, done
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def http_stream(
+    port: int,
+    table: dict[str, Any] | None = None,
+    *,
+    protocol: str = "http",
+    base_dir: Path = Path("."),
+    attributes: dict[str, Any] | None = None,
+) -> AsyncIterator[Harness]:
+    """A handler serving one tunnel stream for ``erp.virtual:8000`` → ``127.0.0.1:port``."""
+    audit = RecordingAudit()
+    session = http_session(
+        port, audit, table, protocol=protocol, base_dir=base_dir, attributes=attributes
+    )
+    async with serving(session) as (opener, done):
+        with trio.fail_after(30):
+            yield Harness(Client(opener), opener, audit, done)
 
 
 async def read_to_eof(stream: TunnelStream) -> bytes:
