@@ -338,8 +338,7 @@ class ClientConnection:
             outcome = await self._exchange(leg, request, route, early, retry=retry)
             if outcome is not _Outcome.RETRY:
                 return await self._finish(outcome, leg, request, route)
-            log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
-            await self._drop_leg()
+            await self._drop_stale_leg()
             replayable = False
 
     # ------------------------------------------------------------------ one plain request
@@ -367,8 +366,7 @@ class ClientConnection:
                 await leg.stream.send_all(head + body)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if retry:
-                    log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
-                    await self._drop_leg()
+                    await self._drop_stale_leg()
                     replayable = False
                     continue
                 parsed, _ = self._catch_up(fresh)
@@ -407,8 +405,7 @@ class ClientConnection:
             outcome = await self._relay_response(leg, parsed, retry=retry)
             if outcome is not _Outcome.RETRY:
                 return await self._finish(outcome, leg, parsed, route)
-            log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
-            await self._drop_leg()
+            await self._drop_stale_leg()
             return await self._relay(parsed, early, route, replayable=False)
         return await self._relay_plain_body(leg, response.body_length, head, received, end, route)
 
@@ -467,6 +464,11 @@ class ClientConnection:
             return refusal_for_stream_error(exc, route)
         self._leg = _TunnelLeg(stream, route.key)
         return self._leg
+
+    async def _drop_stale_leg(self) -> None:
+        """Drop a kept-alive stream that turned out stale, before retrying on a new one."""
+        log.debug("%s: kept-alive stream was stale; retrying on a new one", self._label)
+        await self._drop_leg()
 
     async def _drop_leg(self) -> None:
         leg, self._leg = self._leg, None
