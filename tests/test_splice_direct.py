@@ -149,8 +149,9 @@ async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it(
     with_moved: bool,
 ) -> None:
     """The tunnel's reader writes to the splice's socket itself: the splice task (which pumps
-    tunnel → socket in its own task) takes no step for data the socket takes at once. An idle
-    timer's ``moved`` does not cost that path: the reader calls it for each write."""
+    socket → tunnel; tunnel → socket stands by, tests/test_splice_standby.py) takes no step for
+    data the socket takes at once. An idle timer's ``moved`` does not cost that path: the
+    reader calls it for each write."""
     calls: list[None] = []
     moved = (lambda: calls.append(None)) if with_moved else None
     with trio.fail_after(GUARD):
@@ -161,7 +162,7 @@ async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it(
 
                 async def run_splice() -> None:
                     splicer.append(trio.lowlevel.current_task())
-                    await splice_streams(a, acceptor, moved=moved)  # acceptor → a in this task
+                    await splice_streams(a, acceptor, moved=moved)
 
                 nursery.start_soon(run_splice)
                 await trio.testing.wait_all_tasks_blocked()
@@ -180,7 +181,7 @@ async def test_data_for_a_waiting_splice_goes_to_its_socket_without_waking_it(
                 await client.send_all(b"the other way")  # read by the splice: moved too
                 assert await receive_exactly(opener, 13) == b"the other way"
                 assert len(calls) == (6 if with_moved else 0)
-                await opener.send_eof()  # the end still wakes it: the socket is half-closed
+                await opener.send_eof()  # the reader half-closes the socket (the standby)
                 assert await client.receive_some(10) == b""
                 nursery.cancel_scope.cancel()
 

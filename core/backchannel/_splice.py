@@ -10,7 +10,9 @@ A socket that is not ready, or a stream without credit, falls back to trio's cal
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import trio
 
@@ -55,10 +57,118 @@ async def splice_streams(
     broken: list[str] = []
     async with trio.open_nursery() as nursery:
         scope = nursery.cancel_scope
-        nursery.start_soon(_pump, a, b, a_first, a_name, b_name, broken, scope, moved, name=_PUMP)
-        # The other direction in this task: one task less per stream (idle streams' memory).
-        await _pump(b, a, b_first, b_name, a_name, broken, scope, moved)
+        # A direction from a tunnel stream into a plain socket needs no task while the
+        # tunnel's reader can write what arrives straight to the socket: it stands by, and a
+        # task is started only for what the socket does not take (memory per idle stream, CPU
+        # per new stream: docs/performance.md, "Splice: one task per stream").
+        standby = None
+        if not a_first:
+            standby = _Standby.arm(a, b, (a_name, b_name), broken, scope, moved, nursery)
+        if standby is None and not b_first:
+            standby = _Standby.arm(b, a, (b_name, a_name), broken, scope, moved, nursery)
+        if standby is None:
+            nursery.start_soon(
+                _pump, a, b, a_first, a_name, b_name, broken, scope, moved, name=_PUMP
+            )
+            # The other direction in this task: one task less per stream.
+            await _pump(b, a, b_first, b_name, a_name, broken, scope, moved)
+        elif standby.source is a:
+            await standby.run_beside(_pump(b, a, b_first, b_name, a_name, broken, scope, moved))
+        else:
+            await standby.run_beside(_pump(a, b, a_first, a_name, b_name, broken, scope, moved))
     return broken[0] if broken else None
+
+
+class _Standby:
+    """The direction of a splice from a tunnel stream into a plain socket, run without a task
+    of its own: the tunnel's reader writes what arrives to the socket (the stream's sink), and
+    half-closes the socket at the peer's FIN. What the sink cannot do (data the socket did not
+    take, an error, a close) starts the usual pump task; when the splice's task is done with
+    the other direction first, it runs this one itself."""
+
+    __slots__ = ("_broken", "_destination", "_moved", "_names", "_nursery", "_scope", "source")
+
+    def __init__(
+        self,
+        source: TunnelStream,
+        destination: trio.SocketStream,
+        names: tuple[str, str],
+        broken: list[str],
+        scope: trio.CancelScope,
+        moved: Callable[[], None] | None,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.source = source
+        self._destination = destination
+        self._names = names
+        self._broken = broken
+        self._scope = scope
+        self._moved = moved
+        self._nursery = nursery
+
+    @classmethod
+    def arm(
+        cls,
+        source: trio.abc.Stream,
+        destination: trio.abc.Stream,
+        names: tuple[str, str],
+        broken: list[str],
+        scope: trio.CancelScope,
+        moved: Callable[[], None] | None,
+        nursery: trio.Nursery,
+    ) -> _Standby | None:
+        """A standby for ``source`` → ``destination`` (``names`` in that order), if that
+        direction can have one now; None leaves everything as it was."""
+        sock = plain_socket(destination)
+        if not isinstance(source, TunnelStream) or sock is None:
+            return None
+        assert isinstance(destination, trio.SocketStream)
+        standby = cls(source, destination, names, broken, scope, moved, nursery)
+        if not source._stand_by(standby, sock if moved is None else (sock, moved)):
+            return None
+        return standby
+
+    def _pump(self) -> Coroutine[Any, Any, None]:
+        source_name, destination_name = self._names
+        return _pump(
+            self.source,
+            self._destination,
+            b"",
+            source_name,
+            destination_name,
+            self._broken,
+            self._scope,
+            self._moved,
+        )
+
+    def start(self) -> None:
+        """The sink could not take something: the usual pump task takes over."""
+        self._nursery.start_soon(self._pump, name=_PUMP)
+
+    def end(self) -> None:
+        """The peer's FIN, nothing buffered: half-close the socket here (what trio's
+        ``send_eof`` of a socket stream does, without its checkpoint); the direction is done."""
+        sock = self._destination.socket
+        try:
+            if sock.fileno() < 0:
+                raise trio.ClosedResourceError("the socket was closed")
+            if not sock.did_shutdown_SHUT_WR:
+                sock.shutdown(socket.SHUT_WR)
+        except _BROKEN:
+            self._broken.append(self._names[1])
+            self._scope.cancel()
+
+    async def run_beside(self, other: Coroutine[Any, Any, None]) -> None:
+        """Run ``other`` (the opposite direction) in this task; then, if this direction still
+        stands by, run it here too."""
+        try:
+            await other
+        finally:
+            idle = self.source._standby is self
+            if idle:
+                self.source._release_standby()
+        if idle and not self._broken:
+            await self._pump()
 
 
 async def _pump(

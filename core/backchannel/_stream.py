@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -15,6 +15,16 @@ from ._sockio import write_now
 
 if TYPE_CHECKING:
     from ._tunnel import Tunnel
+
+
+class Standby(Protocol):
+    """A splice's direction out of this stream while no task runs it (``_splice``)."""
+
+    def start(self) -> None:
+        """Start the task that receives what the sink could not take (data, an error)."""
+
+    def end(self) -> None:
+        """The peer's FIN with nothing buffered: half-close the socket, end the direction."""
 
 
 #: Never appended to: every stream starts with it and gets a deque of its own on first data.
@@ -53,6 +63,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_sending",
         "_sent",
         "_sink",
+        "_standby",
         "_tunnel",
         "accept_attributes",
         "metadata",
@@ -95,6 +106,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sink: (
             trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]] | None
         ) = None
+        #: Set by a splice that runs this stream's direction without a task of its own (see
+        #: :class:`Standby`): the sink is written as for a waiting receiver, and whatever the
+        #: sink cannot take (data left over, the end, an error, a close) goes to the standby.
+        self._standby: Standby | None = None
 
     # ---------------------------------------------------------------- state queries
 
@@ -335,6 +350,42 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if task is not None:
             self._receive_waiter = None
             trio.lowlevel.reschedule(task)
+        elif self._standby is not None:
+            standby = self._standby
+            self._release_standby()
+            standby.start()  # a task of the splice's receives what the sink could not take
+
+    def _stand_by(
+        self,
+        standby: Standby,
+        sink: trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]],
+    ) -> bool:
+        """Let ``standby`` run the receiving side without a task, the reader writing to
+        ``sink``, after what is buffered went to it. False: the splice receives with a task
+        as before (some buffered bytes may have gone to the socket, in order) because someone
+        receives, the stream has ended or failed, or the socket did not take the buffer."""
+        if self._receiving or self._eof_received or self._error is not None or self._closed:
+            return False
+        while self._chunks:  # data that came before the splice began (after ACCEPT, say)
+            chunk = self._chunks[0]
+            sent = self._write_to_sink(sink, chunk)
+            self._buffered -= sent
+            if sent < len(chunk):
+                if sent:
+                    self._chunks[0] = memoryview(chunk)[sent:]
+                return False
+            self._chunks.popleft()
+        self._chunks = _NO_CHUNKS
+        self._receiving = True  # reserved: another receive_some is refused, as with a task
+        self._sink = sink
+        self._standby = standby
+        return True
+
+    def _release_standby(self) -> None:
+        """End the standby: no sink, nobody receiving (a task of the splice may now)."""
+        self._standby = None
+        self._sink = None
+        self._receiving = False
 
     async def _park_sender(self) -> None:
         self._send_waiter = trio.lowlevel.current_task()
@@ -370,32 +421,52 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._tunnel._mux_acknowledge(self.stream_id, len(data))
             return
         sink = self._sink
-        if sink is not None and self._receive_waiter is not None and not self._chunks:
-            # A splice waits in receive_some with nothing buffered: straight to its socket,
-            # in order, without waking it (a write error is its to meet).
-            if isinstance(sink, tuple):
-                sock, moved = sink
-            else:
-                sock, moved = sink, None
-            try:
-                sent = write_now(sock, data)
-            except (OSError, trio.ClosedResourceError):
-                sent = 0
-            if sent:
-                self._tunnel._mux_acknowledge(self.stream_id, sent)
-                if moved is not None:
-                    moved()
-                if sent == len(data):
-                    return
-                data = data[sent:]
+        if (
+            sink is not None
+            and (self._receive_waiter is not None or self._standby is not None)
+            and not self._chunks
+        ):
+            # A splice waits in receive_some (or stands by) with nothing buffered: straight to
+            # its socket, in order, without waking it (a write error is its to meet).
+            sent = self._write_to_sink(sink, data)
+            if sent == len(data):
+                return
+            data = data[sent:]
         if self._chunks is _NO_CHUNKS:
             self._chunks = deque()
         self._chunks.append(bytes(data))
         self._buffered += len(data)
         self._wake_receiver()
 
+    def _write_to_sink(
+        self,
+        sink: trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]],
+        data: bytes | memoryview,
+    ) -> int:
+        """Write ``data`` to the sink's socket without waiting; how much it took (then
+        acknowledged to the peer, and the splice's ``moved`` called). A write error counts as
+        nothing taken: the splice meets it when it writes the rest itself."""
+        if isinstance(sink, tuple):
+            sock, moved = sink
+        else:
+            sock, moved = sink, None
+        try:
+            sent = write_now(sock, data)
+        except (OSError, trio.ClosedResourceError):
+            return 0
+        if sent:
+            self._tunnel._mux_acknowledge(self.stream_id, sent)
+            if moved is not None:
+                moved()
+        return sent
+
     def _on_eof(self) -> None:
         self._eof_received = True
+        standby = self._standby
+        if standby is not None and not self._chunks:
+            self._release_standby()
+            standby.end()  # the splice's socket half-closes now, no task woken
+            return
         self._wake_receiver()
 
     def _on_accepted(self, attributes: dict[str, Any]) -> None:
