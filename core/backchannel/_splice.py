@@ -10,6 +10,7 @@ A socket that is not ready, or a stream without credit, falls back to trio's cal
 
 from __future__ import annotations
 
+import contextvars
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -23,6 +24,9 @@ from ._stream import TunnelStream
 SPLICE_CHUNK = 256 * 1024
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+#: Where the tunnel's reader writes a stream's data: the socket, or (socket, moved).
+_Sink = trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]]
 
 #: The pump task's name (given, so that trio does not format one per stream).
 _PUMP = "backchannel splice"
@@ -53,6 +57,13 @@ async def splice_streams(
     every :data:`MOVED_SLICE` bytes written (so that a slow but steady reader counts as
     traffic), also when the tunnel's reader writes straight into a waiting splice's socket. An
     idle timer pushes its deadline back there.
+
+    Between a tunnel stream and a plain socket the splice runs one task: the tunnel's reader
+    writes to the socket and half-closes it itself, and a second task runs only while the
+    socket cannot take what came. So when the splice is cancelled, what the tunnel delivers
+    before its task has unwound (the same scheduler pass) may still be written to the socket,
+    and a FIN then half-closes it; nothing is lost or reordered (what is not written stays in
+    the stream).
     """
     broken: list[str] = []
     async with trio.open_nursery() as nursery:
@@ -86,7 +97,17 @@ class _Standby:
     take, an error, a close) starts the usual pump task; when the splice's task is done with
     the other direction first, it runs this one itself."""
 
-    __slots__ = ("_broken", "_destination", "_moved", "_names", "_nursery", "_scope", "source")
+    __slots__ = (
+        "_broken",
+        "_context",
+        "_destination",
+        "_host_done",
+        "_moved",
+        "_names",
+        "_nursery",
+        "_scope",
+        "source",
+    )
 
     def __init__(
         self,
@@ -105,6 +126,12 @@ class _Standby:
         self._scope = scope
         self._moved = moved
         self._nursery = nursery
+        #: The splice's task's context variables, for the task :meth:`start` starts from the
+        #: tunnel's reader (trio gives a task a copy of its spawner's context).
+        self._context = contextvars.copy_context()
+        #: The splice's task is done with its own direction: a started task may no longer
+        #: hand this one back to the standby (nobody would take it over).
+        self._host_done = False
 
     @classmethod
     def arm(
@@ -124,11 +151,12 @@ class _Standby:
             return None
         assert isinstance(destination, trio.SocketStream)
         standby = cls(source, destination, names, broken, scope, moved, nursery)
-        if not source._stand_by(standby, sock if moved is None else (sock, moved)):
+        sink: _Sink = sock if moved is None else (sock, moved)
+        if not source._stand_by(standby, sink):
             return None
         return standby
 
-    def _pump(self) -> Coroutine[Any, Any, None]:
+    def _pump(self, standby: _Standby | None) -> Coroutine[Any, Any, None]:
         source_name, destination_name = self._names
         return _pump(
             self.source,
@@ -139,11 +167,21 @@ class _Standby:
             self._broken,
             self._scope,
             self._moved,
+            standby,
         )
 
     def start(self) -> None:
-        """The sink could not take something: the usual pump task takes over."""
-        self._nursery.start_soon(self._pump, name=_PUMP)
+        """The sink could not take something: the usual pump task takes over, until it has
+        written what was left and the stream is idle again (then it stands by again)."""
+        self._context.run(self._spawn)
+
+    def _spawn(self) -> None:
+        self._nursery.start_soon(self._pump, self, name=_PUMP)
+
+    def stand_by_again(self, sink: _Sink) -> bool:
+        """From the started task, with nothing buffered: stand by again (True: the task may
+        end), unless the splice's task is done with its direction or the stream is busy."""
+        return not self._host_done and self.source._stand_by(self, sink)
 
     def end(self) -> None:
         """The peer's FIN, nothing buffered: half-close the socket here (what trio's
@@ -164,11 +202,12 @@ class _Standby:
         try:
             await other
         finally:
+            self._host_done = True
             idle = self.source._standby is self
             if idle:
                 self.source._release_standby()
         if idle and not self._broken:
-            await self._pump()
+            await self._pump(None)
 
 
 async def _pump(
@@ -180,6 +219,7 @@ async def _pump(
     broken: list[str],
     scope: trio.CancelScope,
     moved: Callable[[], None] | None,
+    standby: _Standby | None = None,
 ) -> None:
     side = destination_name
     # An idle socket is waited on with wait_readable alone, not under receive_some → recv →
@@ -216,9 +256,10 @@ async def _pump(
                 # not in a helper coroutine: an idle stream would hold that frame too.
                 # With `moved`, the reader calls it too: (socket, moved); else the socket alone
                 # (an idle stream holds no tuple).
-                tunnel_source._sink = (
-                    destination_socket if moved is None else (destination_socket, moved)
-                )
+                sink: _Sink = destination_socket if moved is None else (destination_socket, moved)
+                if standby is not None and standby.stand_by_again(sink):
+                    return  # idle again: the reader writes, this task ends (memory per stream)
+                tunnel_source._sink = sink
                 try:
                     data = await tunnel_source.receive_some(SPLICE_CHUNK)
                 finally:
