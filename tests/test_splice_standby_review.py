@@ -735,6 +735,17 @@ async def test_a_second_splice_after_a_cancelled_one_stands_by_again() -> None:
             assert outcome.value is None
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known limitation, chosen: once the sink could not take a frame, the started pump "
+        "task runs until the splice ends, so a stream that once filled its socket idles with "
+        "a task again (as every stream did before the standby). Handing back at the first "
+        "idle moment churned under bulk load (a task started per frame the socket could not "
+        "take: bulk MB/s -5 to -15%, docs/performance.md); a timer per wait would cost every "
+        "frame too"
+    ),
+)
 async def test_an_idle_stream_stands_by_again_after_a_burst() -> None:
     frame = os.urandom(256 * 1024)  # more than the small socket takes
     with trio.fail_after(GUARD):

@@ -101,7 +101,6 @@ class _Standby:
         "_broken",
         "_context",
         "_destination",
-        "_host_done",
         "_moved",
         "_names",
         "_nursery",
@@ -129,9 +128,6 @@ class _Standby:
         #: The splice's task's context variables, for the task :meth:`start` starts from the
         #: tunnel's reader (trio gives a task a copy of its spawner's context).
         self._context = contextvars.copy_context()
-        #: The splice's task is done with its own direction: a started task may no longer
-        #: hand this one back to the standby (nobody would take it over).
-        self._host_done = False
 
     @classmethod
     def arm(
@@ -156,7 +152,7 @@ class _Standby:
             return None
         return standby
 
-    def _pump(self, standby: _Standby | None) -> Coroutine[Any, Any, None]:
+    def _pump(self) -> Coroutine[Any, Any, None]:
         source_name, destination_name = self._names
         return _pump(
             self.source,
@@ -167,21 +163,17 @@ class _Standby:
             self._broken,
             self._scope,
             self._moved,
-            standby,
         )
 
     def start(self) -> None:
-        """The sink could not take something: the usual pump task takes over, until it has
-        written what was left and the stream is idle again (then it stands by again)."""
+        """The sink could not take something: the usual pump task takes over for the rest of
+        the splice. (Handing the direction back once the stream is idle again churned: under
+        bulk load every frame the socket could not take started a task, and bulk MB/s fell
+        by 5-15%, docs/performance.md.)"""
         self._context.run(self._spawn)
 
     def _spawn(self) -> None:
-        self._nursery.start_soon(self._pump, self, name=_PUMP)
-
-    def stand_by_again(self, sink: _Sink) -> bool:
-        """From the started task, with nothing buffered: stand by again (True: the task may
-        end), unless the splice's task is done with its direction or the stream is busy."""
-        return not self._host_done and self.source._stand_by(self, sink)
+        self._nursery.start_soon(self._pump, name=_PUMP)
 
     def end(self) -> None:
         """The peer's FIN, nothing buffered: half-close the socket here (what trio's
@@ -202,12 +194,11 @@ class _Standby:
         try:
             await other
         finally:
-            self._host_done = True
             idle = self.source._standby is self
             if idle:
                 self.source._release_standby()
         if idle and not self._broken:
-            await self._pump(None)
+            await self._pump()
 
 
 async def _pump(
@@ -219,7 +210,6 @@ async def _pump(
     broken: list[str],
     scope: trio.CancelScope,
     moved: Callable[[], None] | None,
-    standby: _Standby | None = None,
 ) -> None:
     side = destination_name
     # An idle socket is waited on with wait_readable alone, not under receive_some → recv →
@@ -256,10 +246,9 @@ async def _pump(
                 # not in a helper coroutine: an idle stream would hold that frame too.
                 # With `moved`, the reader calls it too: (socket, moved); else the socket alone
                 # (an idle stream holds no tuple).
-                sink: _Sink = destination_socket if moved is None else (destination_socket, moved)
-                if standby is not None and standby.stand_by_again(sink):
-                    return  # idle again: the reader writes, this task ends (memory per stream)
-                tunnel_source._sink = sink
+                tunnel_source._sink = (
+                    destination_socket if moved is None else (destination_socket, moved)
+                )
                 try:
                     data = await tunnel_source.receive_some(SPLICE_CHUNK)
                 finally:
