@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import socket as socket_module
+from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
@@ -159,8 +161,23 @@ async def test_what_the_socket_does_not_take_starts_the_pump_and_nothing_is_lost
         trio.lowlevel.remove_instrument(counter)
 
 
-async def test_a_reset_while_standing_by_ends_the_splice_naming_the_tunnel() -> None:
-    """Nothing ever arrives on the socket: the reset alone must end the splice."""
+async def give_up(opener: TunnelStream, a: trio.SocketStream) -> None:
+    """Nothing ever arrives on the socket: the peer's reset alone must end the splice."""
+    await opener.reset(ResetCode.CANCELLED, "the peer gave up")
+
+
+async def lose_the_socket(opener: TunnelStream, a: trio.SocketStream) -> None:
+    """The splice's socket is gone under the standby when the peer's FIN comes."""
+    a.socket.close()
+    await opener.send_eof()
+
+
+@pytest.mark.parametrize(
+    ("event", "broken"), [(give_up, "tunnel"), (lose_the_socket, "client")], ids=["reset", "fin"]
+)
+async def test_what_ends_a_standing_by_splice_is_named(
+    event: Callable[[TunnelStream, trio.SocketStream], Awaitable[None]], broken: str
+) -> None:
     with trio.fail_after(GUARD):
         async with tunnel_pair() as pair, socket_pair() as (_client, a):
             opener, acceptor = await pair.open_pair()
@@ -172,25 +189,8 @@ async def test_a_reset_while_standing_by_ends_the_splice_naming_the_tunnel() -> 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_splice)
                 await trio.testing.wait_all_tasks_blocked()
-                await opener.reset(ResetCode.CANCELLED, "the peer gave up")
-            assert outcome == ["tunnel"]
-
-
-async def test_a_socket_reset_met_at_the_fin_ends_the_splice_naming_the_socket() -> None:
-    with trio.fail_after(GUARD):
-        async with tunnel_pair() as pair, socket_pair() as (_client, a):
-            opener, acceptor = await pair.open_pair()
-            outcome: list[str | None] = []
-
-            async def run_splice() -> None:
-                outcome.append(await splice_streams(a, acceptor, a_name="client", b_name="tunnel"))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run_splice)
-                await trio.testing.wait_all_tasks_blocked()
-                a.socket.close()  # the splice's socket is gone under the standby
-                await opener.send_eof()
-            assert outcome == ["client"]
+                await event(opener, a)
+            assert outcome == [broken]
 
 
 async def test_a_cancelled_splice_gives_the_receiving_side_back() -> None:
