@@ -71,7 +71,7 @@ async def splice_streams(
         # A direction from a tunnel stream into a plain socket needs no task while the
         # tunnel's reader can write what arrives straight to the socket: it stands by, and a
         # task is started only for what the socket does not take (memory per idle stream, CPU
-        # per new stream: docs/performance.md, "Splice: one task per stream").
+        # per new stream: docs/performance.md, "Per-stream cost", item 9).
         standby = None
         if not a_first:
             standby = _Standby.arm(a, b, (a_name, b_name), broken, scope, moved, nursery)
