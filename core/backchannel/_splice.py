@@ -18,15 +18,12 @@ from typing import Any
 import trio
 
 from ._sockio import plain_socket, read_now, write_now
-from ._stream import TunnelStream
+from ._stream import Sink, TunnelStream
 
 #: Large reads keep the per-byte Python overhead low on bulk transfers; the mux cuts frames.
 SPLICE_CHUNK = 256 * 1024
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-#: Where the tunnel's reader writes a stream's data: the socket, or (socket, moved).
-_Sink = trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]]
 
 #: The pump task's name (given, so that trio does not format one per stream).
 _PUMP = "backchannel splice"
@@ -147,7 +144,7 @@ class _Standby:
             return None
         assert isinstance(destination, trio.SocketStream)
         standby = cls(source, destination, names, broken, scope, moved, nursery)
-        sink: _Sink = sock if moved is None else (sock, moved)
+        sink: Sink = sock if moved is None else (sock, moved)
         if not source._stand_by(standby, sink):
             return None
         return standby

@@ -27,6 +27,10 @@ class Standby(Protocol):
         """The peer's FIN with nothing buffered: half-close the socket, end the direction."""
 
 
+#: Where the tunnel's reader writes a spliced stream's data: the splice's plain socket, or
+#: (socket, moved) when the splice has a ``moved`` callback for the reader to call after writes.
+Sink = trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]]
+
 #: Never appended to: every stream starts with it and gets a deque of its own on first data.
 _NO_CHUNKS: deque[bytes | memoryview] = deque()
 
@@ -103,9 +107,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         #: while it waits with nothing buffered is written to this socket by the tunnel's
         #: reader at once, without waking it; only what the socket does not take is buffered.
         #: With the splice's ``moved`` callback: (socket, moved), called after each write.
-        self._sink: (
-            trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]] | None
-        ) = None
+        self._sink: Sink | None = None
         #: Set by a splice that runs this stream's direction without a task of its own (see
         #: :class:`Standby`): the sink is written as for a waiting receiver, and whatever the
         #: sink cannot take (data left over, the end, an error, a close) goes to the standby.
@@ -358,7 +360,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _stand_by(
         self,
         standby: Standby,
-        sink: trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]],
+        sink: Sink,
     ) -> bool:
         """Let ``standby`` run the receiving side without a task, the reader writing to
         ``sink``, after what is buffered went to it. False: the splice receives with a task
@@ -440,7 +442,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def _write_to_sink(
         self,
-        sink: trio.socket.SocketType | tuple[trio.socket.SocketType, Callable[[], None]],
+        sink: Sink,
         data: bytes | memoryview,
     ) -> int:
         """Write ``data`` to the sink's socket without waiting; how much it took (then
