@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import socket as socket_module
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -46,17 +47,21 @@ def standing_by(stream: TunnelStream) -> bool:
     return stream._standby is not None
 
 
-def counting() -> PumpTasks:
+@contextmanager
+def counting() -> Iterator[PumpTasks]:
+    """The pump tasks spawned while the block runs."""
     counter = PumpTasks()
     trio.lowlevel.add_instrument(counter)
-    return counter
+    try:
+        yield counter
+    finally:
+        trio.lowlevel.remove_instrument(counter)
 
 
 async def test_a_spliced_stream_lives_a_whole_exchange_with_one_task() -> None:
     """Data both ways, the peer's FIN (the socket half-closes), then the client's end: no
     pump task is ever started, and every byte and both ends arrive."""
-    counter = counting()
-    try:
+    with counting() as counter:
         with trio.fail_after(GUARD):
             async with tunnel_pair() as pair, socket_pair() as (client, a):
                 opener, acceptor = await pair.open_pair()
@@ -81,13 +86,10 @@ async def test_a_spliced_stream_lives_a_whole_exchange_with_one_task() -> None:
                     assert await opener.receive_some(10) == b""
                 assert outcome == [None]
                 assert counter.spawned == 0
-    finally:
-        trio.lowlevel.remove_instrument(counter)
 
 
 async def test_when_the_socket_side_ends_first_the_splice_task_takes_the_other_way() -> None:
-    counter = counting()
-    try:
+    with counting() as counter:
         with trio.fail_after(GUARD):
             async with tunnel_pair() as pair, socket_pair() as (client, a):
                 opener, acceptor = await pair.open_pair()
@@ -108,13 +110,10 @@ async def test_when_the_socket_side_ends_first_the_splice_task_takes_the_other_w
                     assert await read_all(client) == b"late answer"
                 assert outcome == [None]
                 assert counter.spawned == 0
-    finally:
-        trio.lowlevel.remove_instrument(counter)
 
 
 async def test_data_that_came_before_the_splice_goes_first_then_the_reader_writes() -> None:
-    counter = counting()
-    try:
+    with counting() as counter:
         with trio.fail_after(GUARD):
             async with tunnel_pair() as pair, socket_pair() as (client, a):
                 opener, acceptor = await pair.open_pair()
@@ -131,14 +130,11 @@ async def test_data_that_came_before_the_splice_goes_first_then_the_reader_write
                     assert await read_all(client) == b"early bytes and later ones"
                     nursery.cancel_scope.cancel()
                 assert counter.spawned == 0
-    finally:
-        trio.lowlevel.remove_instrument(counter)
 
 
 async def test_what_the_socket_does_not_take_starts_the_pump_and_nothing_is_lost() -> None:
     payload = os.urandom(8 << 20)  # far more than a socket buffer and the stream's window
-    counter = counting()
-    try:
+    with counting() as counter:
         with trio.fail_after(GUARD):
             async with tunnel_pair() as pair, socket_pair() as (client, a):
                 opener, acceptor = await pair.open_pair()
@@ -157,8 +153,6 @@ async def test_what_the_socket_does_not_take_starts_the_pump_and_nothing_is_lost
                     assert await read_all(client, 4096) == payload
                     await client.send_eof()
                 assert not counter.alive
-    finally:
-        trio.lowlevel.remove_instrument(counter)
 
 
 async def give_up(opener: TunnelStream, a: trio.SocketStream) -> None:
