@@ -257,6 +257,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return 0
         self._accept_now()
         tunnel = self._tunnel
+        if data and tunnel._send_at_once(self, data):
+            self._sent += len(data)
+            return len(data)
         view = memoryview(data).cast("B")
         offset = 0
         while offset < len(view) and not tunnel._send_blocked(self):

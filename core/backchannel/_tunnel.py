@@ -511,6 +511,35 @@ class Tunnel:
         self._wake_writer()
         return taken
 
+    def _send_at_once(self, stream: TunnelStream, data: bytes | bytearray) -> bool:
+        """Send all of ``data`` as one DATA frame in one message from the calling task, without
+        the mux's queue (a small splice read, such as one HTTP request: the work of queueing
+        and joining it would be done only to take it back out at once). Only when the result
+        is what queueing and :meth:`_wake_writer` would send: nothing queued ahead of it, the
+        writer idle, no stream waiting for room, one send step, and a transport that takes it
+        without waiting. False, with nothing sent, when any of that does not hold."""
+        eager = self._eager
+        if (
+            eager is None
+            or not len(self._writer_waiters)
+            or len(self._output_blocked)
+            or len(data) > self._send_step(stream._sent)
+            or not eager.can_send_now
+        ):
+            return False
+        header = self._mux.take_data_frame(stream.stream_id, len(data))
+        if header is None:
+            return False
+        try:
+            eager.send_message_now(header + data)
+        except Exception as exc:
+            # As _wake_writer: the data counts as taken; the tunnel's end fails the stream.
+            self.abort(self._translate_closed(exc) or f"sending failed: {exc!r}")
+            return True
+        if eager.send_pending:
+            self._writer_waiters.unpark_all()  # the writer sends what the socket did not take
+        return True
+
     def _mux_queue(self, stream_id: int, data: memoryview, sent: int) -> int:
         """:meth:`_mux_send` without waking the writer (the caller does, once, after queueing
         several steps: one message for all of them)."""

@@ -335,6 +335,25 @@ class Mux:
         self._queued_data[stream_id] = self._queued_data.get(stream_id, 0) + count
         return count
 
+    def take_data_frame(self, stream_id: int, length: int) -> bytes | None:
+        """The header of one DATA frame of ``length`` payload bytes, for a caller that sends
+        header and payload itself at once instead of queueing them (a small read of a splice);
+        the credit is spent as by :meth:`send_data`. None, with nothing changed, when anything
+        is queued (the frame would overtake it), or when credit or frame size do not allow the
+        whole of ``length`` in one frame: :meth:`send_data` then takes it."""
+        state = self._local_state(stream_id)
+        assert self.peer is not None
+        if (
+            self._pending_bytes
+            or length > state.send_window
+            or length > self.settings.data_chunk_size
+            or length > self.peer.max_frame_size
+        ):
+            return None
+        state.apply(Action.SEND_DATA)
+        state.send_window -= length
+        return encode_header(FrameType.DATA, stream_id, length)
+
     def send_fin(self, stream_id: int) -> None:
         """Half-close our direction of the stream."""
         state = self._local_state(stream_id)
