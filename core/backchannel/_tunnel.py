@@ -516,13 +516,14 @@ class Tunnel:
         the mux's queue (a small splice read, such as one HTTP request: the work of queueing
         and joining it would be done only to take it back out at once). Only when the result
         is what queueing and :meth:`_wake_writer` would send: nothing queued ahead of it, the
-        writer idle, no stream waiting for room, one send step, and a transport that takes it
-        without waiting. False, with nothing sent, when any of that does not hold."""
+        writer idle, no stream waiting for room (or woken for it and not run yet: it may have
+        been served less, see :meth:`_send_blocked`), one send step, and a transport that
+        takes it without waiting. False, with nothing sent, when any of that does not hold."""
         eager = self._eager
         if (
             eager is None
             or not len(self._writer_waiters)
-            or len(self._output_blocked)
+            or self._output_blocked.others_waiting()  # waiting, or woken and not run yet
             or len(data) > self._send_step(stream._sent)
             or not eager.can_send_now
         ):
