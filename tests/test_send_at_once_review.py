@@ -776,7 +776,11 @@ async def random_sequence(seed: int) -> list[object]:
     unable to send now. Between steps every task runs until all are blocked. Returns what
     ``_send_now`` returned at each step and every message on the wire, after checking that
     each stream's bytes arrived whole and in order."""
-    trio._core._run._r.seed(seed)  # trio's batch order (private: it shuffles each batch)
+    # trio's batch order (private: it shuffles each batch); both runs must see the same one.
+    scheduler_rng = getattr(trio._core._run, "_r", None)
+    if scheduler_rng is None:
+        pytest.skip("trio no longer has the private batch-order RNG this comparison seeds")
+    scheduler_rng.seed(seed)
     rnd = random.Random(seed)
     trace: list[object] = []
     gateway_settings = TunnelSettings(
