@@ -179,6 +179,7 @@ class HttpServices(HttpFakeServices):
         principal: str | None = None,
         attributes: Any = None,
         wait_accepted: bool = True,
+        first_data: bytes = b"",
     ) -> TunnelStream:
         self.opening += 1
         try:
@@ -194,6 +195,7 @@ class HttpServices(HttpFakeServices):
                 principal=principal,
                 attributes=attributes,
                 wait_accepted=wait_accepted,
+                first_data=first_data,
             )
         finally:
             self.opening -= 1

@@ -120,6 +120,7 @@ class FakeServices:
         principal: str | None = None,
         attributes: Mapping[str, Any] | None = None,
         wait_accepted: bool = True,
+        first_data: bytes = b"",
     ) -> TunnelStream:
         if (app.subaccount, location) not in self._connected:
             raise NotConnectedError(app.subaccount, location)
@@ -134,7 +135,9 @@ class FakeServices:
         }
         if principal is not None:
             metadata["principal"] = principal
-        return await self._pair.gateway.open_stream(metadata, wait_accepted=wait_accepted)
+        return await self._pair.gateway.open_stream(
+            metadata, wait_accepted=wait_accepted, first_data=first_data
+        )
 
 
 async def _next(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> Any:

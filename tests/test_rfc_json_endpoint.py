@@ -221,6 +221,7 @@ class FakeServices:
         principal: str | None = None,
         attributes: Mapping[str, Any] | None = None,
         wait_accepted: bool = True,
+        first_data: bytes = b"",
     ) -> TunnelStream:
         if location == "offline":
             raise NotConnectedError(app.subaccount, location)
@@ -234,7 +235,9 @@ class FakeServices:
             "attributes": dict(attributes or {}),
         }
         self.opened.append(metadata)
-        return await self._pair.gateway.open_stream(metadata, wait_accepted=wait_accepted)
+        return await self._pair.gateway.open_stream(
+            metadata, wait_accepted=wait_accepted, first_data=first_data
+        )
 
 
 @dataclass

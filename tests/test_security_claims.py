@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -379,6 +380,61 @@ async def test_default_deny_without_mappings(tmp_path: Path) -> None:
             "localhost:6379",
         ]
         assert all("no system mapping" in x["reason"] for x in denials)
+
+
+@asynccontextmanager
+async def recording_server() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A TCP server on 127.0.0.1 that keeps what each connection sent (one entry per
+    connection, filled as bytes come) and answers nothing; yields (port, entries)."""
+    received: list[bytes] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        index = len(received)
+        received.append(b"")
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await stream.receive_some(65536):
+                    received[index] += data
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        yield listeners[0].socket.getsockname()[1], received
+        nursery.cancel_scope.cancel()
+
+
+async def test_bytes_sent_with_an_open_reach_no_backend_before_access_is_granted(
+    tmp_path: Path,
+) -> None:
+    """A gateway may send DATA right behind its OPEN (``first_data``, as the port forward
+    does): the connector holds it until the access check, and a refused stream's bytes are
+    dropped without a connection to any backend."""
+    async with recording_server() as (port, received):
+        mappings = [tcp_mapping("rec.virtual:7000", f"127.0.0.1:{port}")]
+        async with running_pair(tmp_path, mappings) as pair:
+            app = AppIdentity("acme", "crm")
+            with trio.fail_after(10):
+                refused = [
+                    ("tcp", HostPort("rec.virtual", 7001)),  # unmapped port
+                    ("tcp", HostPort("127.0.0.1", port)),  # the internal address itself
+                    ("http", HostPort("rec.virtual", 7000)),  # mapped for another protocol
+                ]
+                for protocol, target in refused:
+                    with pytest.raises(StreamError) as info:
+                        await pair.gateway.open_stream(
+                            app, protocol=protocol, target=target, first_data=b"DROP TABLE x;"
+                        )
+                    assert info.value.code == ResetCode.ACCESS_DENIED
+                stream = await pair.gateway.open_stream(
+                    app,
+                    protocol="tcp",
+                    target=HostPort("rec.virtual", 7000),
+                    first_data=b"SELECT 1;",
+                )
+                async with stream:
+                    await stream.send_all(b" SELECT 2;")
+                    await stream.send_eof()
+                    assert await stream.receive_some() == b""  # the server closed after EOF
+        assert received == [b"SELECT 1; SELECT 2;"]  # one connection: the granted stream's
 
 
 async def test_only_mapped_ports_and_protocols_are_allowed(tmp_path: Path) -> None:

@@ -90,6 +90,7 @@ class Services:
         principal: str | None = None,
         attributes: Mapping[str, Any] | None = None,
         wait_accepted: bool = True,
+        first_data: bytes = b"",
     ) -> TunnelStream:
         if location:
             raise NotConnectedError(app.subaccount, location)
@@ -103,7 +104,8 @@ class Services:
                 raise RuntimeError("boom")
             assert self.pair is not None
             return await self.pair.gateway.open_stream(
-                {"protocol": protocol, "host": target.host, "port": target.port}
+                {"protocol": protocol, "host": target.host, "port": target.port},
+                first_data=first_data,
             )
         finally:
             self.opening -= 1

@@ -420,6 +420,7 @@ class Gateway:
         principal: str | None = None,
         attributes: Mapping[str, Any] | None = None,
         wait_accepted: bool = True,
+        first_data: bytes = b"",
     ) -> TunnelStream:
         """See :class:`backchannel.GatewayServices`."""
         entry = self.registry.lookup(app.subaccount, location)
@@ -457,7 +458,9 @@ class Gateway:
             metadata["principal"] = principal
         self._app_opening[key] = opening + 1  # the slot is taken while the open is in flight
         try:
-            stream = await entry.tunnel.open_stream(metadata, wait_accepted=wait_accepted)
+            stream = await entry.tunnel.open_stream(
+                metadata, wait_accepted=wait_accepted, first_data=first_data
+            )
         except StreamError as exc:
             self.audit.denied("open_stream", f"{exc.code.name}: {exc.reason}", **fields)
             raise

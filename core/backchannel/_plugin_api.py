@@ -175,9 +175,17 @@ class GatewayServices(Protocol):
         principal: str | None = None,
         attributes: Mapping[str, Any] | None = None,
         wait_accepted: bool = True,
+        first_data: bytes = b"",
     ) -> TunnelStream:
         """Open a stream to ``target`` (a virtual host:port) through the app's subaccount's
-        connector at ``location``. Raises NotConnectedError or StreamError."""
+        connector at ``location``. Raises NotConnectedError or StreamError.
+
+        ``first_data``: bytes the stream starts with (what a client sent before the stream
+        was open). They leave with the OPEN, without waiting for the connector's answer (as
+        far as its initial window and one send step allow; the rest after the answer), which
+        saves a tunnel round trip for a client that speaks first. The connector holds them
+        until its access check accepted the stream, and drops them if it refuses: nothing
+        reaches a backend before that. All of them are sent when this returns."""
         ...
 
 

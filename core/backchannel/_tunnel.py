@@ -179,9 +179,14 @@ class Tunnel:
         await self._closed.wait()
 
     async def open_stream(
-        self, metadata: dict[str, Any], *, wait_accepted: bool = True
+        self, metadata: dict[str, Any], *, wait_accepted: bool = True, first_data: bytes = b""
     ) -> TunnelStream:
-        """Open a stream; by default wait for the peer to accept (StreamError if it refuses)."""
+        """Open a stream; by default wait for the peer to accept (StreamError if it refuses).
+
+        ``first_data`` (what a client sent before its stream was open) leaves in the same
+        message as the OPEN, as far as the peer's initial window and one send step allow, and
+        the rest once the peer accepted: all of it is handed to the tunnel before this returns.
+        The peer holds it for the stream until it accepts, and drops it if it refuses."""
         if self.closed:
             raise StreamError(ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}")
         try:
@@ -190,9 +195,12 @@ class Tunnel:
             raise StreamError(exc.code, str(exc)) from exc
         stream = TunnelStream(self, stream_id, metadata, opened_locally=True)
         self._streams[stream_id] = stream
+        # Queued behind the OPEN, so that one message carries both (_send_now wakes the
+        # writer only when it queued something).
+        taken = stream._send_now(first_data) if first_data else 0
         self._wake_writer()
-        if wait_accepted:
-            try:
+        try:
+            if wait_accepted:
                 with trio.move_on_after(self._settings.stream_open_timeout) as scope:
                     await stream.wait_accepted()
                 if scope.cancelled_caught:
@@ -201,10 +209,17 @@ class Tunnel:
                         f"the peer did not answer the stream open within "
                         f"{self._settings.stream_open_timeout:g} s",
                     )
-            except BaseException:
-                stream.reset_nowait(ResetCode.CANCELLED, "opener gave up waiting")
-                await stream.aclose()
-                raise
+            if taken < len(first_data):
+                try:
+                    await stream.send_all(memoryview(first_data)[taken:])
+                except trio.BrokenResourceError:
+                    raise stream.error or StreamError(
+                        ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}"
+                    ) from None
+        except BaseException:
+            stream.reset_nowait(ResetCode.CANCELLED, "opener gave up waiting")
+            await stream.aclose()
+            raise
         return stream
 
     def send_control(self, payload: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +40,10 @@ from ._socks5 import (
 from ._splice import CLIENT_BROKE, splice
 
 log = logging.getLogger("backchannel.tcp")
+
+#: The most a port forward reads of what a client sent before its stream is opened (it goes
+#: with the OPEN: one send step of a new stream, see GatewayServices.open_stream).
+FIRST_DATA_LIMIT = 64 * 1024
 
 #: How each reset code reaches a SOCKS5 client (SAP Cloud Connector's conventions for 2-5).
 REPLY_FOR_RESET = {
@@ -285,7 +291,11 @@ class PortForward:
         try:
             try:
                 stream = await self._services.open_stream(
-                    self._app, protocol="tcp", target=self._target, location=self._location
+                    self._app,
+                    protocol="tcp",
+                    target=self._target,
+                    location=self._location,
+                    first_data=_sent_already(client),
                 )
             except StreamError as exc:
                 # A raw TCP client has no error channel: say it in the log, close the socket.
@@ -306,6 +316,19 @@ class PortForward:
         finally:
             self.connections.release()
             await close_forcefully(client)
+
+
+def _sent_already(client: trio.SocketStream) -> bytes:
+    """What the client sent before its stream is opened (a client that speaks first: an HTTP
+    request, a TLS ClientHello, a database's start-up message), read without waiting: it
+    leaves with the OPEN instead of a tunnel round trip later. b"" when nothing is there yet
+    (or at the client's end, or an error: the splice meets those as before)."""
+    if sys.platform == "win32":  # pragma: no cover - a descriptor read is POSIX
+        return b""
+    try:
+        return os.read(client.socket.fileno(), FIRST_DATA_LIMIT)
+    except OSError:  # BlockingIOError: nothing yet; a reset: the splice's read reports it
+        return b""
 
 
 async def _next_events(
