@@ -100,8 +100,15 @@ def _http(document: Mapping[str, Any]) -> list[Figure]:
 
 
 def _setup(document: Mapping[str, Any]) -> list[Figure]:
-    p50 = _number(lookup(document, "setup", "first_byte", "backchannel", "p50_ms"))
-    return [] if p50 is None else [Figure("new stream first byte p50 ms", p50, False)]
+    figures = []
+    for key, name in (
+        ("first_byte", "new stream first byte"),
+        ("first_answer", "new conn first answer"),
+    ):
+        p50 = _number(lookup(document, "setup", key, "backchannel", "p50_ms"))
+        if p50 is not None:
+            figures.append(Figure(f"{name} p50 ms", p50, False))
+    return figures
 
 
 def _idle(document: Mapping[str, Any]) -> list[Figure]:

@@ -6,6 +6,10 @@ reconnect after the tunnel drops.
   ``samples`` times per path in alternating batches; p50 / p99 / max. Through backchannel this is
   a TCP accept, a stream OPEN over the tunnel, the connector's access check and backend
   connect, ACCEPT, and the greeting's DATA frame back.
+- *New connection + first answer*: the same for a client that speaks first: connect to the
+  ``source`` server, send its readiness probe (a count of 0) and time until its one-byte answer.
+  Through backchannel the probe can travel with the stream's OPEN (the port forward sends what
+  the client wrote before the stream was open that way); a server-first protocol cannot.
 - *Connector start to first request served*: a fresh gateway is listening; the clock starts when
   the connector process is spawned and stops when a stream through the gateway's forward gets
   the backend's greeting (polled every 5 ms). Includes the connector's Python start-up.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 import socket
 import statistics
+import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +32,7 @@ from .procs import BenchError, Pair, WorkDir, backchannel_command, spawn, wait_l
 
 POLL = 0.005
 HOLD_BYTE = b"R"
+PROBE = struct.pack(">Q", 0)  # the source server's readiness probe: answered with HOLD_BYTE
 
 
 def first_byte_seconds(port: int, timeout: float = 5.0) -> float:
@@ -36,6 +42,18 @@ def first_byte_seconds(port: int, timeout: float = 5.0) -> float:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if sock.recv(1) != HOLD_BYTE:
             raise BenchError(f"no greeting through port {port}")
+        return time.perf_counter() - started
+
+
+def first_answer_seconds(port: int, timeout: float = 5.0) -> float:
+    """Seconds from connect() to the source server's answer to a probe sent right after it,
+    through ``port``."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(PROBE)
+        if sock.recv(1) != HOLD_BYTE:
+            raise BenchError(f"no answer to the probe through port {port}")
         return time.perf_counter() - started
 
 
@@ -63,22 +81,26 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def measure_first_byte(
-    ports: Mapping[str, int], samples: int, progress: Callable[[str], None], batch: int = 25
+    ports: Mapping[str, int],
+    samples: int,
+    progress: Callable[[str], None],
+    batch: int = 25,
+    *,
+    timed: Callable[[int], float] = first_byte_seconds,
+    what: str = "new stream + first byte",
 ) -> dict[str, Any]:
-    """p50/p99 of connect-to-first-byte per path (``ports``: name -> hold port)."""
+    """p50/p99 of ``timed`` (connect-to-first-byte by default) per path (``ports``: name ->
+    port), in alternating batches."""
     values: dict[str, list[float]] = {name: [] for name in ports}
     for port in ports.values():  # one unmeasured connection per path
-        first_byte_seconds(port)
+        timed(port)
     while any(len(v) < samples for v in values.values()):
         for name, port in ports.items():
             for _ in range(min(batch, samples - len(values[name]))):
-                values[name].append(first_byte_seconds(port))
+                values[name].append(timed(port))
     result = {name: _percentiles(v) for name, v in values.items()}
     for name, row in result.items():
-        progress(
-            f"  new stream + first byte {name:16}: p50 {row['p50_ms']:.3f} ms, p99 "
-            f"{row['p99_ms']:.3f} ms"
-        )
+        progress(f"  {what} {name:16}: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms")
     return result
 
 
@@ -138,14 +160,27 @@ def run_setup(
     pair: Pair,
     hold_ports: Mapping[str, int],
     *,
+    source_ports: Mapping[str, int] | None = None,
     samples: int,
     down: float,
     log_level: str,
     label: str,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """First byte over every path, then start-up and reconnect of backchannel."""
+    """First byte (and, with ``source_ports``, first answer) over every path, then start-up
+    and reconnect of backchannel."""
     first_byte = measure_first_byte(hold_ports, samples, progress)
+    first_answer = (
+        measure_first_byte(
+            source_ports,
+            samples,
+            progress,
+            timed=first_answer_seconds,
+            what="new connection + first answer",
+        )
+        if source_ports
+        else None
+    )
     deadline = time.monotonic() + 60
     start = measure_start(
         work, pair, str(work.path / f"connector-{label}.toml"), deadline, log_level
@@ -158,8 +193,10 @@ def run_setup(
         f"  reconnect after the gateway was down {down:g} s: {reconnect['reconnect_seconds']:.3f}"
         " s from the gateway listening again to a stream served"
     )
-    return {
-        "first_byte": first_byte,
+    result: dict[str, Any] = {"first_byte": first_byte}
+    if first_answer is not None:
+        result["first_answer"] = first_answer
+    return result | {
         "connector_start_to_first_request_seconds": round(start, 3),
         "reconnect": reconnect,
     }

@@ -99,13 +99,16 @@ def run_setup(
     label: str,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """First byte over every path; start-up and reconnect of backchannel."""
+    """First byte and first answer over every path; start-up and reconnect of backchannel."""
     hold_ports = {"direct": ports["hold"], "backchannel": pair.addresses.forwards["hold"]}
     hold_ports |= {name: peer.forwards["hold"] for name, peer in peers.tcp("hold").items()}
+    source_ports = {"direct": ports["source"], "backchannel": pair.addresses.forwards["source"]}
+    source_ports |= {name: peer.forwards["source"] for name, peer in peers.tcp("source").items()}
     return setup_times.run_setup(
         work,
         pair,
         hold_ports,
+        source_ports=source_ports,
         samples=options.first_byte_samples,
         down=options.reconnect_down,
         log_level=options.log_level,

@@ -102,14 +102,24 @@ def http_lines(section: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _setup_rows(rows: dict[str, Any]) -> list[str]:
+    return [
+        f"  {name:18} p50 {row['p50_ms']:8.3f}  p99 {row['p99_ms']:8.3f}  max"
+        f" {row['max_ms']:8.3f}  ({row['samples']} streams)"
+        for name, row in rows.items()
+    ]
+
+
 def setup_lines(section: dict[str, Any]) -> list[str]:
     """First byte per path, start-up and reconnect."""
     lines = ["Set-up: new stream + first byte (connect to the hold server's greeting), ms"]
-    for name, row in section["first_byte"].items():
+    lines += _setup_rows(section["first_byte"])
+    if "first_answer" in section:
         lines.append(
-            f"  {name:18} p50 {row['p50_ms']:8.3f}  p99 {row['p99_ms']:8.3f}  max"
-            f" {row['max_ms']:8.3f}  ({row['samples']} streams)"
+            "  new connection + first answer (connect, send the source server's probe, its"
+            " answer), ms"
         )
+        lines += _setup_rows(section["first_answer"])
     reconnect = section["reconnect"]
     lines.append(
         "  connector start to first request served: "

@@ -44,7 +44,10 @@ def result(rate: float, cpu: float, first_byte: float) -> dict[str, Any]:
                 }
             }
         },
-        "setup": {"first_byte": {"backchannel": {"p50_ms": first_byte}}},
+        "setup": {
+            "first_byte": {"backchannel": {"p50_ms": first_byte}},
+            "first_answer": {"backchannel": {"p50_ms": first_byte + 0.5}},
+        },
         "idle": {"counts": [{"streams": 1000, "sides": {"gateway": {"per_stream_kib": 9.2}}}]},
     }
 
@@ -62,6 +65,7 @@ def test_backchannels_figures_are_taken_and_the_peers_left_out() -> None:
         "http c=32 forward gateway CPU us/req": (2.0, False),
         "http c=32 forward connector CPU us/req": (2.0, False),
         "new stream first byte p50 ms": (1.9, False),
+        "new conn first answer p50 ms": (2.4, False),
         "idle x1000 gateway KiB": (9.2, False),
     }
 
