@@ -182,10 +182,12 @@ class GatewayServices(Protocol):
 
         ``first_data``: bytes the stream starts with (what a client sent before the stream
         was open). They leave with the OPEN, without waiting for the connector's answer (as
-        far as its initial window and one send step allow; the rest after the answer), which
-        saves a tunnel round trip for a client that speaks first. The connector holds them
-        until its access check accepted the stream, and drops them if it refuses: nothing
-        reaches a backend before that. All of them are sent when this returns."""
+        far as its initial window and the tunnel's output queue take them; the rest after the
+        answer, which is then waited for even with ``wait_accepted=False``), which saves a
+        tunnel round trip for a client that speaks first. The connector holds them until its
+        access check accepted the stream, and drops them if it refuses: nothing reaches a
+        backend before that. All of them are sent when this returns; a stream that breaks
+        after it was accepted is returned with the error on it, not raised."""
         ...
 
 

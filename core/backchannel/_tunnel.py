@@ -13,6 +13,7 @@ turns instead of working at the same time (docs/performance.md, "Eager sends").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -184,9 +185,12 @@ class Tunnel:
         """Open a stream; by default wait for the peer to accept (StreamError if it refuses).
 
         ``first_data`` (what a client sent before its stream was open) leaves in the same
-        message as the OPEN, as far as the peer's initial window and one send step allow, and
-        the rest once the peer accepted: all of it is handed to the tunnel before this returns.
-        The peer holds it for the stream until it accepts, and drops it if it refuses."""
+        message as the OPEN, as far as the peer's initial window and the output queue take it
+        now, and the rest once the peer accepted: all of it is handed to the tunnel before this
+        returns (with ``wait_accepted=False`` too, which then waits for the answer if a rest is
+        left). The peer holds it for the stream until it accepts, and drops it if it refuses. A
+        stream that breaks after the peer accepted it is returned as it is: its user meets the
+        error on it, as on any accepted stream (it was not refused)."""
         if self.closed:
             raise StreamError(ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}")
         try:
@@ -199,8 +203,9 @@ class Tunnel:
         # writer only when it queued something).
         taken = stream._send_now(first_data) if first_data else 0
         self._wake_writer()
+        rest = memoryview(first_data)[taken:]
         try:
-            if wait_accepted:
+            if wait_accepted or rest:  # the rest needs credit, which comes after the answer
                 with trio.move_on_after(self._settings.stream_open_timeout) as scope:
                     await stream.wait_accepted()
                 if scope.cancelled_caught:
@@ -209,13 +214,10 @@ class Tunnel:
                         f"the peer did not answer the stream open within "
                         f"{self._settings.stream_open_timeout:g} s",
                     )
-            if taken < len(first_data):
-                try:
-                    await stream.send_all(memoryview(first_data)[taken:])
-                except trio.BrokenResourceError:
-                    raise stream.error or StreamError(
-                        ResetCode.NOT_CONNECTED, f"tunnel closed: {self._close_reason}"
-                    ) from None
+            if rest:
+                # Accepted: a reset from now on is the stream's, not a refusal of the open.
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(rest)
         except BaseException:
             stream.reset_nowait(ResetCode.CANCELLED, "opener gave up waiting")
             await stream.aclose()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
+import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -270,6 +273,7 @@ class PortForward:
         self._app = services.app_for_forward(subaccount, str(listen))
         self._location = location
         self._target = target
+        self._takes_first_data = _takes_first_data(services)
         self.name = f"tcp.forward[{listen}→{target}]"
         self.connections = ConnectionLimit(max_connections, self.name)
 
@@ -281,6 +285,19 @@ class PortForward:
         task_status.started(_bound(listeners))
         await serve_connections(self._handle, listeners, task_name=self.name)
 
+    async def _open(self, first_data: bytes) -> TunnelStream:
+        if not first_data:  # (also what a GatewayServices without first_data takes)
+            return await self._services.open_stream(
+                self._app, protocol="tcp", target=self._target, location=self._location
+            )
+        return await self._services.open_stream(
+            self._app,
+            protocol="tcp",
+            target=self._target,
+            location=self._location,
+            first_data=first_data,
+        )
+
     async def _handle(self, client: trio.SocketStream) -> None:
         # The client's address is formatted only for a log line: an idle connection holds no
         # strings for it (memory per idle stream, docs/performance.md). The connection is ours
@@ -290,16 +307,19 @@ class PortForward:
             return
         try:
             try:
-                stream = await self._services.open_stream(
-                    self._app,
-                    protocol="tcp",
-                    target=self._target,
-                    location=self._location,
-                    first_data=_sent_already(client),
+                first_data = _sent_already(client) if self._takes_first_data else b""
+            except OSError as exc:  # a reset (reported once: the splice would see a clean end)
+                log.debug(
+                    "forward %s: %s went away before the open: %s", self.name, _peer(client), exc
                 )
+                return
+            try:
+                stream = await self._open(first_data)
             except StreamError as exc:
                 # A raw TCP client has no error channel: say it in the log, close the socket.
                 log.warning("forward %s from %s: %s", self.name, _peer(client), exc)
+                if first_data:  # reset, as the close did while those bytes were unread
+                    _reset_on_close(client)
                 return
             async with stream:
                 await splice(
@@ -322,13 +342,32 @@ def _sent_already(client: trio.SocketStream) -> bytes:
     """What the client sent before its stream is opened (a client that speaks first: an HTTP
     request, a TLS ClientHello, a database's start-up message), read without waiting: it
     leaves with the OPEN instead of a tunnel round trip later. b"" when nothing is there yet
-    (or at the client's end, or an error: the splice meets those as before)."""
+    or at the client's end (the splice's read sees the end again); OSError for a reset."""
     if sys.platform == "win32":  # pragma: no cover - a descriptor read is POSIX
         return b""
     try:
         return os.read(client.socket.fileno(), FIRST_DATA_LIMIT)
-    except OSError:  # BlockingIOError: nothing yet; a reset: the splice's read reports it
+    except BlockingIOError:
         return b""
+
+
+def _reset_on_close(client: trio.SocketStream) -> None:
+    """Make the coming close of ``client`` a reset (SO_LINGER 0): a raw TCP client's only sign
+    that its connection was refused, which the unread bytes gave before they were read."""
+    with contextlib.suppress(OSError):
+        client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _takes_first_data(services: GatewayServices) -> bool:
+    """Whether ``services.open_stream`` takes ``first_data`` (a GatewayServices written before
+    it did not: a forward over one still serves, without sending first bytes with the OPEN)."""
+    try:
+        parameters = inspect.signature(services.open_stream).parameters
+    except (TypeError, ValueError):
+        return False
+    return "first_data" in parameters or any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()
+    )
 
 
 async def _next_events(
